@@ -1,0 +1,113 @@
+"""Llama as a megatron-core GPTModel: TransformerConfig from a LlamaArch, then the model."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megalong.errors import MegalongError
+from megalong.model.arch import LlamaArch
+from megalong.model.spec import llama_block_spec
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What, besides the architecture, decides the model that gets built."""
+
+    seq_length: int
+    padded_vocab_size: int
+    attention: str = "s2"  # "s2" while training, or "full"
+    group_size: Optional[int] = None  # S²-Attn group size G (None: seq_length // 4)
+    attention_kernel: str = "auto"
+    interpolation_factor: Optional[float] = None  # linear RoPE position interpolation
+    transformer_impl: str = "local"  # or "transformer_engine"
+    params_dtype: torch.dtype = torch.float32
+    sequence_parallel: bool = False
+    recompute_granularity: Optional[str] = None  # None | "full" | "selective"
+    recompute_num_layers: int = 1
+
+
+def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig:
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Fused kernels are CUDA-only; the local spec runs the plain-torch paths.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not on_gpu,
+        params_dtype=opts.params_dtype,
+        pipeline_dtype=opts.params_dtype,
+        bf16=opts.params_dtype == torch.bfloat16,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        sequence_parallel=opts.sequence_parallel,
+        calculate_per_token_loss=True,
+        recompute_granularity=opts.recompute_granularity,
+        recompute_method="uniform" if opts.recompute_granularity == "full" else None,
+        recompute_num_layers=opts.recompute_num_layers if opts.recompute_granularity == "full" else None,
+        init_method_std=0.02,
+    )
+
+
+def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTModel:
+    """This rank's pipeline stage of the model (pre/post-process decided by the PP rank)."""
+    config = transformer_config(arch, opts)
+    num_layers_here = get_num_layers_to_build(config, vp_stage=vp_stage)
+    group_size = opts.group_size or opts.seq_length // 4
+    block_spec = llama_block_spec(
+        config,
+        impl=opts.transformer_impl,
+        attention=opts.attention,
+        group_size=group_size,
+        kernel=opts.attention_kernel,
+        num_layers_this_stage=num_layers_here,
+    )
+    llama3 = arch.llama3_rope
+    if llama3 is not None and (
+        llama3.get("low_freq_factor") != 1.0
+        or llama3.get("high_freq_factor") != 4.0
+        or llama3.get("original_max_position_embeddings") != 8192
+    ):
+        raise MegalongError(
+            f"llama3 rope scaling {llama3} is not supported: megatron-core implements only "
+            "low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192"
+        )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec,
+        vocab_size=opts.padded_vocab_size,
+        max_sequence_length=max(opts.seq_length, arch.max_position_embeddings),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(arch.rope_theta),
+        rope_scaling=llama3 is not None,
+        rope_scaling_factor=float(llama3["factor"]) if llama3 else 8.0,
+        seq_len_interpolation_factor=opts.interpolation_factor,
+    )
+    return model

@@ -1,0 +1,85 @@
+"""Llama layer specs: megatron-core's ModuleSpec tree with our S²-Attn core attention and
+SP-aware RMSNorm in the slots (compose, don't subclass)."""
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from megalong.attention.core_attention import S2CoreAttention
+from megalong.errors import MegalongError
+from megalong.model.norm import RMSNorm
+
+# Checkpoints written with the local spec load into the TE spec and back: the local norm keys are
+# stored under the TE names (megatron's own local spec does the same).
+NORM_KEYS_TO_TE = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+def core_attention_spec(attention: str, group_size, kernel: str) -> ModuleSpec:
+    return ModuleSpec(
+        module=S2CoreAttention,
+        params={"attention": attention, "group_size": group_size, "kernel": kernel},
+    )
+
+
+def local_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
+    """Megatron-core modules only: runs on CPU and GPU."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=core_attention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=NORM_KEYS_TO_TE,
+        ),
+    )
+
+
+def te_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
+    """Transformer Engine linears (norm fused into qkv and fc1); our core attention."""
+    try:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        spec = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+    except (ImportError, AssertionError) as err:
+        raise MegalongError(
+            "--transformer-impl transformer_engine needs Transformer Engine "
+            f"(pip install 'megalong[gpu]'); import failed: {err}"
+        ) from err
+    spec.submodules.self_attention.submodules.core_attention = core_attention
+    return spec
+
+
+def llama_block_spec(config, *, impl: str, attention: str, group_size, kernel: str,
+                     num_layers_this_stage: int) -> TransformerBlockSubmodules:
+    core = core_attention_spec(attention, group_size, kernel)
+    layer = local_layer_spec(core) if impl == "local" else te_layer_spec(core)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * num_layers_this_stage, layer_norm=RMSNorm
+    )

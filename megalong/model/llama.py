@@ -30,6 +30,8 @@ class ModelOptions:
     sequence_parallel: bool = False
     recompute_granularity: Optional[str] = None  # None | "full" | "selective"
     recompute_num_layers: int = 1
+    # False when weights are loaded right after building (conversion, eval): skips random init.
+    initialize: bool = True
 
 
 def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig:
@@ -69,6 +71,7 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         recompute_method="uniform" if opts.recompute_granularity == "full" else None,
         recompute_num_layers=opts.recompute_num_layers if opts.recompute_granularity == "full" else None,
         init_method_std=0.02,
+        perform_initialization=opts.initialize,
     )
 
 
@@ -110,4 +113,23 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
         rope_scaling_factor=float(llama3["factor"]) if llama3 else 8.0,
         seq_len_interpolation_factor=opts.interpolation_factor,
     )
+    if model.post_process and opts.padded_vocab_size > arch.vocab_size:
+        mask_padded_vocab(model.output_layer, arch.vocab_size)
     return model
+
+
+def mask_padded_vocab(output_layer: torch.nn.Module, vocab_size: int) -> None:
+    """Padded lm_head rows are not tokens: their logits become -inf on the rank that holds them,
+    so no softmax (loss, perplexity, sampling) and no argmax ever sees them."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+
+    def hook(_module, _inputs, output):
+        logits, bias = output
+        local_vocab = logits.shape[-1]
+        first = tp_rank * local_vocab
+        if first + local_vocab <= vocab_size:
+            return output
+        column = torch.arange(first, first + local_vocab, device=logits.device)
+        return logits.masked_fill(column >= vocab_size, float("-inf")), bias
+
+    output_layer.register_forward_hook(hook)

@@ -20,6 +20,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from megalong.errors import MegalongError
+
 # megatron-core warns at import that apex/TE are absent; they are optional here (DESIGN.md §3).
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
@@ -136,7 +138,7 @@ def init_distributed(
     sizes: ParallelSizes = ParallelSizes(), *, seed: int = 1234, timeout_s: float = 600.0
 ) -> None:
     """torch.distributed from the torchrun environment (or a 1-process group without it),
-    then megatron-core's parallel_state and RNG seeds. Safe to call once per process."""
+    then megatron-core's parallel_state and RNG seeds. Calling it again re-lays out the same ranks."""
     from megatron.core import parallel_state
 
     if not use_cuda():
@@ -155,18 +157,17 @@ def init_distributed(
         )
     world = dist.get_world_size()
     if world % sizes.model_parallel() != 0:
-        from megalong.errors import MegalongError
-
         raise MegalongError(
             f"world size {world} is not divisible by tensor({sizes.tensor}) x "
             f"pipeline({sizes.pipeline}) x context({sizes.context}) parallel sizes"
         )
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=sizes.tensor,
-            pipeline_model_parallel_size=sizes.pipeline,
-            context_parallel_size=sizes.context,
-        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()  # re-laying out the same ranks (tests, tools)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=sizes.tensor,
+        pipeline_model_parallel_size=sizes.pipeline,
+        context_parallel_size=sizes.context,
+    )
     seed_everything(seed)
 
 

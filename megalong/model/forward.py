@@ -1,0 +1,65 @@
+"""Forward (and backward) over micro-batches through megatron-core's schedules, so the same call
+works at any TP/PP. Per-token loss: the loss is a sum over tokens with its token count."""
+
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+
+def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def _loss_sum(loss_mask, per_token_loss):
+    loss_mask = loss_mask.to(per_token_loss.dtype)
+    loss_sum = (per_token_loss * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens}
+
+
+def _gathered_logits(logits):
+    # [b, s, V/tp] -> [b, s, V]; the second value is what the schedule would back-propagate.
+    full = gather_from_tensor_model_parallel_region(logits)
+    return logits.sum() * 0.0, {"logits": full.detach()}
+
+
+def _forward_step(mode, data_iterator, model):
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = position_ids_for(tokens)
+    if mode == "logits":
+        return model(tokens, position_ids, None), _gathered_logits
+    output = model(tokens, position_ids, None, labels=batch["labels"])
+    return output, partial(_loss_sum, batch["loss_mask"])
+
+
+def run_microbatches(model_chunks, microbatches, *, forward_only: bool, mode: str = "loss"):
+    """microbatches: list of dicts with tokens [b, s] (+ labels, loss_mask for mode "loss").
+    Returns the per-micro-batch outputs on the last pipeline stage ([] elsewhere)."""
+    if not isinstance(model_chunks, list):
+        model_chunks = [model_chunks]
+    tokens = microbatches[0]["tokens"]
+    forward_backward = get_forward_backward_func()
+    return forward_backward(
+        forward_step_func=partial(_forward_step, mode),
+        data_iterator=iter(microbatches),
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=forward_only,
+    )
+
+
+def full_logits(model, tokens: torch.Tensor):
+    """Logits [b, s, vocab] gathered over TP on the last pipeline stage, else None."""
+    with torch.no_grad():
+        outputs = run_microbatches(model, [{"tokens": tokens}], forward_only=True, mode="logits")
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return outputs[0]["logits"]

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random HF Llama checkpoints written to temp dirs (no downloads)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # so spawned ranks can import test modules
+
+
+def make_hf_llama(path, *, vocab=1001, layers=2, heads=8, kv_heads=2, hidden=64, ffn=160,
+                  tie=False, rope_scaling=None, seed=0, dtype="float32"):
+    """A random LlamaForCausalLM saved with save_pretrained. Weights are scaled up from HF's
+    0.02 init so logits differ clearly between tokens and layouts (a bug cannot hide in noise)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+        rms_norm_eps=1e-5, tie_word_embeddings=tie,
+    )
+    if rope_scaling:
+        config.rope_parameters = {"rope_type": "linear", "factor": rope_scaling, "rope_theta": 10000.0}
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.08)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    return str(make_hf_llama(tmp_path_factory.mktemp("hf") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens():
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 1001, (2, 32), generator=generator)

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Convert Llama checkpoints between Hugging Face and megatron-core distributed format.
+
+  hf-to-megatron --hf-dir DIR --out DIR [--tp N] [--pp M] [--seq-length N]
+  megatron-to-hf --load DIR --out DIR
+
+Arguments are checked before torch is imported, so a mistake costs no start-up time.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megalong.cli import run_cli  # noqa: E402  (torch-free)
+from megalong.errors import MegalongError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    to_mc = sub.add_parser("hf-to-megatron", help="HF LlamaForCausalLM dir -> megatron-core checkpoint")
+    to_mc.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors or .bin)")
+    to_mc.add_argument("--out", required=True, help="checkpoint directory to write (created atomically)")
+    to_mc.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1,
+                       help="tensor-parallel ranks that write the checkpoint; also pads the vocabulary "
+                            "to a multiple of --make-vocab-size-divisible-by x tp (default 1)")
+    to_mc.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1,
+                       help="pipeline-parallel ranks that write the checkpoint (default 1)")
+    to_mc.add_argument("--seq-length", type=int, default=None,
+                       help="target training length; sets the default interpolation factor "
+                            "ceil(seq-length / max_position_embeddings)")
+    to_mc.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
+                       help="linear RoPE position interpolation factor (overrides the default and "
+                            "any factor recorded in config.json)")
+    to_mc.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                       help="pad the vocabulary to a multiple of this x tp (default 128)")
+    to_mc.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    to_hf = sub.add_parser("megatron-to-hf", help="megatron-core checkpoint -> HF LlamaForCausalLM dir")
+    to_hf.add_argument("--load", required=True, help="checkpoint directory (its latest iteration is exported)")
+    to_hf.add_argument("--out", required=True, help="HF directory to write (created atomically)")
+    to_hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                       help="dtype of the exported weights (default float32)")
+    to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0,
+                       help="largest safetensors shard in GiB (default 5)")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return parser
+
+
+def validate(args) -> None:
+    """Everything that can be checked without torch."""
+    import json
+
+    def positive(name, value):
+        if value is not None and value < 1:
+            raise MegalongError(f"--{name} must be >= 1, got {value}")
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise MegalongError(f"--out {args.out} exists and is not a directory")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise MegalongError(f"--out {args.out} is not empty; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(parent) and not os.access(parent, os.W_OK):
+        raise MegalongError(f"cannot write to {parent}")
+    if args.command == "hf-to-megatron":
+        for name in ("tp", "pp", "seq_length", "make_vocab_size_divisible_by"):
+            positive(name.replace("_", "-"), getattr(args, name))
+        factor = args.rotary_seq_len_interpolation_factor
+        if factor is not None and factor < 1:
+            raise MegalongError(f"--rotary-seq-len-interpolation-factor must be >= 1, got {factor}")
+        from megalong.convert.hf_config import arch_from_hf_config, validate_tp
+
+        config_path = os.path.join(args.hf_dir, "config.json")
+        if not os.path.isdir(args.hf_dir):
+            raise MegalongError(f"--hf-dir {args.hf_dir} does not exist")
+        try:
+            with open(config_path) as handle:
+                config = json.load(handle)
+        except FileNotFoundError:
+            raise MegalongError(f"{config_path} not found: --hf-dir must be an HF model directory") from None
+        except (OSError, ValueError) as err:
+            raise MegalongError(f"cannot read {config_path}: {err}") from None
+        arch, _ = arch_from_hf_config(config, config_path)
+        validate_tp(arch, args.tp, args.pp)
+    else:
+        from megalong.checkpoint_meta import read_metadata
+
+        read_metadata(args.load)
+        if args.max_shard_size_gb <= 0:
+            raise MegalongError("--max-shard-size-gb must be > 0")
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    validate(args)
+    from megalong.convert import checkpoint_conversion as conversion
+
+    if args.command == "hf-to-megatron":
+        conversion.hf_to_megatron(
+            args.hf_dir, args.out, tp=args.tp, pp=args.pp, seq_length=args.seq_length,
+            interpolation_factor=args.rotary_seq_len_interpolation_factor,
+            vocab_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite)
+    else:
+        conversion.megatron_to_hf(args.load, args.out, overwrite=args.overwrite, dtype=args.dtype,
+                                  max_shard_bytes=int(args.max_shard_size_gb * 2**30))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -14,7 +14,9 @@ def arch_from_hf_config(cfg: dict, source: str) -> tuple[LlamaArch, Optional[flo
     model_type = cfg.get("model_type")
     architectures = cfg.get("architectures") or []
     if model_type != "llama" and not (model_type is None and "LlamaForCausalLM" in architectures):
-        raise MegalongError(f"{source}: model_type {model_type!r} is not supported; megalong converts Llama models (model_type 'llama')")
+        raise MegalongError(
+            f"{source}: model_type {model_type!r} is not supported; megalong converts Llama models (model_type 'llama')"
+        )
     if architectures and "LlamaForCausalLM" not in architectures:
         raise MegalongError(f"{source}: architectures {architectures} do not include LlamaForCausalLM")
     for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
@@ -34,7 +36,9 @@ def arch_from_hf_config(cfg: dict, source: str) -> tuple[LlamaArch, Optional[flo
     if head_dim is not None:
         head_dim = positive_int("head_dim")
     if heads % kv_heads:
-        raise MegalongError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        raise MegalongError(
+            f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
     if head_dim is None and hidden % heads:
         raise MegalongError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
 
@@ -85,7 +89,8 @@ def _rope_settings(cfg: dict, source: str) -> tuple[float, str, dict]:
             f"{source}: rope_scaling {scaling} and rope_parameters {params} disagree; remove one of them"
         )
     rope = scaling or params
-    theta = _positive_float({"rope_theta": cfg.get("rope_theta", params.get("rope_theta", 10000.0))}, "rope_theta", source)
+    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    theta = _positive_float({"rope_theta": theta}, "rope_theta", source)
     return theta, kind(rope), rope
 
 

@@ -12,6 +12,8 @@ import socket
 import time
 import traceback
 
+from megalong.errors import MegalongError
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -33,9 +35,11 @@ def _rank_main(fn, rank, world_size, port, results, args, kwargs, env):
         value = fn(*args, **kwargs)
         buffer = io.BytesIO()
         torch.save(value, buffer)
-        results.put((rank, True, buffer.getvalue()))
+        results.put((rank, "ok", buffer.getvalue()))
+    except MegalongError as err:  # bad input: the parent re-raises it as the same one-liner
+        results.put((rank, "input", str(err)))
     except BaseException:  # noqa: BLE001 - reported to the parent, which re-raises
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, "bug", traceback.format_exc()))
     finally:
         try:
             from megalong import runtime
@@ -69,7 +73,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 240.0, env=None,
             if remaining <= 0:
                 raise TimeoutError(f"{fn.__name__} on {world_size} ranks exceeded {timeout_s:.0f}s")
             try:
-                rank, ok, payload = results.get(timeout=min(remaining, 1.0))
+                rank, status, payload = results.get(timeout=min(remaining, 1.0))
             except queue_mod.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead and results.empty():
@@ -77,7 +81,9 @@ def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 240.0, env=None,
                         f"{fn.__name__}: a rank died with exit code {dead[0].exitcode}"
                     ) from None
                 continue
-            if not ok:
+            if status == "input":
+                raise MegalongError(payload)
+            if status == "bug":
                 raise RuntimeError(f"{fn.__name__} failed on rank {rank}:\n{payload}")
             outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:

@@ -7,13 +7,13 @@ into safetensors shards, so the model is held once, never twice.
 """
 
 import dataclasses
-import math
 import os
 import shutil
 import sys
 import tempfile
 
 from megalong.checkpoint_meta import read_metadata
+from megalong.config import default_interpolation_factor
 from megalong.convert.hf_config import arch_from_hf_config, validate_tp
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
@@ -23,15 +23,6 @@ TOKENIZER_SUBDIR = "tokenizer"
 
 def _log(message: str) -> None:
     print(f"[megalong] {message}", file=sys.stderr, flush=True)
-
-
-def default_interpolation_factor(seq_length, original_length, recorded=None):
-    """LongLoRA's released models use ceil(target / original) (25 for 100k on Llama-2)."""
-    if recorded is not None:
-        return recorded
-    if seq_length and seq_length > original_length:
-        return float(math.ceil(seq_length / original_length))
-    return None
 
 
 def _staging_dir(out: str) -> str:

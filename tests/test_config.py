@@ -1,0 +1,54 @@
+"""Flag validation (torch-free): clear messages naming the values and the fix."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from megalong.config import add_model_args, resolve_group_size, validate_model_args
+from megalong.errors import MegalongError
+from megalong.model.arch import PRESETS
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--seq-length", "6000", "--group-size-ratio", "0.3"], "not a multiple of group size 1800"),
+    (["--seq-length", "8192", "--group-size", "3000"], "not a multiple of group size 3000"),
+    (["--seq-length", "8192", "--group-size", "1023"], "must be even"),
+    (["--seq-length", "64", "--group-size", "128"], "between 2 and seq-length 64"),
+    (["--tensor-model-parallel-size", "3"], "tensor-model-parallel-size 3"),
+    (["--pipeline-model-parallel-size", "3"], "pipeline-model-parallel-size 3"),
+    (["--sequence-parallel"], "needs --tensor-model-parallel-size > 1"),
+    (["--context-parallel-size", "2"], "not supported yet"),
+    (["--transformer-impl", "transformer_engine"], "Transformer Engine"),
+    (["--attention-kernel", "flash"], "flash_attn"),
+    (["--rotary-seq-len-interpolation-factor", "0.5"], "must be >= 1"),
+])
+def test_bad_model_flags_are_named(argv, fragment):
+    if "transformer_engine" in argv or "flash" in argv:
+        import importlib.util
+        if importlib.util.find_spec("transformer_engine" if "transformer_engine" in argv else "flash_attn"):
+            pytest.skip("package installed here")
+    with pytest.raises(MegalongError, match=fragment):
+        validate_model_args(parse("--seq-length", "1024", *argv) if "--seq-length" not in argv
+                            else parse(*argv), PRESETS["tiny"])
+
+
+def test_group_size_from_ratio_and_flag():
+    assert resolve_group_size(8192) == 2048
+    assert resolve_group_size(8192, ratio=0.125) == 1024
+    assert resolve_group_size(8192, group_size=512) == 512
+    validate_model_args(parse("--seq-length", "1024", "--tensor-model-parallel-size", "2",
+                              "--sequence-parallel"), PRESETS["tiny"])
+
+
+def test_config_and_converter_validation_do_not_import_torch():
+    code = ("import sys, argparse; import megalong.config, megalong.convert.hf_config, "
+            "megalong.checkpoint_meta, megalong.cli; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

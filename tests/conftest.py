@@ -21,7 +21,9 @@ def make_hf_llama(path, *, vocab=1001, layers=2, heads=8, kv_heads=2, hidden=64,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
         rms_norm_eps=1e-5, tie_word_embeddings=tie,
     )
-    if rope_scaling:
+    if isinstance(rope_scaling, dict):
+        config.rope_parameters = rope_scaling
+    elif rope_scaling:
         config.rope_parameters = {"rope_type": "linear", "factor": rope_scaling, "rope_theta": 10000.0}
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -37,6 +39,17 @@ def make_hf_llama(path, *, vocab=1001, layers=2, heads=8, kv_heads=2, hidden=64,
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     return str(make_hf_llama(tmp_path_factory.mktemp("hf") / "tiny"))
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tmp_path_factory):
+    """Llama-3.2-style: rope type llama3, theta 5e5, tied embeddings."""
+    return str(make_hf_llama(tmp_path_factory.mktemp("hf") / "llama3", tie=True,
+                             rope_scaling=LLAMA3_ROPE, heads=4, kv_heads=2, hidden=128))
 
 
 @pytest.fixture(scope="session")

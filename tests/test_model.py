@@ -9,6 +9,7 @@ VOCAB = 1001
 
 
 def hf_logits(hf_dir, tokens, rope_factor=None):
+    """HF transformers' logits, optionally re-loaded with linear rope scaling `rope_factor`."""
     from transformers import LlamaForCausalLM
 
     kwargs = {}
@@ -77,3 +78,20 @@ def test_tp2_sp_and_pp2_match_hf(tiny_hf_dir, tiny_tokens):
     for name, logits in [("tp2", tp2), ("tp2+sp", tp2_sp), ("pp2", pp2)]:
         assert (logits - reference).abs().max() <= 1e-4, name
     assert torch.equal(per_rank[0][0], per_rank[1][0]), "TP ranks must agree"
+
+
+@pytest.mark.slow
+def test_llama3_rope_and_tied_embeddings_match_hf(tiny_llama3_dir):
+    # Long enough (1024) that llama3's scaling of the low frequencies changes the logits.
+    tokens = torch.randint(0, VOCAB, (1, 1024), generator=torch.Generator().manual_seed(3))
+    (logits,), = run_on_ranks(megatron_logits_for_layouts, 1, tiny_llama3_dir, tokens,
+                              [(1, 1, False, None)])
+    reference = hf_logits(tiny_llama3_dir, tokens)
+    assert (logits - reference).abs().max() <= 1e-4
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_llama3_dir)
+    config.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
+    unscaled = LlamaForCausalLM.from_pretrained(tiny_llama3_dir, config=config).eval()
+    with torch.no_grad():
+        assert (unscaled(tokens).logits - reference).abs().max() > 1e-2, "llama3 scaling must matter"

@@ -3,6 +3,7 @@
 
   hf-to-megatron --hf-dir DIR --out DIR [--tp N] [--pp M] [--seq-length N]
   megatron-to-hf --load DIR --out DIR
+  compare --a DIR --b DIR        (tensor-by-tensor check of two HF directories)
 
 Arguments are checked before torch is imported, so a mistake costs no start-up time.
 """
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0,
                        help="largest safetensors shard in GiB (default 5)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    compare = sub.add_parser("compare", help="compare two HF directories tensor by tensor")
+    compare.add_argument("--a", required=True, help="first HF directory")
+    compare.add_argument("--b", required=True, help="second HF directory")
     return parser
 
 
@@ -58,6 +63,11 @@ def validate(args) -> None:
         if value is not None and value < 1:
             raise MegalongError(f"--{name} must be >= 1, got {value}")
 
+    if args.command == "compare":
+        for path in (args.a, args.b):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise MegalongError(f"{path} is not an HF model directory (no config.json)")
+        return
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise MegalongError(f"--out {args.out} exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
@@ -98,7 +108,17 @@ def main(argv=None) -> None:
     validate(args)
     from megalong.convert import checkpoint_conversion as conversion
 
-    if args.command == "hf-to-megatron":
+    if args.command == "compare":
+        from megalong.convert.compare import compare_hf_checkpoints
+
+        rows, identical = compare_hf_checkpoints(args.a, args.b)
+        print("| tensor | shape | max abs diff |\n|---|---|---|")
+        for name, shape, diff in rows:
+            print(f"| {name} | {shape} | {'-' if diff is None else f'{diff:.3g}'} |")
+        print(f"\n{len(rows)} tensors: {'identical' if identical else 'DIFFERENT'}")
+        if not identical:
+            raise MegalongError(f"{args.a} and {args.b} differ")
+    elif args.command == "hf-to-megatron":
         conversion.hf_to_megatron(
             args.hf_dir, args.out, tp=args.tp, pp=args.pp, seq_length=args.seq_length,
             interpolation_factor=args.rotary_seq_len_interpolation_factor,

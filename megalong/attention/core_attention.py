@@ -1,0 +1,88 @@
+"""S2CoreAttention: the `core_attention` slot of megatron-core's SelfAttention.
+
+A drop-in for megatron's DotProductAttention (same constructor and forward), built from a
+ModuleSpec with params {"attention": "s2" | "full", "group_size": int | None, "kernel": ...}.
+S²-Attn runs only while training with attention "s2" on a full sequence (sq == sk); eval()
+or attention "full" gives dense attention that honours megatron's attn_mask_type.
+"""
+
+import math
+from typing import Optional
+
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from megalong.attention.kernels import KERNELS
+from megalong.attention.s2 import dense_causal_attention, s2_attention
+from megalong.errors import MegalongError
+
+_CAUSAL = (AttnMaskType.causal, AttnMaskType.causal_bottom_right, AttnMaskType.padding_causal)
+
+
+class S2CoreAttention(MegatronModule):
+    """Core attention without parameters: q [sq, b, np, d], k/v [sk, b, ng, d] (this TP
+    rank's heads) -> [sq, b, np * d]."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str = "self", attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None, *, attention: str = "s2", group_size: Optional[int] = None,
+                 kernel: str = "auto"):
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if attention not in ("s2", "full"):
+            raise MegalongError(f"attention must be 's2' or 'full', got {attention!r}")
+        if attention == "s2" and not group_size:
+            raise MegalongError("attention 's2' needs a group size (--group-size or "
+                                "--group-size-ratio); use attention 'full' for dense attention")
+        if kernel not in KERNELS:
+            raise MegalongError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
+        if dropout:
+            raise MegalongError(f"S2CoreAttention has no attention dropout (got {dropout}); "
+                                "set attention_dropout=0.0 as Llama does")
+        if config.context_parallel_size != 1:
+            raise MegalongError("S2CoreAttention does not run context parallel yet "
+                                f"(context_parallel_size={config.context_parallel_size})")
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.attention, self.group_size, self.kernel = attention, group_size, kernel
+        self.softmax_scale = softmax_scale
+        if pg_collection is None:
+            self.tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+        else:
+            self.tp_group = pg_collection.tp
+        self.tp_rank, self.tp_size = get_pg_rank(self.tp_group), get_pg_size(self.tp_group)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise MegalongError("S2CoreAttention supports neither packed sequences (thd) nor "
+                                "an attention bias")
+        len_q, batch, heads, dim = query.shape
+        scale = 1.0 / math.sqrt(dim) if self.softmax_scale is None else self.softmax_scale
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if self.training and self.attention == "s2" and len_q == key.shape[0]:
+            # The group mask is causal by construction, so a causal attention_mask adds nothing
+            # (SFT padding sits at the end of a sample and is masked out of the loss instead).
+            if mask_type not in _CAUSAL:
+                raise MegalongError(f"S²-Attn is causal; it cannot apply attn_mask_type "
+                                    f"{mask_type.name} (use a causal layer spec)")
+            kv_heads = key.shape[2]
+            out = s2_attention(query, key, value, self.group_size,
+                               kv_group_offset=self.tp_rank * kv_heads,
+                               num_kv_groups=kv_heads * self.tp_size,
+                               kernel=self.kernel, softmax_scale=scale)
+        else:
+            causal = mask_type in _CAUSAL
+            mask = None if mask_type in (AttnMaskType.no_mask, AttnMaskType.causal) \
+                else attention_mask
+            out = dense_causal_attention(query, key, value, causal=causal, attention_mask=mask,
+                                         softmax_scale=scale)
+        return out.view(len_q, batch, heads * dim)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """No parameters, nothing to checkpoint."""
+        return {}

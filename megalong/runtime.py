@@ -52,12 +52,17 @@ def _is_cuda_device(value) -> bool:
 
 
 class _CudaToCpu(torch.overrides.TorchFunctionMode):
-    """Rewrites CUDA placements to CPU: device= kwargs, Tensor.cuda(), Tensor.to('cuda')."""
+    """Rewrites CUDA placements to CPU: device= kwargs, Tensor.cuda(), Tensor.to('cuda').
+    `Tensor.type()` names CPU tensors as CUDA ones: megatron's optimizers assert/branch on
+    'torch.cuda.FloatTensor' to mean "a float32 tensor on the training device"."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

@@ -4,14 +4,20 @@ Every rank writes its shards into ROOT/iter_N.tmp; after a barrier rank 0 rename
 ROOT/iter_N and only then points the tracker file at it, so a crash leaves either the previous
 checkpoint or the new one, never a half-written directory that looks complete. The torch_dist
 format stores global tensors, so a checkpoint saved at one TP/PP loads at any other.
+
+A training checkpoint also holds the optimizer (sharded like the model), the LR scheduler, the
+iteration and every rank's RNG state; a converted HF model holds only the model.
 """
 
 import json
 import os
 import shutil
 
+import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megalong.checkpoint_meta import METADATA, TRACKER, iteration_dir, latest_iteration
 from megalong.errors import MegalongError
@@ -22,11 +28,44 @@ def _chunk_keys(model_chunks):
     return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
 
 
-def _sharded_state_dict(model_chunks):
+def _model_state(model_chunks):
     return {k: m.sharded_state_dict() for k, m in zip(_chunk_keys(model_chunks), model_chunks)}
 
 
-def save_checkpoint(model_chunks, root: str, iteration: int, metadata: dict) -> str:
+def _rng_state():
+    """This rank's RNG streams as a ShardedObject (one entry per rank in the checkpoint)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),),
+                         replica_id=0)
+
+
+def _set_rng_state(state) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _full_state(model_chunks, optimizer, scheduler, common, is_loading):
+    state = _model_state(model_chunks)
+    if optimizer is not None:
+        model_state = {k: v for k, v in state.items()}
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state if len(model_chunks) > 1 else model_state["model"], is_loading=is_loading)
+        state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        state["rng_state"] = _rng_state()
+    state["common"] = common or {}
+    return state
+
+
+def save_checkpoint(model_chunks, root: str, iteration: int, metadata: dict, *,
+                    optimizer=None, scheduler=None, common=None) -> str:
     final = iteration_dir(root, iteration)
     staging = final + ".tmp"
     rank = dist.get_rank()
@@ -35,11 +74,12 @@ def save_checkpoint(model_chunks, root: str, iteration: int, metadata: dict) -> 
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(model_chunks), staging)
+    dist_checkpointing.save(_full_state(model_chunks, optimizer, scheduler, common, False), staging)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(staging, METADATA), "w") as handle:
-            json.dump({**metadata, "iteration": iteration}, handle, indent=2)
+            json.dump({**metadata, "iteration": iteration,
+                       "has_training_state": optimizer is not None}, handle, indent=2)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -51,18 +91,47 @@ def save_checkpoint(model_chunks, root: str, iteration: int, metadata: dict) -> 
     return final
 
 
-def load_checkpoint(model_chunks, root: str, iteration: int | None = None) -> int:
-    """Loads weights into the (already built) model chunks; returns the iteration loaded."""
+def load_checkpoint(model_chunks, root: str, iteration: int | None = None, *, optimizer=None,
+                    scheduler=None, allow_missing=lambda key: False):
+    """Loads into the built model chunks (and optimizer/scheduler/RNG when given and present).
+
+    `allow_missing(key)` names model keys the checkpoint may lack (LoRA adapters when starting
+    from a base model): they keep their initial values. Returns (iteration, common state)."""
     if iteration is None:
         iteration = latest_iteration(root)
     directory = iteration_dir(root, iteration)
     if not os.path.isdir(directory):
         raise MegalongError(f"checkpoint {directory} does not exist")
-    sharded = _sharded_state_dict(model_chunks)
+    with open(os.path.join(directory, METADATA)) as handle:
+        has_training_state = json.load(handle).get("has_training_state", False)
+    load_training = optimizer is not None and has_training_state
+    request = _full_state(model_chunks, optimizer if load_training else None,
+                          scheduler, None, is_loading=True)
     try:
-        state = dist_checkpointing.load(sharded, directory)
+        state, absent = dist_checkpointing.load(request, directory,
+                                                strict=StrictHandling.RETURN_UNEXPECTED)
     except Exception as err:  # megatron raises many types; name the directory
         raise MegalongError(f"cannot load checkpoint {directory}: {err}") from err
+    not_allowed = sorted(k for k in absent if not allow_missing(k))
+    if not_allowed:
+        raise MegalongError(f"checkpoint {directory} lacks {', '.join(not_allowed[:5])} "
+                            f"({len(not_allowed)} tensors): it was written for another model")
     for key, model in zip(_chunk_keys(model_chunks), model_chunks):
-        model.load_state_dict(state[key], strict=True)
-    return iteration
+        missing, unexpected = model.load_state_dict(state[key], strict=False)
+        bad = [k for k in missing if not k.endswith("_extra_state") and not allow_missing(k)]
+        if bad or unexpected:
+            raise MegalongError(f"checkpoint {directory} does not fit the model: missing "
+                                f"{bad[:5]}, unexpected {list(unexpected)[:5]}")
+    if load_training:
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng_state"])
+    return iteration, (state.get("common") or {}) if load_training else {}
+
+
+def model_parallel_description() -> dict:
+    return {
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+    }

@@ -4,6 +4,7 @@ so a CLI rejects bad input before paying torch's start-up. One error type: Megal
 import argparse
 import importlib.util
 import math
+import os
 
 from megalong.errors import MegalongError
 from megalong.model.arch import PRESETS, LlamaArch
@@ -91,6 +92,145 @@ def validate_model_args(args, arch: LlamaArch) -> None:
     if kernel_package and not _importable(kernel_package):
         raise MegalongError(f"--attention-kernel {args.attention_kernel} needs {kernel_package}, "
                             f"which is not installed; use --attention-kernel sdpa or auto")
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    init = parser.add_argument_group("initialisation and checkpoints")
+    init.add_argument("--load", default=None,
+                      help="checkpoint directory to start from (a converted HF model or a training "
+                           "checkpoint; training state is resumed when present)")
+    init.add_argument("--finetune", action="store_true",
+                      help="load only the weights from --load: new optimizer, iteration 0")
+    init.add_argument("--save", default=None, help="checkpoint directory to write")
+    init.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
+    init.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-path", nargs="+", default=None,
+                      help="IndexedDataset prefix(es) from tools/preprocess_data.py, optionally "
+                           "weighted as Megatron-LM does: 'W1 PREFIX1 W2 PREFIX2'")
+    data.add_argument("--sft-data", default=None,
+                      help="LongAlpaca-style json (instruction/input/output): supervised fine-tuning "
+                           "with loss on the answers only")
+    data.add_argument("--split", default="98,2,0", help="train,valid,test split of --data-path")
+    data.add_argument("--tokenizer", default=None,
+                      help="sentencepiece tokenizer.model or an HF tokenizer directory")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--micro-batch-size", type=int, default=1)
+    train.add_argument("--global-batch-size", type=int, default=None,
+                       help="sequences per optimizer step (default micro-batch x data-parallel)")
+    train.add_argument("--train-iters", type=int, default=None, help="optimizer steps to run")
+    train.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (LongLoRA: 2e-5)")
+    train.add_argument("--min-lr", type=float, default=0.0, help="final learning rate for cosine")
+    train.add_argument("--lr-warmup-iters", type=int, default=20, help="linear warm-up steps (default 20)")
+    train.add_argument("--lr-decay-style", choices=["constant", "cosine"], default="constant",
+                       help="constant after warm-up (LongLoRA's) or cosine to --min-lr")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--adam-beta1", type=float, default=0.9)
+    train.add_argument("--adam-beta2", type=float, default=0.95)
+    train.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    train.add_argument("--bf16", action="store_true", help="bfloat16 parameters and compute (GPU)")
+    train.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
+                       help="FP8 through Transformer Engine (GPU with TE only)")
+    train.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                       help="activation recompute: full layers or selective (core attention)")
+    train.add_argument("--recompute-num-layers", type=int, default=1)
+    train.add_argument("--use-distributed-optimizer", action="store_true",
+                       help="shard optimizer state over data-parallel ranks (megatron's)")
+    train.add_argument("--overlap-grad-reduce", action="store_true")
+    train.add_argument("--overlap-param-gather", action="store_true")
+
+    run = parser.add_argument_group("evaluation, logging and exit")
+    run.add_argument("--eval-interval", type=int, default=None, help="iterations between validations")
+    run.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
+    run.add_argument("--log-interval", type=int, default=1, help="iterations between log lines")
+    run.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
+    run.add_argument("--exit-signal-handler", action="store_true",
+                     help="on SIGTERM, save a checkpoint and exit cleanly")
+    run.add_argument("--exit-duration-in-mins", type=float, default=None,
+                     help="save and exit after this many minutes")
+    run.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                     help="timeout of collective operations (default 10)")
+
+
+def validate_training_args(args, world_size: int) -> None:
+    """Batch arithmetic, data and output paths: everything checkable before torch is imported."""
+    model_parallel = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+                      * args.context_parallel_size)
+    if world_size % model_parallel:
+        raise MegalongError(
+            f"world size {world_size} is not divisible by tensor x pipeline x context parallel "
+            f"= {model_parallel}")
+    data_parallel = world_size // model_parallel
+    for name in ("micro_batch_size", "train_iters", "lr_warmup_iters", "eval_iters", "log_interval",
+                 "recompute_num_layers"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "lr_warmup_iters" else 1):
+            raise MegalongError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.train_iters is None:
+        raise MegalongError("--train-iters is required")
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * data_parallel
+    if args.global_batch_size % (args.micro_batch_size * data_parallel):
+        raise MegalongError(
+            f"global batch {args.global_batch_size} is not divisible by micro batch "
+            f"{args.micro_batch_size} x data-parallel size {data_parallel}; use a multiple of "
+            f"{args.micro_batch_size * data_parallel}")
+    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise MegalongError(f"need 0 <= --min-lr ({args.min_lr}) <= --lr ({args.lr}) and --lr > 0")
+    if (args.data_path is None) == (args.sft_data is None):
+        raise MegalongError("give exactly one of --data-path (pretraining) or --sft-data (SFT)")
+    if args.data_path:
+        for prefix in _blend_prefixes(args.data_path):
+            for suffix in (".bin", ".idx"):
+                if not os.path.isfile(prefix + suffix):
+                    raise MegalongError(f"--data-path {prefix}: {prefix + suffix} does not exist "
+                                        "(make it with tools/preprocess_data.py)")
+    if args.sft_data and not os.path.isfile(args.sft_data):
+        raise MegalongError(f"--sft-data {args.sft_data} does not exist")
+    if args.sft_data and not args.tokenizer:
+        raise MegalongError("--sft-data needs --tokenizer")
+    if args.tokenizer and not os.path.exists(args.tokenizer):
+        raise MegalongError(f"--tokenizer {args.tokenizer} does not exist")
+    if args.load:
+        from megalong.checkpoint_meta import latest_iteration
+
+        latest_iteration(args.load)
+    if args.save:
+        parent = os.path.dirname(os.path.abspath(args.save))
+        if os.path.exists(args.save) and not os.path.isdir(args.save):
+            raise MegalongError(f"--save {args.save} exists and is not a directory")
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise MegalongError(f"--save {args.save}: cannot write to {parent}")
+    if args.save_interval is not None and (args.save_interval < 1 or not args.save):
+        raise MegalongError("--save-interval needs --save and must be >= 1")
+    if args.fp8_format and not _importable("transformer_engine"):
+        raise MegalongError("--fp8-format needs Transformer Engine on a GPU, which is not installed")
+    if args.use_distributed_optimizer and not _importable_cuda():
+        raise MegalongError("--use-distributed-optimizer runs on GPUs only; drop it on CPU")
+
+
+def _blend_prefixes(data_path):
+    """Prefixes of 'W1 P1 W2 P2' or 'P1 P2' (Megatron-LM's --data-path)."""
+    try:
+        float(data_path[0])
+    except ValueError:
+        return list(data_path)
+    if len(data_path) % 2:
+        raise MegalongError(f"--data-path {' '.join(data_path)}: weights and prefixes must pair up")
+    return list(data_path[1::2])
+
+
+def _importable_cuda() -> bool:
+    # Without importing torch: a CUDA build ships libraries under torch/lib with "cuda" in the name.
+    import glob
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return bool(glob.glob(os.path.join(spec.submodule_search_locations[0], "lib", "*cudart*")) or
+                glob.glob(os.path.join(spec.submodule_search_locations[0], "lib", "libtorch_cuda*")))
 
 
 def default_interpolation_factor(seq_length, original_length, recorded=None):

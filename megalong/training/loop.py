@@ -1,0 +1,124 @@
+"""train(args): steps through megatron-core's schedules, validation, checkpoints, clean exits."""
+
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megalong.model.forward import run_microbatches
+from megalong.training.batches import microbatches
+from megalong.training.progress import Progress, log
+from megalong.training.setup import Trainer, build_trainer, data_parallel_rank_and_size
+
+
+def _reduced_loss(outputs) -> tuple[float, int]:
+    """Token-weighted mean loss of the global batch, known on every rank. Losses live on the last
+    pipeline stage; they are summed over data (and context) parallel ranks, then broadcast."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for out in outputs:
+        total[0] += float(out["loss_sum"])
+        total[1] += float(out["num_tokens"])
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    dist.broadcast(total, src=dist.get_world_size() - 1)
+    return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
+
+
+def train_step(trainer: Trainer, iteration: int):
+    args = trainer.args
+    dp_rank, dp_size = data_parallel_rank_and_size()
+    batches = microbatches(trainer.train_data, iteration, args.global_batch_size,
+                           args.micro_batch_size, dp_rank, dp_size)
+    for model in trainer.ddp_models:
+        model.zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    outputs = run_microbatches(trainer.ddp_models, batches, forward_only=False)
+    loss, _ = _reduced_loss(outputs)
+    lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step uses
+    updated, grad_norm, _ = trainer.optimizer.step()
+    if updated:
+        trainer.scheduler.step(increment=1)
+    return loss, lr, grad_norm, updated
+
+
+def evaluate(trainer: Trainer) -> float:
+    args = trainer.args
+    dp_rank, dp_size = data_parallel_rank_and_size()
+    for model in trainer.ddp_models:
+        model.eval()
+    outputs = []
+    with torch.no_grad():
+        for index in range(args.eval_iters):
+            batches = microbatches(trainer.valid_data, index, args.global_batch_size,
+                                   args.micro_batch_size, dp_rank, dp_size)
+            outputs += run_microbatches(trainer.ddp_models, batches, forward_only=True)
+    for model in trainer.ddp_models:
+        model.train()
+    return _reduced_loss(outputs)[0]
+
+
+def save(trainer: Trainer, iteration: int) -> None:
+    from megalong.checkpoint import save_checkpoint
+
+    save_checkpoint(trainer.models, trainer.args.save, iteration, trainer.metadata,
+                    optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+                    common={"iteration": iteration})
+    log(f"saved checkpoint at iteration {iteration} to {trainer.args.save}")
+
+
+class _ExitRequests:
+    """SIGTERM (with --exit-signal-handler) or --exit-duration-in-mins: every rank agrees."""
+
+    def __init__(self, args):
+        self.signalled = False
+        self.deadline = (time.monotonic() + args.exit_duration_in_mins * 60
+                         if args.exit_duration_in_mins else None)
+        if args.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.signalled = True
+
+    def should_exit(self) -> bool:
+        local = self.signalled or (self.deadline is not None and time.monotonic() > self.deadline)
+        flag = torch.tensor([1 if local else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(args) -> list[float]:
+    """Runs the training; returns the per-iteration training losses (on every rank)."""
+    trainer = build_trainer(args)
+    seq_length = trainer.metadata["seq_length"]
+    progress = Progress(train_iters=args.train_iters, start_iteration=trainer.iteration,
+                        tokens_per_step=args.global_batch_size * seq_length,
+                        tensorboard_dir=args.tensorboard_dir,
+                        enabled=dist.get_rank() == dist.get_world_size() - 1)
+    exits = _ExitRequests(args)
+    losses = []
+    iteration = trainer.iteration
+    while iteration < args.train_iters:
+        started = time.monotonic()
+        loss, lr, grad_norm, updated = train_step(trainer, iteration)
+        iteration += 1
+        losses.append(loss)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            progress.step(iteration, loss=loss, lr=lr, grad_norm=grad_norm,
+                          step_time=time.monotonic() - started, skipped=not updated)
+        if args.eval_interval and iteration % args.eval_interval == 0:
+            progress.validation(iteration, evaluate(trainer))
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            save(trainer, iteration)
+        if exits.should_exit():
+            if args.save and not (args.save_interval and iteration % args.save_interval == 0):
+                save(trainer, iteration)
+            log(f"exiting at iteration {iteration} as requested")
+            break
+    else:
+        already_saved = args.save_interval and iteration % args.save_interval == 0
+        if args.save and iteration > trainer.iteration and not already_saved:
+            save(trainer, iteration)
+    progress.close()
+    return losses

@@ -1,0 +1,41 @@
+"""Entry point of examples/pretrain_longlora.py: flags, validation before torch, then train()."""
+
+import argparse
+import os
+
+from megalong import config
+from megalong.errors import MegalongError
+from megalong.model.arch import PRESETS, LlamaArch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="LongLoRA context extension on megatron-core. Launch with torchrun "
+                    "(examples/pretrain_longlora.sh) or as one process on CPU.",
+        allow_abbrev=False)
+    config.add_model_args(parser)
+    config.add_training_args(parser)
+    return parser
+
+
+def parse_and_validate(argv=None):
+    """Parses and checks every flag (and the --load metadata) without importing torch."""
+    args = build_parser().parse_args(argv)
+    if args.load:
+        from megalong.checkpoint_meta import read_metadata
+
+        arch = LlamaArch(**read_metadata(args.load)["arch"])
+    elif args.model:
+        arch = PRESETS[args.model]
+    else:
+        raise MegalongError("give --load (a converted checkpoint) or --model (a preset, random init)")
+    config.validate_model_args(args, arch)
+    config.validate_training_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    return args
+
+
+def main(argv=None) -> list[float]:
+    args = parse_and_validate(argv)
+    from megalong.training.loop import train
+
+    return train(args)

@@ -1,0 +1,79 @@
+"""Per-step log line (loss, lr, grad norm, tokens/s, peak memory, ETA) and TensorBoard scalars."""
+
+import resource
+import sys
+import time
+
+import torch
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Progress:
+    def __init__(self, *, train_iters: int, start_iteration: int, tokens_per_step: int,
+                 tensorboard_dir=None, enabled=True):
+        self.train_iters, self.start = train_iters, start_iteration
+        self.tokens_per_step = tokens_per_step
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.writer = None
+        if enabled and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(tensorboard_dir)
+        self.tty = enabled and sys.stderr.isatty()
+
+    def step(self, iteration: int, *, loss: float, lr: float, grad_norm, step_time: float,
+             skipped: bool = False, extra: str = "") -> None:
+        if not self.enabled:
+            return
+        done = iteration - self.start
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / max(done, 1) * (self.train_iters - iteration)
+        tokens_per_s = self.tokens_per_step / max(step_time, 1e-9)
+        bar = ""
+        if self.tty:
+            filled = int(20 * iteration / self.train_iters)
+            bar = "[" + "#" * filled + "." * (20 - filled) + "] "
+        norm = "-" if grad_norm is None else f"{grad_norm:.3f}"
+        line = (f"{bar}iter {iteration}/{self.train_iters} | loss {loss:.4f} | lr {lr:.3g} | "
+                f"grad norm {norm} | {tokens_per_s:,.0f} tok/s | peak mem {peak_memory_gib():.2f} GiB"
+                f" | ETA {_hms(eta)}{' | SKIPPED (non-finite)' if skipped else ''}{extra}")
+        print(line, file=sys.stderr, flush=True)
+        if self.writer:
+            for name, value in [("train/loss", loss), ("train/lr", lr), ("train/tokens_per_s", tokens_per_s),
+                                ("train/peak_mem_gib", peak_memory_gib())]:
+                self.writer.add_scalar(name, value, iteration)
+            if grad_norm is not None:
+                self.writer.add_scalar("train/grad_norm", grad_norm, iteration)
+
+    def validation(self, iteration: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        print(f"validation at iter {iteration} | loss {loss:.4f} | ppl {_exp(loss):.2f}",
+              file=sys.stderr, flush=True)
+        if self.writer:
+            self.writer.add_scalar("valid/loss", loss, iteration)
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+
+
+def _exp(x: float) -> float:
+    import math
+
+    return math.exp(min(x, 50.0))
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def log(message: str) -> None:
+    print(f"[megalong] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,203 @@
+"""build_trainer(args): the training setup, read top to bottom.
+
+runtime -> architecture -> model -> adapters + freezing -> DDP -> optimizer -> data -> resume.
+Each step is a named function below, in that order.
+"""
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megalong import runtime
+from megalong.checkpoint_meta import read_metadata
+from megalong.config import default_interpolation_factor, resolve_group_size
+from megalong.errors import MegalongError
+from megalong.model.arch import PRESETS, LlamaArch
+from megalong.training.progress import log
+
+
+@dataclass
+class Trainer:
+    args: object
+    arch: LlamaArch
+    metadata: dict  # written into every checkpoint: enough to rebuild the model
+    models: list  # the megatron model chunks of this rank
+    ddp_models: list  # the same, wrapped in megatron DDP
+    optimizer: object
+    scheduler: object
+    train_data: object
+    valid_data: object
+    iteration: int = 0
+    common: dict = field(default_factory=dict)
+
+
+def build_trainer(args) -> Trainer:
+    bring_up_runtime(args)
+    arch, metadata = resolve_architecture(args)
+    models = build_model_chunks(args, arch, metadata)
+    allow_missing = add_adapters_and_freeze(models, args)
+    ddp_models = wrap_data_parallel(models, args)
+    optimizer, scheduler = build_optimizer_and_schedule(ddp_models, args)
+    train_data, valid_data = build_datasets(args, arch)
+    trainer = Trainer(args, arch, metadata, models, ddp_models, optimizer, scheduler,
+                      train_data, valid_data)
+    resume(trainer, allow_missing)
+    return trainer
+
+
+def bring_up_runtime(args) -> None:
+    runtime.init_distributed(
+        runtime.ParallelSizes(tensor=args.tensor_model_parallel_size,
+                              pipeline=args.pipeline_model_parallel_size,
+                              context=args.context_parallel_size),
+        seed=args.seed, timeout_s=args.distributed_timeout_minutes * 60)
+
+
+def resolve_architecture(args):
+    """From --load's metadata (a converted HF model or a training checkpoint), else --model."""
+    from megalong.convert.layouts import padded_vocab_size
+
+    if args.load:
+        source = read_metadata(args.load)
+        arch = LlamaArch(**source["arch"])
+        padded = source["padded_vocab_size"]
+        recorded_factor = source.get("interpolation_factor")
+    elif args.model:
+        source, arch = {}, PRESETS[args.model]
+        padded = padded_vocab_size(arch.vocab_size, 128, args.tensor_model_parallel_size)
+        recorded_factor = None
+    else:
+        raise MegalongError("give --load (a converted checkpoint) or --model (a preset, random init)")
+    if padded % args.tensor_model_parallel_size:
+        raise MegalongError(f"the checkpoint's padded vocabulary {padded} does not split over "
+                            f"tensor-model-parallel-size {args.tensor_model_parallel_size}")
+    seq_length = args.seq_length or arch.max_position_embeddings
+    factor = args.rotary_seq_len_interpolation_factor or default_interpolation_factor(
+        seq_length, arch.max_position_embeddings, recorded_factor)
+    metadata = {
+        **{k: v for k, v in source.items() if k not in ("iteration", "has_training_state")},
+        "format": "megalong-1",
+        "arch": dataclasses.asdict(arch),
+        "padded_vocab_size": padded,
+        "interpolation_factor": factor,
+        "seq_length": seq_length,
+        "tensor_model_parallel_size": args.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+    }
+    return arch, metadata
+
+
+def build_model_chunks(args, arch, metadata) -> list:
+    from megalong.model.llama import ModelOptions, build_llama
+
+    seq_length = metadata["seq_length"]
+    group_size = (resolve_group_size(seq_length, args.group_size, args.group_size_ratio)
+                  if args.attention == "s2" else None)
+    opts = ModelOptions(
+        seq_length=seq_length,
+        padded_vocab_size=metadata["padded_vocab_size"],
+        attention=args.attention,
+        group_size=group_size,
+        attention_kernel=args.attention_kernel,
+        interpolation_factor=metadata["interpolation_factor"],
+        transformer_impl=args.transformer_impl,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        sequence_parallel=args.sequence_parallel,
+        recompute_granularity=args.recompute_granularity,
+        recompute_num_layers=args.recompute_num_layers,
+        initialize=not args.load,
+    )
+    model = build_llama(arch, opts)
+    if runtime.use_cuda():
+        model.cuda()
+    return [model]
+
+
+def add_adapters_and_freeze(models, args):
+    """Full fine-tuning trains everything. Returns which checkpoint keys may be absent."""
+    total = sum(p.numel() for m in models for p in m.parameters())
+    trainable = sum(p.numel() for m in models for p in m.parameters() if p.requires_grad)
+    log(f"parameters on this rank: {trainable:,} trainable of {total:,} "
+        f"({100 * trainable / max(total, 1):.2f}%)")
+    return lambda key: False
+
+
+def wrap_data_parallel(models, args) -> list:
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    ddp_models = [DistributedDataParallel(m.config, ddp_config, m) for m in models]
+    config = models[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp_models[0].no_sync if len(ddp_models) == 1 else [
+        m.no_sync for m in ddp_models]
+    return ddp_models
+
+
+def build_optimizer_and_schedule(ddp_models, args):
+    from megalong.training.optimizer import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(ddp_models, args)
+    ddp_models[0].config.grad_scale_func = optimizer.scale_loss
+    return optimizer, build_scheduler(optimizer, args)
+
+
+def build_datasets(args, arch):
+    """Pretraining samples from IndexedDatasets (--data-path), or SFT samples (--sft-data)."""
+    from megalong.data.pretrain import build_pretrain_datasets
+
+    seq_length = args.seq_length or arch.max_position_embeddings
+    num_train = args.train_iters * args.global_batch_size
+    num_valid = args.eval_iters * args.global_batch_size if args.eval_interval else 0
+    if args.sft_data:
+        raise MegalongError("--sft-data is not wired into training yet")
+    return build_pretrain_datasets(args.data_path, seq_length, seed=args.seed, split=args.split,
+                                   num_samples=(num_train, num_valid), tokenizer=None)
+
+
+def resume(trainer: Trainer, allow_missing) -> None:
+    """--load: weights, and the full training state when the checkpoint has it (not --finetune)."""
+    from megalong.checkpoint import load_checkpoint
+
+    args = trainer.args
+    if not args.load:
+        return
+    iteration, common = load_checkpoint(
+        trainer.models, args.load,
+        optimizer=None if args.finetune else trainer.optimizer,
+        scheduler=None if args.finetune else trainer.scheduler,
+        allow_missing=allow_missing)
+    if common:
+        trainer.iteration, trainer.common = iteration, common
+        log(f"resumed from {args.load} at iteration {iteration}")
+    else:
+        trainer.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
+        log(f"loaded weights from {args.load} (iteration {iteration}); training from iteration 0")
+    if args.save and dist.get_rank() == 0:
+        _carry_tokenizer(args.load, args.save)
+
+
+def _carry_tokenizer(load: str, save: str) -> None:
+    """Tokenizer files travel with checkpoints, so an export finds them."""
+    from megalong.convert.checkpoint_conversion import TOKENIZER_SUBDIR
+
+    source = os.path.join(load, TOKENIZER_SUBDIR)
+    target = os.path.join(save, TOKENIZER_SUBDIR)
+    if os.path.isdir(source) and not os.path.isdir(target) and os.path.abspath(load) != os.path.abspath(save):
+        os.makedirs(save, exist_ok=True)
+        shutil.copytree(source, target)
+
+
+def data_parallel_rank_and_size():
+    return (parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size())

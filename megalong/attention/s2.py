@@ -70,7 +70,8 @@ def _s2_varlen(impl, q, k, v, halves, group_size, scale):
         tokens = [x.transpose(0, 1).reshape(batch * seq_len, *x.shape[2:])
                   for x in (q[:, :, half.q_start:half.q_end], k_half, v_half)]
         bounds = cu_seqlens(seq_len, group_size, half.shifted, batch, device=q.device)
-        res = impl.attend_varlen(*tokens, bounds, group_size, scale)
+        longest = group_size // 2 if half.shifted and seq_len == group_size else group_size
+        res = impl.attend_varlen(*tokens, bounds, longest, scale)
         out[:, :, half.q_start:half.q_end] = res.view(batch, seq_len, *res.shape[1:]).transpose(0, 1)
     return out
 

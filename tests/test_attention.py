@@ -1,0 +1,353 @@
+"""S²-Attn against the mask formulas of DESIGN.md §5 in float64; TP slicing; causality; dense
+attention; errors; the megatron core-attention module."""
+
+import math
+
+import pytest
+import torch
+
+from megalong.attention import (
+    GroupSizeError, KernelUnavailableError, available_kernels, dense_causal_attention,
+    s2_attention,
+)
+from megalong.attention import s2 as s2_module
+from megalong.attention.groups import cu_seqlens, group_bounds, head_halves
+from megalong.errors import MegalongError
+
+# ------------------------------------------------------------------ float64 mask-formula reference
+
+
+def s2_mask(seq_len, group_size, shifted):
+    """[N, N] bool, True where token i may attend token j (DESIGN.md §5)."""
+    i = torch.arange(seq_len)[:, None]
+    j = torch.arange(seq_len)[None, :]
+    G = group_size
+    same = (i + G // 2) // G == (j + G // 2) // G if shifted else i // G == j // G
+    return (j <= i) & same
+
+
+def masked_attention(q, k, v, masks, heads_per_kv):
+    """float64 softmax attention; q [sq, b, h, d], k/v [sk, b, h_kv, d], masks[h] [sq, sk]."""
+    q, k, v = q.double(), k.double(), v.double()
+    heads = []
+    for h in range(q.shape[2]):
+        scores = torch.einsum("ibd,jbd->bij", q[:, :, h], k[:, :, h // heads_per_kv])
+        scores = scores / math.sqrt(q.shape[-1])
+        if masks[h] is not None:
+            scores = scores.masked_fill(~masks[h].to(scores.device), float("-inf"))
+        heads.append(torch.einsum("bij,jbd->ibd", scores.softmax(-1), v[:, :, h // heads_per_kv]))
+    return torch.stack(heads, dim=2)
+
+
+def reference_s2(q, k, v, group_size):
+    """All heads of the full model: global head h is shifted iff h >= nh // 2."""
+    seq_len, heads = q.shape[0], q.shape[2]
+    masks = [s2_mask(seq_len, group_size, h >= heads // 2) for h in range(heads)]
+    return masked_attention(q, k, v, masks, heads // k.shape[2])
+
+
+def random_qkv(seq_len, batch, heads, kv_heads, dim=8, dtype=torch.float64, seed=0,
+               device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(seq_len, batch, heads, dim), (seq_len, batch, kv_heads, dim),
+              (seq_len, batch, kv_heads, dim)]
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes]
+
+
+def grads(fn, inputs, weight):
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*inputs)
+    (out * weight.to(out.dtype)).sum().backward()
+    return out.detach(), [x.grad for x in inputs]
+
+
+# (N, G, heads, kv heads, batch)
+CASES = [
+    (16, 4, 4, 4, 2),    # MHA
+    (32, 8, 8, 2, 1),    # GQA, kv groups split evenly between the halves
+    (24, 8, 6, 3, 2),    # GQA, kv group 1 straddles nh/2 = 3
+    (16, 16, 4, 1, 2),   # G = N: shifted heads are the two half groups only; MQA
+    (16, 2, 2, 1, 1),    # the smallest G
+    (12, 4, 3, 3, 1),    # odd head count: heads >= 3 // 2 shift (as LongLoRA)
+    (40, 8, 12, 4, 2),   # GQA with 3 query heads per kv group, straddling
+]
+
+
+@pytest.mark.parametrize("seq_len,group_size,heads,kv_heads,batch", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_s2_matches_mask_formula(seq_len, group_size, heads, kv_heads, batch, dtype):
+    qkv = random_qkv(seq_len, batch, heads, kv_heads, dtype=dtype)
+    weight = torch.randn(seq_len, batch, heads, 8, dtype=torch.float64)
+    out, got = grads(lambda q, k, v: s2_attention(q, k, v, group_size, kernel="sdpa"), qkv, weight)
+    ref, want = grads(lambda q, k, v: reference_s2(q, k, v, group_size),
+                      [x.double() for x in qkv], weight)
+    assert out.dtype == dtype and out.shape == ref.shape
+    if dtype == torch.float64:
+        assert (out - ref).abs().max() <= 1e-10
+        for g, w in zip(got, want):
+            assert (g - w).abs().max() <= 1e-8
+    else:
+        assert (out.double() - ref).abs().max() <= 1e-5
+        for g, w in zip(got, want):
+            assert (g.double() - w).abs().max() <= 1e-4 * w.abs().max()
+
+
+@pytest.mark.parametrize("heads,kv_heads,tp", [(6, 3, 3), (8, 2, 2), (8, 4, 2), (12, 4, 4)])
+def test_tensor_parallel_shard_is_slice_of_full(heads, kv_heads, tp):
+    """Shard r holds kv groups [r*ng/tp, (r+1)*ng/tp) and their query heads, as megatron's
+    qkv split; (6, 3, 3) puts the straddling kv group 1 (heads 2, 3) alone on rank 1."""
+    q, k, v = random_qkv(16, 2, heads, kv_heads)
+    full = s2_attention(q, k, v, 4)
+    np_local, ng_local = heads // tp, kv_heads // tp
+    for rank in range(tp):
+        qs, ks = slice(rank * np_local, (rank + 1) * np_local), slice(rank * ng_local, (rank + 1) * ng_local)
+        part = s2_attention(q[:, :, qs], k[:, :, ks], v[:, :, ks], 4,
+                            kv_group_offset=rank * ng_local, num_kv_groups=kv_heads)
+        torch.testing.assert_close(part, full[:, :, qs], rtol=0, atol=1e-12)
+
+
+def test_fewer_kv_groups_than_tp_ranks():
+    """megatron with ng < tp: each rank holds one (replicated) kv head and nh/tp query heads;
+    it is the core attention of a model with tp "virtual" kv groups."""
+    q, k, v = random_qkv(16, 1, 8, 1)
+    full = s2_attention(q, k, v, 8)
+    for rank in range(2):
+        part = s2_attention(q[:, :, 4 * rank:4 * rank + 4], k, v, 8,
+                            kv_group_offset=rank, num_kv_groups=2)
+        torch.testing.assert_close(part, full[:, :, 4 * rank:4 * rank + 4], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seq_len,group_size,heads,kv_heads", [(32, 8, 4, 2), (16, 16, 2, 1),
+                                                              (24, 8, 6, 3)])
+def test_no_future_token_reaches_an_earlier_output(seq_len, group_size, heads, kv_heads):
+    """Changing tokens after t leaves every head's outputs at positions <= t bit-identical,
+    including the first G/2 positions of the shifted heads (no wrap-around)."""
+    q, k, v = random_qkv(seq_len, 2, heads, kv_heads, dtype=torch.float32)
+    out = s2_attention(q, k, v, group_size, kernel="sdpa")
+    for t in range(seq_len - 1):
+        changed = [x.clone() for x in (q, k, v)]
+        for x in changed:
+            x[t + 1:] = torch.randn_like(x[t + 1:]) * 10
+        again = s2_attention(*changed, group_size, kernel="sdpa")
+        assert torch.equal(again[:t + 1], out[:t + 1]), f"position <= {t} changed"
+        assert not torch.equal(again[t + 1:], out[t + 1:])
+
+
+def test_group_semantics_helpers():
+    assert group_bounds(16, 4, shifted=False) == [0, 4, 8, 12, 16]
+    assert group_bounds(16, 4, shifted=True) == [0, 2, 6, 10, 14, 16]
+    assert group_bounds(8, 8, shifted=True) == [0, 4, 8]
+    assert cu_seqlens(8, 4, True, 2).tolist() == [0, 2, 6, 8, 10, 14, 16]
+    unshifted, shifted = head_halves(6, 3)
+    assert (unshifted.q_start, unshifted.q_end, unshifted.kv_start, unshifted.kv_end) == (0, 3, 0, 2)
+    assert (shifted.q_start, shifted.q_end, shifted.kv_start, shifted.kv_end) == (3, 6, 1, 3)
+    assert not unshifted.gqa_direct and unshifted.kv_of_head == (0, 0, 1)
+    [only] = head_halves(4, 2, kv_group_offset=2, num_kv_groups=4)  # rank 1 of 2: all shifted
+    assert only.shifted and only.gqa_direct
+
+
+def test_varlen_folding(monkeypatch):
+    """The flash-attn path's token layout and cu_seqlens, with a CPU stand-in for the kernel."""
+
+    class LoopVarlen:
+        name, layout, supports_gqa = "fake-flash", "varlen", True
+
+        def attend_varlen(self, q, k, v, bounds, longest, scale):
+            assert longest == max(b - a for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+            out = torch.empty_like(q)
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+                out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                    *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale,
+                    enable_gqa=True).transpose(0, 1)
+            return out
+
+    monkeypatch.setattr(s2_module, "resolve_kernel", lambda *a: LoopVarlen())
+    for seq_len, group_size, heads, kv_heads, batch in CASES:
+        q, k, v = random_qkv(seq_len, batch, heads, kv_heads)
+        torch.testing.assert_close(s2_attention(q, k, v, group_size),
+                                   reference_s2(q, k, v, group_size), rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------ dense attention
+
+
+def reference_dense(q, k, v, causal=True, attention_mask=None):
+    len_q, len_k = q.shape[0], k.shape[0]
+    mask = torch.ones(len_q, len_k, dtype=torch.bool)
+    if causal:
+        mask = torch.arange(len_k)[None, :] <= torch.arange(len_q)[:, None] + (len_k - len_q)
+    masks = [mask] * q.shape[2]
+    if attention_mask is not None:  # [b, 1, sq, sk], True = masked out; one batch entry at a time
+        return torch.cat([
+            masked_attention(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1],
+                             [m & ~attention_mask[i, 0] for m in masks], q.shape[2] // k.shape[2])
+            for i in range(q.shape[1])], dim=1)
+    return masked_attention(q, k, v, masks, q.shape[2] // k.shape[2])
+
+
+@pytest.mark.parametrize("len_q,len_k", [(12, 12), (5, 12), (1, 12)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_bottom_right_causal(len_q, len_k, causal):
+    q, _, _ = random_qkv(len_q, 2, 4, 2, seed=1)
+    _, k, v = random_qkv(len_k, 2, 4, 2, seed=2)
+    got = dense_causal_attention(q, k, v, causal=causal)
+    torch.testing.assert_close(got, reference_dense(q, k, v, causal), rtol=0, atol=1e-10)
+
+
+def test_dense_attention_mask_and_errors():
+    q, k, v = random_qkv(10, 2, 4, 2, seed=3)
+    pad = torch.zeros(2, 1, 10, 10, dtype=torch.bool)
+    pad[0, :, :, :3] = True  # batch 0: left padding of 3 tokens
+    pad[0, :, :3, :] = False  # ... whose own rows keep something to attend to
+    for causal in (True, False):
+        torch.testing.assert_close(
+            dense_causal_attention(q, k, v, causal=causal, attention_mask=pad),
+            reference_dense(q, k, v, causal, pad), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="more queries"):
+        dense_causal_attention(q, k[:5], v[:5])
+
+
+# ------------------------------------------------------------------ errors and kernels
+
+
+@pytest.mark.parametrize("seq_len,group_size,words", [
+    (24, 16, ["N=24", "G=16", "multiple"]),
+    (24, 3, ["G=3", "even"]),
+    (8, 16, ["G=16", "N=8", "larger"]),
+])
+def test_bad_group_size_errors(seq_len, group_size, words):
+    q, k, v = random_qkv(seq_len, 1, 2, 2)
+    with pytest.raises(GroupSizeError) as err:
+        s2_attention(q, k, v, group_size)
+    assert isinstance(err.value, ValueError)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_kernel_choice_and_absent_kernels():
+    q, k, v = random_qkv(8, 1, 2, 2)
+    assert "sdpa" in available_kernels()
+    torch.testing.assert_close(s2_attention(q, k, v, 4, kernel="auto"),
+                               s2_attention(q, k, v, 4, kernel="sdpa"), rtol=0, atol=0)
+    with pytest.raises(KernelUnavailableError, match="unknown attention kernel"):
+        s2_attention(q, k, v, 4, kernel="xformers")
+    for name, hint in (("flash", "flash-attn"), ("te", "Transformer Engine")):
+        with pytest.raises(KernelUnavailableError) as err:
+            s2_attention(q, k, v, 4, kernel=name)  # absent here, or present but CPU tensors
+        assert hint in str(err.value) or "CUDA" in str(err.value)
+        assert isinstance(err.value, ValueError)
+
+
+# ------------------------------------------------------------------ GPU kernels (skipped on CPU)
+
+GPU_KERNELS = [pytest.param(name, marks=pytest.mark.gpu) for name in ("sdpa", "flash", "te")]
+
+
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_kernels_match_mask_formula(kernel, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if kernel not in available_kernels():
+        pytest.skip(f"{kernel} does not import here")
+    if kernel == "flash" and dtype == torch.float32:
+        pytest.skip("flash-attn is fp16/bf16 only")
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for seq_len, group_size, heads, kv_heads, batch in CASES:
+        qkv = random_qkv(seq_len, batch, heads, kv_heads, dim=64, dtype=dtype, device="cuda")
+        weight = torch.randn(seq_len, batch, heads, 64, dtype=torch.float64, device="cuda")
+        out, got = grads(lambda q, k, v: s2_attention(q, k, v, group_size, kernel=kernel), qkv,
+                         weight)
+        ref, want = grads(lambda q, k, v: reference_s2(q, k, v, group_size),
+                          [x.double() for x in qkv], weight)
+        assert (out.double() - ref).abs().max() <= tolerance * ref.abs().max()
+        for g, w in zip(got, want):
+            assert (g.double() - w).abs().max() <= tolerance * w.abs().max()
+
+
+# ------------------------------------------------------------------ megatron core-attention module
+
+
+@pytest.fixture(scope="module")
+def model_parallel(tmp_path_factory):
+    """A 1-rank gloo group and megatron's parallel state (reused if a test already made one)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    made_dist = not dist.is_initialized()
+    if made_dist:
+        init_file = tmp_path_factory.mktemp("dist") / "init"
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    made_mp = not parallel_state.model_parallel_is_initialized()
+    if made_mp:
+        parallel_state.initialize_model_parallel(1, 1)
+    yield
+    if made_mp:
+        parallel_state.destroy_model_parallel()
+    if made_dist:
+        dist.destroy_process_group()
+
+
+def make_core_attention(attention="s2", group_size=4, pg_collection=None, heads=4, kv_heads=2):
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megalong.attention import S2CoreAttention
+
+    config = TransformerConfig(num_layers=1, hidden_size=heads * 8, num_attention_heads=heads,
+                               num_query_groups=kv_heads, attention_dropout=0.0,
+                               use_cpu_initialization=True)
+    return S2CoreAttention(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                           attention_type="self", cp_comm_type=None, softmax_scale=None,
+                           pg_collection=pg_collection, attention=attention,
+                           group_size=group_size, kernel="auto")
+
+
+def test_core_attention_module_modes(model_parallel):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    q, k, v = random_qkv(16, 2, 4, 2, dtype=torch.float32)
+    s2_ref = s2_attention(q, k, v, 4).flatten(2)
+    dense_ref = dense_causal_attention(q, k, v).flatten(2)
+    module = make_core_attention()
+    assert module.sharded_state_dict() == {} and not list(module.parameters())
+    torch.testing.assert_close(module.train()(q, k, v, None), s2_ref, rtol=0, atol=0)
+    torch.testing.assert_close(module.eval()(q, k, v, None), dense_ref, rtol=0, atol=0)
+    full = make_core_attention(attention="full", group_size=None).train()
+    torch.testing.assert_close(full(q, k, v, None), dense_ref, rtol=0, atol=0)
+
+    # KV-cache decode: megatron passes no_mask past the prompt; a 3-token chunk with causal
+    # type is bottom-right aligned.
+    module.eval()
+    step = module(q[-1:], k, v, None, attn_mask_type=AttnMaskType.no_mask)
+    torch.testing.assert_close(step, dense_ref[-1:], rtol=0, atol=1e-6)
+    chunk = module(q[-3:], k, v, None, attn_mask_type=AttnMaskType.causal)
+    torch.testing.assert_close(chunk, dense_ref[-3:], rtol=0, atol=1e-6)
+    pad = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    pad[1, :, 8:, :4] = True
+    want = reference_dense(q, k, v, causal=False, attention_mask=pad).flatten(2).float()
+    got = module(q, k, v, pad, attn_mask_type=AttnMaskType.padding)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    with pytest.raises(MegalongError, match="group size"):
+        make_core_attention(group_size=None)
+
+
+def test_core_attention_reads_tensor_parallel_rank(model_parallel):
+    """Rank 1 of 2 (kv groups [1, 2) of 2) computes its slice of the full model's S²-Attn."""
+
+    class FakeGroup:
+        def rank(self):
+            return 1
+
+        def size(self):
+            return 2
+
+    class Groups:
+        tp = FakeGroup()
+
+    q, k, v = random_qkv(16, 2, 4, 2, dtype=torch.float32)
+    full = s2_attention(q, k, v, 4)
+    module = make_core_attention(pg_collection=Groups(), heads=4, kv_heads=2).train()
+    got = module(q[:, :, 2:], k[:, :, 1:], v[:, :, 1:], None)
+    torch.testing.assert_close(got, full[:, :, 2:].flatten(2), rtol=0, atol=1e-6)

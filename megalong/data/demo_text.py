@@ -1,0 +1,121 @@
+"""Text that exists on every machine with Python, for the CPU demo and the tests (torch-free).
+
+Sources (deterministic order; contents follow the installed Python version):
+- "topics": the reference-manual sections in `pydoc_data.topics` (what `help("if")` prints):
+  79 documents, about 0.5 MB of English prose with code snippets;
+- "docstrings": every docstring of the standard library's top-level modules, one document per
+  module (English, a few MB);
+- "stdlib": the standard library's top-level module sources, one document per file (about 4.7 MB;
+  long documents whose later lines depend on names defined far earlier, which is what a
+  long-context model can learn and a short-context one cannot).
+
+    python -m megalong.data.demo_text OUT.jsonl [--source stdlib] [--max-mb 2]
+"""
+
+import argparse
+import ast
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+
+from megalong.errors import MegalongError
+
+SOURCES = ("topics", "docstrings", "stdlib")
+# Not prose or not representative: rot13 text, an easter egg, frozen-module test stubs.
+_SKIP_MODULES = {"this.py", "antigravity.py", "__phello__.foo.py"}
+
+
+def _stdlib_files() -> list[str]:
+    stdlib = sysconfig.get_paths()["stdlib"]
+    names = sorted(n for n in os.listdir(stdlib) if n.endswith(".py") and n not in _SKIP_MODULES)
+    return [os.path.join(stdlib, n) for n in names]
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return handle.read()
+
+
+def _module_docstrings(source: str) -> str:
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return ""
+    nodes = [tree] + [n for n in ast.walk(tree)
+                      if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    docs = (ast.get_docstring(n, clean=True) for n in nodes)
+    return "\n\n".join(d for d in docs if d)
+
+
+def _documents(source: str) -> Iterator[str]:
+    if source == "topics":
+        from pydoc_data.topics import topics
+
+        for name in sorted(topics):
+            yield topics[name].strip() + "\n"
+    elif source == "docstrings":
+        for path in _stdlib_files():
+            text = _module_docstrings(_read(path))
+            if text:
+                yield text + "\n"
+    elif source == "stdlib":
+        for path in _stdlib_files():
+            text = _read(path)
+            if text.strip():
+                yield text
+    else:
+        raise MegalongError(f"unknown demo text source {source!r}; choose from {', '.join(SOURCES)}")
+
+
+def demo_documents(source: str = "topics", max_bytes: int | None = None) -> Iterator[str]:
+    """Documents of one source, stopping once `max_bytes` (UTF-8) have been yielded."""
+    if source not in SOURCES:
+        raise MegalongError(f"unknown demo text source {source!r}; choose from {', '.join(SOURCES)}")
+    total = 0
+    for text in _documents(source):
+        if max_bytes is not None and total >= max_bytes:
+            return
+        total += len(text.encode("utf-8"))
+        yield text
+
+
+def write_demo_jsonl(path: str, source: str = "topics", max_bytes: int | None = None,
+                     key: str = "text") -> tuple[int, int]:
+    """Write the documents as jsonl ({key: text} per line), atomically.
+    Returns (documents, bytes of text)."""
+    from megalong.data.files import check_writable_dir, make_dirs, remove_quietly, staging_path
+
+    check_writable_dir(os.path.dirname(os.path.abspath(path)))
+    make_dirs(os.path.dirname(os.path.abspath(path)))
+    staging = staging_path(path)
+    count = size = 0
+    try:
+        with open(staging, "w", encoding="utf-8") as handle:
+            for text in demo_documents(source, max_bytes):
+                handle.write(json.dumps({key: text}, ensure_ascii=False) + "\n")
+                count += 1
+                size += len(text.encode("utf-8"))
+        os.replace(staging, path)
+    finally:
+        remove_quietly(staging)
+    return count, size
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write the demo corpus as jsonl.")
+    parser.add_argument("out", help="jsonl file to write")
+    parser.add_argument("--source", choices=SOURCES, default="topics")
+    parser.add_argument("--max-mb", type=float, default=None, help="stop after this many MB of text")
+    parser.add_argument("--json-key", default="text")
+    args = parser.parse_args(argv)
+    max_bytes = None if args.max_mb is None else int(args.max_mb * 1e6)
+    count, size = write_demo_jsonl(args.out, args.source, max_bytes, args.json_key)
+    print(f"wrote {count} documents ({size / 1e6:.2f} MB) to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from megalong.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -3,6 +3,7 @@
     ROOT/latest_checkpointed_iteration.txt   the iteration to resume from (Megatron-LM's name)
     ROOT/iter_0000100/                       a megatron-core distributed checkpoint
     ROOT/iter_0000100/megalong.json          what is needed to rebuild the model for it
+    ROOT/tokenizer/                          tokenizer files, when the source model had them
 """
 
 import json
@@ -12,6 +13,7 @@ from megalong.errors import MegalongError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "megalong.json"
+TOKENIZER_SUBDIR = "tokenizer"  # ROOT/tokenizer/: the tokenizer files travel with checkpoints
 
 
 def iteration_dir(root: str, iteration: int) -> str:

@@ -150,6 +150,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                      help="on SIGTERM, save a checkpoint and exit cleanly")
     run.add_argument("--exit-duration-in-mins", type=float, default=None,
                      help="save and exit after this many minutes")
+    run.add_argument("--exit-interval", type=int, default=None,
+                     help="save and exit once the iteration is a multiple of this")
     run.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                      help="timeout of collective operations (default 10)")
 
@@ -244,3 +246,65 @@ def default_interpolation_factor(seq_length, original_length, recorded=None):
 
 def _importable(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
+
+
+# ---------------------------------------------------------------- LoRA+ (DESIGN.md §7)
+
+from megalong.lora.options import TARGET_PARTS, TRAINABLE_EXTRAS  # noqa: E402  (torch-free)
+
+LORA_TARGETS = tuple(TARGET_PARTS)
+TRAINABLE_PARAM_GROUPS = TRAINABLE_EXTRAS
+
+
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LoRA+")
+    group.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (default 8)")
+    group.add_argument("--lora-alpha", type=float, default=16.0,
+                       help="LoRA alpha; the update is scaled by alpha / rank (default 16)")
+    group.add_argument("--lora-dropout", type=float, default=0.0,
+                       help="dropout on the adapters' input (default 0)")
+    group.add_argument("--lora-targets", default="q,k,v,o",
+                       help="comma-separated linears to adapt: q,k,v,o (attention), fc1 (gate+up), "
+                            "fc2 (down) (default q,k,v,o)")
+    group.add_argument("--trainable-params", default="embed,norm",
+                       help="trained besides the adapters: embed (input embedding), norm (all "
+                            "RMSNorms), comma-separated, or none for plain LoRA; lm_head stays "
+                            "frozen (default embed,norm: LongLoRA's LoRA+)")
+    group.add_argument("--full-finetune", action="store_true",
+                       help="train every parameter, no adapters")
+    group.add_argument("--lora-b-lr-ratio", type=float, default=None,
+                       help="learning rate of the B factors relative to --lr (LoRA+ optimiser "
+                            "paper; default 1)")
+
+
+def _comma_list(value: str) -> list:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def validate_lora_args(args) -> None:
+    """Fills args.lora_target_list and args.trainable_param_list; clear errors otherwise."""
+    if args.full_finetune:
+        args.lora_target_list, args.trainable_param_list = [], []
+        return
+    if args.lora_rank < 1:
+        raise MegalongError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    if args.lora_alpha <= 0:
+        raise MegalongError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise MegalongError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.lora_b_lr_ratio is not None and args.lora_b_lr_ratio <= 0:
+        raise MegalongError(f"--lora-b-lr-ratio must be > 0, got {args.lora_b_lr_ratio}")
+    targets = _comma_list(args.lora_targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise MegalongError(f"--lora-targets {args.lora_targets!r}: unknown target(s) "
+                            f"{', '.join(unknown) or '(none given)'}; valid: {','.join(LORA_TARGETS)}")
+    groups = _comma_list(args.trainable_params)
+    if groups == ["none"]:
+        groups = []
+    unknown = [g for g in groups if g not in TRAINABLE_PARAM_GROUPS]
+    if unknown or not _comma_list(args.trainable_params):
+        raise MegalongError(f"--trainable-params {args.trainable_params!r}: unknown group(s) "
+                            f"{', '.join(unknown) or '(none given)'}; valid: "
+                            f"{','.join(TRAINABLE_PARAM_GROUPS)} or none")
+    args.lora_target_list, args.trainable_param_list = targets, groups

@@ -15,18 +15,10 @@ import datetime
 import os
 from dataclasses import dataclass
 
-import warnings
-
 import torch
 import torch.distributed as dist
 
 from megalong.errors import MegalongError
-
-# megatron-core warns at import that apex/TE are absent; they are optional here (DESIGN.md §3).
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-# torch's deprecation notices for the ShardedTensor API that dist_checkpointing still uses.
-warnings.filterwarnings("ignore", message=".*Please use DTensor instead.*")
-warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated.*")
 
 _CPU_ADAPTED = False
 

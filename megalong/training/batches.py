@@ -21,5 +21,6 @@ def collate(samples) -> dict:
 def microbatches(dataset, iteration: int, global_batch_size: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int) -> list[dict]:
     indices = rank_sample_indices(iteration, global_batch_size, len(dataset), dp_rank, dp_size)
-    return [collate([dataset[i] for i in indices[start:start + micro_batch_size]])
+    collate_fn = getattr(dataset, "collate", collate)  # SFT pads to the longest sample
+    return [collate_fn([dataset[i] for i in indices[start:start + micro_batch_size]])
             for start in range(0, len(indices), micro_batch_size)]

@@ -69,19 +69,23 @@ def save(trainer: Trainer, iteration: int) -> None:
 
 
 class _ExitRequests:
-    """SIGTERM (with --exit-signal-handler) or --exit-duration-in-mins: every rank agrees."""
+    """--exit-interval, SIGTERM (with --exit-signal-handler) or --exit-duration-in-mins; the
+    time- and signal-based requests are agreed between ranks, so all exit at the same step."""
 
     def __init__(self, args):
         self.signalled = False
         self.deadline = (time.monotonic() + args.exit_duration_in_mins * 60
                          if args.exit_duration_in_mins else None)
+        self.interval = args.exit_interval
         if args.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, *_):
         self.signalled = True
 
-    def should_exit(self) -> bool:
+    def should_exit(self, iteration: int) -> bool:
+        if self.interval and iteration % self.interval == 0:
+            return True
         local = self.signalled or (self.deadline is not None and time.monotonic() > self.deadline)
         flag = torch.tensor([1 if local else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -107,11 +111,11 @@ def train(args) -> list[float]:
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             progress.step(iteration, loss=loss, lr=lr, grad_norm=grad_norm,
                           step_time=time.monotonic() - started, skipped=not updated)
-        if args.eval_interval and iteration % args.eval_interval == 0:
+        if args.eval_interval and trainer.valid_data is not None and iteration % args.eval_interval == 0:
             progress.validation(iteration, evaluate(trainer))
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save(trainer, iteration)
-        if exits.should_exit():
+        if iteration < args.train_iters and exits.should_exit(iteration):
             if args.save and not (args.save_interval and iteration % args.save_interval == 0):
                 save(trainer, iteration)
             log(f"exiting at iteration {iteration} as requested")

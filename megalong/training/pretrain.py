@@ -31,7 +31,14 @@ def parse_and_validate(argv=None):
         raise MegalongError("give --load (a converted checkpoint) or --model (a preset, random init)")
     config.validate_model_args(args, arch)
     config.validate_training_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    check_tokenizer_fits(args, arch)
     return args
+
+
+def check_tokenizer_fits(args, arch) -> None:
+    from megalong.training.tokenizer_check import load_checked_tokenizer
+
+    load_checked_tokenizer(args, arch)
 
 
 def main(argv=None) -> list[float]:

@@ -40,7 +40,7 @@ class Progress:
             filled = int(20 * iteration / self.train_iters)
             bar = "[" + "#" * filled + "." * (20 - filled) + "] "
         norm = "-" if grad_norm is None else f"{grad_norm:.3f}"
-        line = (f"{bar}iter {iteration}/{self.train_iters} | loss {loss:.4f} | lr {lr:.3g} | "
+        line = (f"{bar}iter {iteration}/{self.train_iters} | loss {loss:.6f} | lr {lr:.3g} | "
                 f"grad norm {norm} | {tokens_per_s:,.0f} tok/s | peak mem {peak_memory_gib():.2f} GiB"
                 f" | ETA {_hms(eta)}{' | SKIPPED (non-finite)' if skipped else ''}{extra}")
         print(line, file=sys.stderr, flush=True)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megalong import runtime
-from megalong.checkpoint_meta import read_metadata
+from megalong.checkpoint_meta import TOKENIZER_SUBDIR, read_metadata
 from megalong.config import default_interpolation_factor, resolve_group_size
 from megalong.errors import MegalongError
 from megalong.model.arch import PRESETS, LlamaArch
@@ -154,15 +154,25 @@ def build_optimizer_and_schedule(ddp_models, args):
 
 def build_datasets(args, arch):
     """Pretraining samples from IndexedDatasets (--data-path), or SFT samples (--sft-data)."""
+    seq_length = args.seq_length or arch.max_position_embeddings
+    from megalong.training.tokenizer_check import load_checked_tokenizer
+
+    tokenizer = load_checked_tokenizer(args, arch)
+    if args.sft_data:
+        from megalong.data.sft import SftDataset
+
+        group_size = resolve_group_size(seq_length, args.group_size, args.group_size_ratio)
+        # Pipeline stages exchange fixed-size activations; micro-batches > 1 need equal lengths.
+        fixed = args.pipeline_model_parallel_size > 1 or args.micro_batch_size > 1
+        dataset = SftDataset(args.sft_data, tokenizer, seq_length=seq_length,
+                             group_size=group_size, pad_to_seq_length=fixed)
+        return dataset, dataset if args.eval_interval else None
     from megalong.data.pretrain import build_pretrain_datasets
 
-    seq_length = args.seq_length or arch.max_position_embeddings
     num_train = args.train_iters * args.global_batch_size
     num_valid = args.eval_iters * args.global_batch_size if args.eval_interval else 0
-    if args.sft_data:
-        raise MegalongError("--sft-data is not wired into training yet")
     return build_pretrain_datasets(args.data_path, seq_length, seed=args.seed, split=args.split,
-                                   num_samples=(num_train, num_valid), tokenizer=None)
+                                   num_samples=(num_train, num_valid), tokenizer=tokenizer)
 
 
 def resume(trainer: Trainer, allow_missing) -> None:
@@ -189,8 +199,6 @@ def resume(trainer: Trainer, allow_missing) -> None:
 
 def _carry_tokenizer(load: str, save: str) -> None:
     """Tokenizer files travel with checkpoints, so an export finds them."""
-    from megalong.convert.checkpoint_conversion import TOKENIZER_SUBDIR
-
     source = os.path.join(load, TOKENIZER_SUBDIR)
     target = os.path.join(save, TOKENIZER_SUBDIR)
     if os.path.isdir(source) and not os.path.isdir(target) and os.path.abspath(load) != os.path.abspath(save):

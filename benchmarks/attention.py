@@ -148,16 +148,17 @@ def main() -> None:
         }
         row["of_ideal"] = row["speedup"] / row["ideal_speedup"]
         rows.append(row)
-        print(f"  N={seq_len}: dense {row['dense_s']:.3f}s s2 {row['s2_s']:.3f}s "
-              f"ideal {row['ideal_s']:.3f}s", file=sys.stderr)
+        print(f"  N={seq_len}: dense {row['dense_s']:.4f}s s2 {row['s2_s']:.4f}s "
+              f"ideal {row['ideal_s']:.4f}s", file=sys.stderr)
 
-    print(f"\n| N | G | dense fwd+bwd (s) | S² fwd+bwd (s) | speed-up | ideal-fold speed-up "
-          f"| S²/ideal | dense peak (MiB) | S² peak (MiB) | ideal peak (MiB) |")
+    print("\n| N | G | dense fwd+bwd (ms) | S² fwd+bwd (ms) | speed-up | ideal-fold speed-up "
+          "| S² / ideal | dense peak (MiB) | S² peak (MiB) | ideal peak (MiB) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['seq_len']} | {r['group_size']} | {r['dense_s']:.3f} | {r['s2_s']:.3f} "
-              f"| {r['speedup']:.2f}× | {r['ideal_speedup']:.2f}× | {100 * r['of_ideal']:.0f}% "
-              f"| {r['dense_peak_mib']:.0f} | {r['s2_peak_mib']:.0f} | {r['ideal_peak_mib']:.0f} |")
+        print(f"| {r['seq_len']} | {r['group_size']} | {1e3 * r['dense_s']:.2f} "
+              f"| {1e3 * r['s2_s']:.2f} | {r['speedup']:.2f}× | {r['ideal_speedup']:.2f}× "
+              f"| {100 * r['of_ideal']:.0f}% | {r['dense_peak_mib']:.0f} | {r['s2_peak_mib']:.0f} "
+              f"| {r['ideal_peak_mib']:.0f} |")
     print(f"\n{rows[0]['dtype']}, {rows[0]['threads']} threads; arithmetic limit of the speed-up "
           f"at G = N/4: 4.27")
     if args.json:

@@ -126,7 +126,10 @@ def _write_from_batch(out: torch.Tensor, piece: torch.Tensor, accumulate: bool) 
     L = piece.shape[1]
     src = piece.reshape(s // L, b, L, H, d).transpose(1, 2)
     dst = out.view(s // L, L, b, H, d)
-    dst.add_(src) if accumulate else dst.copy_(src)
+    if accumulate:
+        dst.add_(src)
+    else:
+        dst.copy_(src)
 
 
 def fold(x: torch.Tensor, group_size: int, shifted: bool) -> List[torch.Tensor]:

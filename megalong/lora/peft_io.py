@@ -1,0 +1,354 @@
+"""PEFT adapter directories <-> megalong LoRA adapters.
+
+A PEFT LoRA directory holds adapter_config.json and adapter_model.safetensors (or .bin) with
+`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` `[r, in]` and `...lora_B.weight`
+`[out, r]` per adapted HF linear, plus full copies of the `modules_to_save` (here the embedding
+and norms) under their HF names. LongLoRA releases the embedding and norms separately, in
+`trainable_params.bin`, with the same names. Both forms import; export writes the first.
+
+The module top level is torch-free: the CLIs validate an adapter directory before importing torch.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+from megalong.errors import MegalongError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+LONGLORA_TRAINABLE_FILE = "trainable_params.bin"
+HF_MODULE_TO_PART = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+                     "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+PART_TO_HF_MODULE = {part: module for module, part in HF_MODULE_TO_PART.items()}
+# --trainable-params groups -> PEFT modules_to_save names (last component of the HF module path).
+EXTRA_MODULES = {"embed": ("embed_tokens",),
+                 "norm": ("input_layernorm", "post_attention_layernorm", "norm")}
+_PREFIX = "base_model.model."
+_FACTOR_KEY = re.compile(
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])"
+    r"(?:\.default)?\.weight$")
+
+
+# ------------------------------------------------------------------------------ config (torch-free)
+
+
+def read_peft_config(directory: str) -> dict:
+    """adapter_config.json, checked: a plain LoRA adapter megalong can represent exactly.
+    Returns {"rank", "alpha", "dropout", "parts", "modules_to_save", "weights", "trainable_file"}."""
+    if not os.path.isdir(directory):
+        raise MegalongError(f"PEFT adapter directory {directory} does not exist")
+    path = os.path.join(directory, CONFIG_FILE)
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except FileNotFoundError:
+        raise MegalongError(f"{path} not found: --peft-adapter must be a PEFT adapter directory") from None
+    except (OSError, ValueError) as err:
+        raise MegalongError(f"cannot read {path}: {err}") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise MegalongError(f"{path}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}; "
+                            "only LORA adapters are supported")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise MegalongError(f"{path}: r must be a positive integer and lora_alpha positive; got r={rank!r}, "
+                            f"lora_alpha={alpha!r}")
+    unsupported = [name for name, ok in [
+        ("use_dora", not config.get("use_dora")), ("use_rslora", not config.get("use_rslora")),
+        ("bias", config.get("bias", "none") == "none"), ("fan_in_fan_out", not config.get("fan_in_fan_out")),
+        ("rank_pattern", not config.get("rank_pattern")), ("alpha_pattern", not config.get("alpha_pattern")),
+        ("layers_to_transform", config.get("layers_to_transform") is None),
+    ] if not ok]
+    if unsupported:
+        raise MegalongError(f"{path}: {', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} "
+                            "not supported (plain LoRA on q/k/v/o/gate/up/down_proj only)")
+    targets = config.get("target_modules")
+    parts = None
+    if isinstance(targets, list):
+        names = [str(t).rsplit(".", 1)[-1] for t in targets]
+        unknown = [n for n in names if n not in HF_MODULE_TO_PART]
+        if unknown:
+            raise MegalongError(f"{path}: target module(s) {', '.join(unknown)} cannot be adapted; valid: "
+                                f"{', '.join(HF_MODULE_TO_PART)}")
+        parts = _ordered_parts(HF_MODULE_TO_PART[n] for n in names)
+    weights = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(directory, name))]
+    if not weights:
+        raise MegalongError(f"no adapter weights in {directory}: expected {' or '.join(WEIGHT_FILES)}")
+    trainable = os.path.join(directory, LONGLORA_TRAINABLE_FILE)
+    return {
+        "rank": rank, "alpha": float(alpha), "dropout": float(config.get("lora_dropout") or 0.0),
+        "parts": parts,  # None: taken from the weight names (target_modules was a regex)
+        "modules_to_save": list(config.get("modules_to_save") or []),
+        "weights": os.path.join(directory, weights[0]),
+        "trainable_file": trainable if os.path.isfile(trainable) else None,
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+    }
+
+
+def _ordered_parts(parts) -> tuple:
+    chosen = set(parts)
+    return tuple(p for p in ("q", "k", "v", "o", "gate", "up", "down") if p in chosen)
+
+
+def peft_config_json(options, extras, *, base_model: str | None, tied: bool) -> dict:
+    """adapter_config.json for an export; `extras` are the trainable groups saved whole."""
+    modules_to_save = [m for group in extras for m in EXTRA_MODULES[group]]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
+        "target_modules": [PART_TO_HF_MODULE[p] for p in options.parts],
+        "modules_to_save": modules_to_save or None, "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
+        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    if tied and "embed" in extras:
+        config["ensure_weight_tying"] = True  # the lm_head is the (trained) embedding
+    return config
+
+
+# ------------------------------------------------------------------------------ reading tensors
+
+
+class PeftAdapter:
+    """A PEFT adapter read into memory: LoRA factors by (layer, part) and whole HF tensors
+    (modules_to_save, LongLoRA's trainable_params.bin) by HF name."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.config = read_peft_config(directory)
+        self.factors = {}  # (layer, part) -> {"A": tensor, "B": tensor}
+        self.hf_tensors = {}  # HF name -> tensor
+        files = [self.config["weights"]] + ([self.config["trainable_file"]]
+                                             if self.config["trainable_file"] else [])
+        for path in files:
+            for key, tensor in _load_tensors(path).items():
+                self._add(path, key, tensor)
+        parts = _ordered_parts(part for _, part in self.factors)
+        if not parts:
+            raise MegalongError(f"{self.config['weights']} holds no LoRA factors")
+        if self.config["parts"] is not None and parts != self.config["parts"]:
+            raise MegalongError(
+                f"{directory}: adapter_config.json targets {', '.join(self.config['parts'])} but the "
+                f"weights adapt {', '.join(parts)}")
+        self.parts = parts
+
+    def _add(self, path, key, tensor):
+        match = _FACTOR_KEY.match(key)
+        if match:
+            layer, module, which = int(match.group(1)), match.group(2), match.group(3)
+            if module not in HF_MODULE_TO_PART:
+                raise MegalongError(f"{path}: {key} adapts {module}, which megalong cannot adapt")
+            self.factors.setdefault((layer, HF_MODULE_TO_PART[module]), {})[which] = tensor
+            return
+        if ".original_module." in key:
+            return  # PEFT's untouched copy of a module_to_save
+        if "lora_" in key:
+            raise MegalongError(f"{path}: cannot interpret {key}")
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        name = name.replace(".modules_to_save.default", "")
+        if not (name.startswith("model.") or name.startswith("lm_head.")):
+            raise MegalongError(f"{path}: cannot interpret {key} (not an HF Llama tensor name)")
+        self.hf_tensors[name] = tensor
+
+    def check_fits(self, arch) -> None:
+        """Every factor and whole tensor has the shape the base architecture implies (checked
+        before any model is built, so a mismatch costs no start-up)."""
+        hidden, ffn, nh, ng, d = (arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads,
+                                  arch.num_kv_heads, arch.head_dim)
+        linear_shapes = {"q": (hidden, nh * d), "k": (hidden, ng * d), "v": (hidden, ng * d),
+                         "o": (nh * d, hidden), "gate": (hidden, ffn), "up": (hidden, ffn),
+                         "down": (ffn, hidden)}
+        beyond = sorted({layer for layer, _ in self.factors if layer >= arch.num_layers})
+        if beyond:
+            raise MegalongError(f"{self.directory}: the adapter has layer {beyond[0]}, but the base "
+                                f"model has {arch.num_layers} layers")
+        rank = self.config["rank"]
+        for layer in range(arch.num_layers):
+            for part in self.parts:
+                fan_in, fan_out = linear_shapes[part]
+                pair = self.factors.get((layer, part), {})
+                for which, expected in (("A", (rank, fan_in)), ("B", (fan_out, rank))):
+                    key = factor_key(layer, part, which)
+                    if which not in pair:
+                        raise MegalongError(f"{self.directory}: {key} is missing")
+                    if tuple(pair[which].shape) != expected:
+                        raise MegalongError(
+                            f"{self.directory}: {key} has shape {tuple(pair[which].shape)}; the base "
+                            f"model (hidden {hidden}, {nh} heads, {ng} kv heads, ffn {ffn}) and r={rank} "
+                            f"imply {expected}")
+        for name, tensor in self.hf_tensors.items():
+            expected = _hf_tensor_shape(name, arch)
+            shape = tuple(tensor.shape)
+            if shape != expected:  # (the vocabulary has grown to the adapter's embedding already)
+                raise MegalongError(f"{self.directory}: {name} has shape {shape}; the base model "
+                                    f"implies {expected if expected else 'no such tensor'}")
+
+    def options(self):
+        from megalong.lora.options import LoraOptions
+
+        return LoraOptions(rank=self.config["rank"], alpha=self.config["alpha"],
+                           dropout=self.config["dropout"], parts=self.parts)
+
+    def extras(self) -> tuple:
+        """The trainable groups the adapter carries whole (embed, norm)."""
+        names = {name.rsplit(".", 2)[-2] for name in self.hf_tensors}
+        return tuple(group for group, modules in EXTRA_MODULES.items() if names & set(modules))
+
+    def vocab_rows(self):
+        embed = self.hf_tensors.get("model.embed_tokens.weight")
+        return None if embed is None else embed.shape[0]
+
+    def overlay(self, get_base, arch):
+        """An HF tensor getter: the adapter's whole tensors over the base checkpoint's. When the
+        adapter's embedding has more rows than the base (LongLoRA's 32001 from an added pad token),
+        the base lm_head grows by the mean of its rows, as LongLoRA's resize does."""
+        import torch
+
+        def get(name):
+            if name in self.hf_tensors:
+                tensor = self.hf_tensors[name]
+                if name != "model.embed_tokens.weight":
+                    base_shape = tuple(get_base(name).shape)
+                    if tuple(tensor.shape) != base_shape:
+                        raise MegalongError(f"{self.directory}: {name} has shape {tuple(tensor.shape)}; "
+                                            f"the base model's is {base_shape}")
+                return tensor
+            tensor = get_base(name)
+            if name == "lm_head.weight" and tensor.shape[0] < arch.vocab_size:
+                extra = arch.vocab_size - tensor.shape[0]
+                mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
+                tensor = torch.cat([tensor, mean.expand(extra, -1)])
+            return tensor
+
+        return get
+
+
+def factor_key(layer: int, part: str, which: str) -> str:
+    from megalong.lora.options import PART_TO_HF
+
+    return f"{_PREFIX}model.layers.{layer}.{PART_TO_HF[part]}.lora_{which}.weight"
+
+
+def _hf_tensor_shape(name: str, arch):
+    """Shape of an HF Llama tensor of `arch`, or None when there is no such tensor."""
+    hidden, ffn, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    nh, ng = arch.num_attention_heads, arch.num_kv_heads
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (arch.vocab_size, hidden)
+    if name == "model.norm.weight":
+        return (hidden,)
+    match = re.match(r"^model\.layers\.(\d+)\.(.+)\.weight$", name)
+    if not match or int(match.group(1)) >= arch.num_layers:
+        return None
+    return {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
+            "self_attn.q_proj": (nh * d, hidden), "self_attn.k_proj": (ng * d, hidden),
+            "self_attn.v_proj": (ng * d, hidden), "self_attn.o_proj": (hidden, nh * d),
+            "mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden),
+            "mlp.down_proj": (hidden, ffn)}.get(match.group(2))
+
+
+def _load_tensors(path: str) -> dict:
+    import torch
+
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors and torch.load raise assorted types on corrupt files
+        raise MegalongError(f"cannot read {path}: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MegalongError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def load_lora_factors(model, adapter: PeftAdapter, num_layers: int) -> None:
+    """Copy the adapter's factors into this rank's adapters (built by add_lora with
+    adapter.options()), sharded for this TP rank. Shapes are checked against the base model."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megalong.convert.layouts import tp_shard
+    from megalong.lora.apply import iter_adapters
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    beyond = sorted({layer for layer, _ in adapter.factors if layer >= num_layers})
+    if beyond:
+        raise MegalongError(f"{adapter.directory}: adapter has layer {beyond[0]}, but the base model has "
+                            f"{num_layers} layers")
+    with torch.no_grad():
+        for layer, _, _, lora in iter_adapters(model):
+            for part, factors in lora.factors():
+                pair = adapter.factors.get((layer, part), {})
+                fan_in, fan_out = lora.full_shapes[part]
+                for which, expected in (("A", (lora.rank, fan_in)), ("B", (fan_out, lora.rank))):
+                    key = factor_key(layer, part, which)
+                    tensor = pair.get(which)
+                    if tensor is None:
+                        raise MegalongError(f"{adapter.directory}: {key} is missing")
+                    if tuple(tensor.shape) != expected:
+                        raise MegalongError(f"{adapter.directory}: {key} has shape {tuple(tensor.shape)}; "
+                                            f"the base model implies {expected}")
+                a, b = pair["A"], pair["B"]
+                if lora.parallel == "column":
+                    b = tp_shard(b, 0, tp_rank, tp_size)
+                else:
+                    a = tp_shard(a, 1, tp_rank, tp_size)
+                factors.A.copy_(a)
+                factors.B.copy_(b)
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def iter_peft_tensors(model, arch, padded_vocab: int, extras):
+    """(PEFT key, tensor) from a TP=1, PP=1 model with adapters: the factors, then the whole HF
+    tensors of the `extras` groups (modules_to_save)."""
+    from megatron.core import parallel_state
+
+    from megalong.convert.model_io import iter_hf_tensors
+    from megalong.lora.apply import iter_adapters
+
+    if parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise MegalongError("PEFT export reads a model built at TP=1, PP=1")
+    for layer, _, _, lora in iter_adapters(model):
+        for part, factors in lora.factors():
+            yield factor_key(layer, part, "A"), factors.A.detach()
+            yield factor_key(layer, part, "B"), factors.B.detach()
+    modules = {m for group in extras for m in EXTRA_MODULES[group]}
+    if modules:
+        for name, tensor in iter_hf_tensors(model, arch, padded_vocab):
+            if name.rsplit(".", 2)[-2] in modules:
+                yield _PREFIX + name, tensor
+
+
+def write_peft_adapter(out: str, tensors, config: dict, *, overwrite: bool = False, dtype=None) -> str:
+    """adapter_config.json + adapter_model.safetensors into `out`, all or nothing."""
+    from safetensors.torch import save_file
+
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+        raise MegalongError(f"PEFT adapter directory {out} exists and is not empty; pass --overwrite")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
+    try:
+        state = {key: (t if dtype is None else t.to(dtype)).contiguous() for key, t in tensors}
+        save_file(state, os.path.join(staging, WEIGHT_FILES[0]), metadata={"format": "pt"})
+        with open(os.path.join(staging, CONFIG_FILE), "w") as handle:
+            json.dump(config, handle, indent=2)
+        if os.path.exists(out):
+            old = out + ".old"
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Convert Llama checkpoints between Hugging Face and megatron-core distributed format.
 
-  hf-to-megatron --hf-dir DIR --out DIR [--tp N] [--pp M] [--seq-length N]
-  megatron-to-hf --load DIR --out DIR
+  hf-to-megatron --hf-dir DIR --out DIR [--tp N] [--pp M] [--seq-length N] [--peft-adapter DIR]
+  megatron-to-hf --load DIR --out DIR [--merge-lora] [--peft-adapter DIR]
   compare --a DIR --b DIR        (tensor-by-tensor check of two HF directories)
 
 Arguments are checked before torch is imported, so a mistake costs no start-up time.
@@ -38,11 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
                             "any factor recorded in config.json)")
     to_mc.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                        help="pad the vocabulary to a multiple of this x tp (default 128)")
+    to_mc.add_argument("--peft-adapter", default=None, metavar="DIR",
+                       help="a PEFT LoRA adapter directory to bring onto the converted base: its "
+                            "factors become megalong adapters, its modules_to_save (or LongLoRA's "
+                            "trainable_params.bin: embedding and norms) replace the base tensors")
     to_mc.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     to_hf = sub.add_parser("megatron-to-hf", help="megatron-core checkpoint -> HF LlamaForCausalLM dir")
     to_hf.add_argument("--load", required=True, help="checkpoint directory (its latest iteration is exported)")
-    to_hf.add_argument("--out", required=True, help="HF directory to write (created atomically)")
+    to_hf.add_argument("--out", default=None,
+                       help="HF directory to write (created atomically); needs --merge-lora when "
+                            "the checkpoint holds LoRA adapters")
+    to_hf.add_argument("--merge-lora", action="store_true",
+                       help="fold the checkpoint's LoRA adapters into the exported weights")
+    to_hf.add_argument("--peft-adapter", default=None, metavar="DIR",
+                       help="write the checkpoint's LoRA adapters as a PEFT adapter directory "
+                            "(embedding and norms as modules_to_save), loadable with "
+                            "peft.PeftModel.from_pretrained on the base HF model")
     to_hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                        help="dtype of the exported weights (default float32)")
     to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0,
@@ -68,13 +80,19 @@ def validate(args) -> None:
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise MegalongError(f"{path} is not an HF model directory (no config.json)")
         return
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise MegalongError(f"--out {args.out} exists and is not a directory")
-    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise MegalongError(f"--out {args.out} is not empty; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    if os.path.isdir(parent) and not os.access(parent, os.W_OK):
-        raise MegalongError(f"cannot write to {parent}")
+    outputs = [("out", args.out)]
+    if args.command == "megatron-to-hf":
+        outputs.append(("peft-adapter", args.peft_adapter))
+    for flag, path in outputs:
+        if path is None:
+            continue
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise MegalongError(f"--{flag} {path} exists and is not a directory")
+        if os.path.isdir(path) and os.listdir(path) and not args.overwrite:
+            raise MegalongError(f"--{flag} {path} is not empty; pass --overwrite to replace it")
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(parent) and not os.access(parent, os.W_OK):
+            raise MegalongError(f"cannot write to {parent}")
     if args.command == "hf-to-megatron":
         for name in ("tp", "pp", "seq_length", "make_vocab_size_divisible_by"):
             positive(name.replace("_", "-"), getattr(args, name))
@@ -95,10 +113,16 @@ def validate(args) -> None:
             raise MegalongError(f"cannot read {config_path}: {err}") from None
         arch, _ = arch_from_hf_config(config, config_path)
         validate_tp(arch, args.tp, args.pp)
+        if args.peft_adapter:
+            from megalong.lora.peft_io import read_peft_config
+
+            read_peft_config(args.peft_adapter)
     else:
         from megalong.checkpoint_meta import read_metadata
+        from megalong.convert.checkpoint_conversion import check_lora_export
 
-        read_metadata(args.load)
+        check_lora_export(read_metadata(args.load), args.load, out=args.out,
+                          merge_lora=args.merge_lora, peft_adapter=args.peft_adapter)
         if args.max_shard_size_gb <= 0:
             raise MegalongError("--max-shard-size-gb must be > 0")
 
@@ -122,10 +146,12 @@ def main(argv=None) -> None:
         conversion.hf_to_megatron(
             args.hf_dir, args.out, tp=args.tp, pp=args.pp, seq_length=args.seq_length,
             interpolation_factor=args.rotary_seq_len_interpolation_factor,
-            vocab_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite)
+            vocab_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite,
+            peft_adapter=args.peft_adapter)
     else:
         conversion.megatron_to_hf(args.load, args.out, overwrite=args.overwrite, dtype=args.dtype,
-                                  max_shard_bytes=int(args.max_shard_size_gb * 2**30))
+                                  max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+                                  merge_lora=args.merge_lora, peft_adapter=args.peft_adapter)
 
 
 if __name__ == "__main__":

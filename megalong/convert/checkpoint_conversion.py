@@ -12,13 +12,12 @@ import shutil
 import sys
 import tempfile
 
-from megalong.checkpoint_meta import read_metadata
+from megalong.checkpoint_meta import TOKENIZER_SUBDIR, read_metadata
 from megalong.config import default_interpolation_factor
 from megalong.convert.hf_config import arch_from_hf_config, validate_tp
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
 
-TOKENIZER_SUBDIR = "tokenizer"
 
 
 def _log(message: str) -> None:
@@ -36,8 +35,9 @@ def _check_out_dir(out: str, overwrite: bool) -> None:
         raise MegalongError(f"output directory {out} exists and is not empty; pass --overwrite")
 
 
-def _convert_rank(hf_dir, staging, tp, pp, metadata):
-    """One rank of hf-to-megatron: build this rank's shard, fill it from HF, save collectively."""
+def _convert_rank(hf_dir, staging, tp, pp, metadata, peft_adapter=None):
+    """One rank of hf-to-megatron: build this rank's shard, fill it from HF (and a PEFT adapter
+    over it), save collectively."""
     from megalong import runtime
     from megalong.checkpoint import save_checkpoint
     from megalong.convert.hf_checkpoint import HFCheckpointReader
@@ -51,13 +51,26 @@ def _convert_rank(hf_dir, staging, tp, pp, metadata):
         interpolation_factor=metadata["interpolation_factor"], initialize=False,
     )
     model = build_llama(arch, opts)
+    adapter = None
     with HFCheckpointReader(hf_dir) as reader:
-        load_hf_weights(model, reader.get, arch, metadata["padded_vocab_size"])
+        get = reader.get
+        if peft_adapter:
+            from megalong.lora.peft_io import PeftAdapter
+
+            adapter = PeftAdapter(peft_adapter)
+            get = adapter.overlay(reader.get, arch)  # modules_to_save / trainable_params.bin
+        load_hf_weights(model, get, arch, metadata["padded_vocab_size"])
+    if adapter is not None:
+        from megalong.lora.apply import add_lora
+        from megalong.lora.peft_io import load_lora_factors
+
+        add_lora(model, adapter.options())
+        load_lora_factors(model, adapter, arch.num_layers)
     save_checkpoint([model], staging, iteration=0, metadata=metadata)
 
 
 def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_factor=None,
-                   vocab_divisible_by=128, overwrite=False, timeout_s=3600.0):
+                   vocab_divisible_by=128, overwrite=False, timeout_s=3600.0, peft_adapter=None):
     from megalong.convert.hf_checkpoint import TOKENIZER_FILES, _read_json
     from megalong.convert.layouts import padded_vocab_size
 
@@ -68,6 +81,9 @@ def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_fa
     arch, recorded_factor = arch_from_hf_config(hf_config, config_path)
     validate_tp(arch, tp, pp)
     _check_out_dir(out, overwrite)
+    lora = None
+    if peft_adapter:
+        arch, lora = _peft_adapter_onto(arch, peft_adapter)
     factor = interpolation_factor or default_interpolation_factor(
         seq_length, arch.max_position_embeddings, recorded_factor)
     metadata = {
@@ -81,16 +97,18 @@ def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_fa
         "source": os.path.abspath(hf_dir),
         "hf_config": hf_config,
     }
+    if lora:
+        metadata["lora"] = lora
     _log(f"hf-to-megatron: {hf_dir} -> {out} at TP={tp} PP={pp}, padded vocab "
          f"{metadata['padded_vocab_size']}, interpolation factor {factor}")
     staging = _staging_dir(out)
     try:
         if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one of the ranks
-            _convert_rank(hf_dir, staging, tp, pp, metadata)
+            _convert_rank(hf_dir, staging, tp, pp, metadata, peft_adapter)
         else:
             from megalong.spawn import run_on_ranks
 
-            run_on_ranks(_convert_rank, tp * pp, hf_dir, staging, tp, pp, metadata,
+            run_on_ranks(_convert_rank, tp * pp, hf_dir, staging, tp, pp, metadata, peft_adapter,
                          timeout_s=timeout_s)
         tokenizer_dir = os.path.join(staging, TOKENIZER_SUBDIR)
         os.makedirs(tokenizer_dir)
@@ -105,6 +123,41 @@ def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_fa
     return out
 
 
+def _peft_adapter_onto(arch: LlamaArch, peft_adapter: str):
+    """(arch, the checkpoint's "lora" metadata) for a PEFT adapter over a base of `arch`. An adapter
+    embedding with more rows than the base vocabulary (LongLoRA's added pad token: 32001) grows it."""
+    from megalong.lora.options import lora_metadata
+    from megalong.lora.peft_io import PeftAdapter
+
+    adapter = PeftAdapter(peft_adapter)
+    rows = adapter.vocab_rows()
+    if rows is not None and rows < arch.vocab_size:
+        raise MegalongError(f"{peft_adapter}: its embedding has {rows} rows, fewer than the base "
+                            f"vocabulary of {arch.vocab_size}")
+    if rows is not None and rows > arch.vocab_size:
+        _log(f"vocabulary {arch.vocab_size} -> {rows} (the adapter's embedding); the lm_head grows "
+             "by the mean of its rows, as LongLoRA's resize does")
+        arch = arch.with_(vocab_size=rows)
+    adapter.check_fits(arch)
+    _log(f"PEFT adapter {peft_adapter}: r={adapter.config['rank']} alpha={adapter.config['alpha']:g} "
+         f"on {','.join(adapter.parts)}; whole tensors: {len(adapter.hf_tensors)}")
+    return arch, lora_metadata(adapter.options(), adapter.extras())
+
+
+def check_lora_export(metadata: dict, load: str, *, out, merge_lora: bool, peft_adapter) -> None:
+    """Torch-free: the export flags fit whether the checkpoint holds LoRA adapters."""
+    has_lora = bool(metadata.get("lora"))
+    if (merge_lora or peft_adapter) and not has_lora:
+        raise MegalongError(f"checkpoint {load} holds no LoRA adapters; export it without "
+                            "--merge-lora/--peft-adapter")
+    if has_lora and out and not merge_lora:
+        raise MegalongError(f"checkpoint {load} holds LoRA adapters: pass --merge-lora to fold them "
+                            "into the exported HF weights (and/or --peft-adapter DIR for a PEFT "
+                            "adapter)")
+    if not out and not peft_adapter:
+        raise MegalongError("megatron-to-hf needs --out (an HF model) or --peft-adapter DIR")
+
+
 def _replace_dir(staging: str, out: str) -> None:
     if os.path.exists(out):
         old = out + ".old"
@@ -115,28 +168,73 @@ def _replace_dir(staging: str, out: str) -> None:
         os.replace(staging, out)
 
 
-def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="float32"):
-    """Export the latest checkpoint under `load` as an HF LlamaForCausalLM directory."""
+def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="float32",
+                   merge_lora=False, peft_adapter=None):
+    """Export the latest checkpoint under `load` as an HF LlamaForCausalLM directory (`out`; LoRA
+    adapters merged with `merge_lora`) and/or its adapters as a PEFT directory (`peft_adapter`)."""
     import torch
 
     from megalong import runtime
     from megalong.checkpoint import load_checkpoint
-    from megalong.convert.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, print_progress, write_hf_checkpoint
-    from megalong.convert.hf_config import hf_config_from_arch
-    from megalong.convert.model_io import iter_hf_tensors
     from megalong.model.llama import ModelOptions, build_llama
 
     metadata = read_metadata(load)
-    _check_out_dir(out, overwrite)
+    check_lora_export(metadata, load, out=out, merge_lora=merge_lora, peft_adapter=peft_adapter)
+    for directory in (out, peft_adapter):
+        if directory:
+            _check_out_dir(directory, overwrite)
     arch = LlamaArch(**metadata["arch"])
     runtime.init_distributed(runtime.ParallelSizes())
     opts = ModelOptions(seq_length=metadata["seq_length"],
                         padded_vocab_size=metadata["padded_vocab_size"],
                         interpolation_factor=metadata["interpolation_factor"], initialize=False)
     model = build_llama(arch, opts)
-    iteration = load_checkpoint([model], load)
-    _log(f"megatron-to-hf: {load} (iteration {iteration}) -> {out}")
+    lora = metadata.get("lora")
+    if lora:
+        from megalong.lora.apply import LoraOptions, add_lora
+
+        add_lora(model, LoraOptions.from_metadata(lora))
+    loaded = load_checkpoint([model], load)
+    iteration = loaded[0] if isinstance(loaded, tuple) else loaded
     torch_dtype = getattr(torch, dtype)
+    if peft_adapter:
+        _export_peft_adapter(model, arch, metadata, peft_adapter, torch_dtype, overwrite)
+        _log(f"wrote PEFT adapter {peft_adapter} from {load} (iteration {iteration})")
+    if not out:
+        return peft_adapter
+    try:
+        out = _export_hf(model, arch, metadata, load, out, iteration, torch_dtype, dtype, overwrite,
+                         max_shard_bytes, merge=bool(lora))
+    except BaseException:
+        if peft_adapter:  # all or nothing: no adapter without the model it was asked with
+            shutil.rmtree(peft_adapter, ignore_errors=True)
+        raise
+    return out
+
+
+def _export_peft_adapter(model, arch, metadata, directory, torch_dtype, overwrite):
+    from megalong.lora.options import LoraOptions
+    from megalong.lora.peft_io import iter_peft_tensors, peft_config_json, write_peft_adapter
+
+    lora = metadata["lora"]
+    extras = lora.get("trainable_params", [])
+    config = peft_config_json(LoraOptions.from_metadata(lora), extras,
+                              base_model=metadata.get("source"), tied=arch.tie_word_embeddings)
+    tensors = iter_peft_tensors(model, arch, metadata["padded_vocab_size"], extras)
+    write_peft_adapter(directory, tensors, config, overwrite=overwrite, dtype=torch_dtype)
+
+
+def _export_hf(model, arch, metadata, load, out, iteration, torch_dtype, dtype, overwrite,
+               max_shard_bytes, *, merge):
+    from megalong.convert.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, print_progress, write_hf_checkpoint
+    from megalong.convert.hf_config import hf_config_from_arch
+    from megalong.convert.model_io import iter_hf_tensors
+
+    if merge:
+        from megalong.lora.apply import merge_lora
+
+        _log(f"merged {merge_lora(model)} LoRA adapters into the base weights")
+    _log(f"megatron-to-hf: {load} (iteration {iteration}) -> {out}")
     tensors = ((name, t.to(torch_dtype)) for name, t in
                iter_hf_tensors(model, arch, metadata["padded_vocab_size"]))
     tokenizer_dir = os.path.join(load, TOKENIZER_SUBDIR)

@@ -52,14 +52,15 @@ def _set_rng_state(state) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _full_state(model_chunks, optimizer, scheduler, common, is_loading):
+def _full_state(model_chunks, optimizer, scheduler, common, is_loading, with_rng=True):
     state = _model_state(model_chunks)
     if optimizer is not None:
         model_state = {k: v for k, v in state.items()}
         state["optimizer"] = optimizer.sharded_state_dict(
             model_state if len(model_chunks) > 1 else model_state["model"], is_loading=is_loading)
         state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-        state["rng_state"] = _rng_state()
+        if with_rng:
+            state["rng_state"] = _rng_state()
     state["common"] = common or {}
     return state
 
@@ -78,7 +79,7 @@ def save_checkpoint(model_chunks, root: str, iteration: int, metadata: dict, *,
     dist.barrier()
     if rank == 0:
         with open(os.path.join(staging, METADATA), "w") as handle:
-            json.dump({**metadata, "iteration": iteration,
+            json.dump({**metadata, "iteration": iteration, "world_size": dist.get_world_size(),
                        "has_training_state": optimizer is not None}, handle, indent=2)
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -103,13 +104,16 @@ def load_checkpoint(model_chunks, root: str, iteration: int | None = None, *, op
     if not os.path.isdir(directory):
         raise MegalongError(f"checkpoint {directory} does not exist")
     with open(os.path.join(directory, METADATA)) as handle:
-        has_training_state = json.load(handle).get("has_training_state", False)
-    load_training = optimizer is not None and has_training_state
+        saved = json.load(handle)
+    load_training = optimizer is not None and saved.get("has_training_state", False)
+    # RNG streams are per rank: they carry over only to the same number of ranks.
+    same_ranks = saved.get("world_size") == dist.get_world_size()
     request = _full_state(model_chunks, optimizer if load_training else None,
-                          scheduler, None, is_loading=True)
+                          scheduler, None, is_loading=True, with_rng=same_ranks)
     try:
-        state, absent = dist_checkpointing.load(request, directory,
-                                                strict=StrictHandling.RETURN_UNEXPECTED)
+        # "unexpected" = requested but absent from the checkpoint (returned, not raised).
+        state, _, absent = dist_checkpointing.load(request, directory,
+                                                   strict=StrictHandling.RETURN_UNEXPECTED)
     except Exception as err:  # megatron raises many types; name the directory
         raise MegalongError(f"cannot load checkpoint {directory}: {err}") from err
     not_allowed = sorted(k for k in absent if not allow_missing(k))
@@ -126,7 +130,8 @@ def load_checkpoint(model_chunks, root: str, iteration: int | None = None, *, op
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng_state"])
+        if same_ranks:
+            _set_rng_state(state["rng_state"])
     return iteration, (state.get("common") or {}) if load_training else {}
 
 

@@ -129,6 +129,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--adam-beta1", type=float, default=0.9)
     train.add_argument("--adam-beta2", type=float, default=0.95)
+    train.add_argument("--adam-eps", type=float, default=1e-8)
     train.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clipping (0: off)")
     train.add_argument("--bf16", action="store_true", help="bfloat16 parameters and compute (GPU)")
     train.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,

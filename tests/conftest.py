@@ -58,3 +58,41 @@ def tiny_tokens():
 
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, 1001, (2, 32), generator=generator)
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    """A 1000-piece Llama-style sentencepiece model trained on the demo text (well under 1 s)."""
+    from megalong.data.demo_text import demo_documents
+    from megalong.data.tokenizer import train_sentencepiece
+
+    return train_sentencepiece(demo_documents("topics"), 1000, str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="session")
+def demo_jsonl(tmp_path_factory):
+    from megalong.data.demo_text import write_demo_jsonl
+
+    path = str(tmp_path_factory.mktemp("demo") / "topics.jsonl")
+    write_demo_jsonl(path, "topics")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, demo_jsonl, sp_model):
+    """The demo text as a megatron IndexedDataset prefix, tokenized with sp_model."""
+    from megalong.data.preprocess import preprocess_to_indexed
+
+    prefix = str(tmp_path_factory.mktemp("corpus") / "topics")
+    preprocess_to_indexed([demo_jsonl], prefix, sp_model, progress=None)
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def tiny_megatron_ckpt(tmp_path_factory, tiny_hf_dir):
+    """tiny_hf_dir converted to a megatron checkpoint (the same weights for every layout)."""
+    from megalong.convert.checkpoint_conversion import hf_to_megatron
+
+    out = str(tmp_path_factory.mktemp("mc") / "tiny")
+    hf_to_megatron(tiny_hf_dir, out, tp=1, seq_length=64)
+    return out

@@ -28,26 +28,6 @@ PREPROCESS = os.path.join(ROOT, "tools", "preprocess_data.py")
 TRAIN_TOKENIZER = os.path.join(ROOT, "tools", "train_tokenizer.py")
 
 
-@pytest.fixture(scope="session")
-def sp_model(tmp_path_factory):
-    """A 1000-piece Llama-style sentencepiece model trained on the demo text (well under 1 s)."""
-    return train_sentencepiece(demo_documents("topics"), 1000, str(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture(scope="session")
-def demo_jsonl(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("demo") / "topics.jsonl")
-    write_demo_jsonl(path, "topics")
-    return path
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory, demo_jsonl, sp_model):
-    prefix = str(tmp_path_factory.mktemp("corpus") / "topics")
-    preprocess_to_indexed([demo_jsonl], prefix, sp_model, progress=None)
-    return prefix
-
-
 def documents_of(jsonl):
     with open(jsonl, encoding="utf-8") as handle:
         return [json.loads(line)["text"] for line in handle]

@@ -12,6 +12,7 @@ def build_optimizer(model_chunks, args, *, config_overrides=None):
         weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
         clip_grad=args.clip_grad,
         bf16=args.bf16,
         params_dtype=model_chunks[0].config.params_dtype,

@@ -1,0 +1,206 @@
+"""The trainer: every parallel layout trains to the single-rank losses, exact resume, the
+preprocess -> train -> export -> HF loop, the torchrun launcher, and bad input."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megalong.spawn import run_on_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY = os.path.join(ROOT, "examples", "pretrain_longlora.py")
+LAUNCHER = os.path.join(ROOT, "examples", "pretrain_longlora.sh")
+
+
+def train_args(load, corpus, tokenizer, *extra, iters=5):
+    return ["--load", load, "--data-path", corpus, "--tokenizer", tokenizer, "--seq-length", "64",
+            "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(iters),
+            "--lr", "2e-4", "--lr-warmup-iters", "1", "--lr-decay-style", "cosine",
+            "--min-lr", "2e-5", "--split", "90,10,0",
+            # Adam turns float noise in near-zero gradients into full-size steps; a larger eps
+            # damps that, so layouts that differ only in summation order stay comparable.
+            "--adam-eps", "1e-5", *extra]
+
+
+def train_layouts(argv_list):
+    """On every rank: train once per argv (re-laying out the same ranks); the losses of each."""
+    from megalong.training.pretrain import main
+
+    return [main(argv) for argv in argv_list]
+
+
+def rel_close(a, b, tol=1e-5):
+    return all(abs(x - y) <= tol * abs(y) for x, y in zip(a, b)) and len(a) == len(b)
+
+
+@pytest.mark.slow
+def test_parallel_layouts_train_to_the_single_rank_losses(tiny_megatron_ckpt, corpus, sp_model):
+    base = train_args(tiny_megatron_ckpt, corpus, sp_model, "--attention", "s2")
+    (reference,), = run_on_ranks(train_layouts, 1, [base])
+    two = run_on_ranks(train_layouts, 2, [
+        base + ["--tensor-model-parallel-size", "2"],
+        base + ["--pipeline-model-parallel-size", "2"],
+        base,  # data parallel 2
+    ])[0]
+    (tp2_dp2,), *_ = run_on_ranks(train_layouts, 4, [base + ["--tensor-model-parallel-size", "2"]])
+    assert len(reference) == 5 and reference[-1] < reference[0]
+    for name, losses in zip(["tp2", "pp2", "dp2", "tp2xdp2"], [*two, tp2_dp2]):
+        assert rel_close(losses, reference), (name, losses, reference)
+
+
+@pytest.mark.slow
+def test_resume_is_exact_and_crosses_tensor_parallel_sizes(tiny_megatron_ckpt, corpus, sp_model,
+                                                           tmp_path):
+    full, part, part_tp2 = (str(tmp_path / n) for n in ("full", "part", "part_tp2"))
+    base = train_args(tiny_megatron_ckpt, corpus, sp_model, iters=10)
+    (uninterrupted, first, resumed), = run_on_ranks(train_layouts, 1, [
+        base + ["--save", full],
+        base + ["--save", part, "--save-interval", "5", "--exit-interval", "5"],
+        [*train_args(part, corpus, sp_model, iters=10), "--save", part],
+    ])
+    assert first == uninterrupted[:5]
+    assert resumed == uninterrupted[5:], "resume must be bit for bit"
+    # A checkpoint written by two TP ranks resumes on one: the first steps after it continue the
+    # TP=2 run (weights, Adam moments and schedule carried over). Later steps drift apart at the
+    # level of float summation order, which Adam amplifies, so they get a looser bound.
+    tp2 = base + ["--tensor-model-parallel-size", "2"]
+    tp2_uninterrupted, _ = run_on_ranks(train_layouts, 2, [
+        tp2, tp2 + ["--save", part_tp2, "--save-interval", "5", "--exit-interval", "5"]])[0]
+    (resumed_tp1,), = run_on_ranks(train_layouts, 1, [train_args(part_tp2, corpus, sp_model, iters=10)])
+    assert rel_close(resumed_tp1[:2], tp2_uninterrupted[5:7]), (resumed_tp1, tp2_uninterrupted)
+    assert rel_close(resumed_tp1, tp2_uninterrupted[5:], tol=1e-4), (resumed_tp1, tp2_uninterrupted)
+
+
+def heldout_loss(load, tokens):
+    """megalong's mean token loss of `tokens` [b, s+1] with the checkpoint's weights (TP=1)."""
+    from megalong import runtime
+    from megalong.checkpoint import load_checkpoint
+    from megalong.checkpoint_meta import read_metadata
+    from megalong.model.arch import LlamaArch
+    from megalong.model.forward import run_microbatches
+    from megalong.model.llama import ModelOptions, build_llama
+
+    meta = read_metadata(load)
+    runtime.init_distributed(runtime.ParallelSizes())
+    model = build_llama(LlamaArch(**meta["arch"]), ModelOptions(
+        seq_length=tokens.shape[1] - 1, padded_vocab_size=meta["padded_vocab_size"],
+        interpolation_factor=meta["interpolation_factor"], initialize=False))
+    load_checkpoint([model], load)
+    model.eval()
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+             "loss_mask": torch.ones(tokens.shape[0], tokens.shape[1] - 1)}
+    with torch.no_grad():
+        (out,) = run_microbatches(model, [batch], forward_only=True)
+    return (out["loss_sum"] / out["num_tokens"]).item()
+
+
+@pytest.mark.slow
+def test_preprocess_train_export_and_hf_agrees(tiny_megatron_ckpt, demo_jsonl, sp_model, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    prefix, save, exported = tmp_path / "data" / "demo", tmp_path / "run", tmp_path / "hf"
+    tools = os.path.join(ROOT, "tools")
+    subprocess.run([sys.executable, os.path.join(tools, "preprocess_data.py"), "--input", demo_jsonl,
+                    "--output-prefix", prefix, "--tokenizer", sp_model], check=True, timeout=120)
+    run_on_ranks(train_layouts, 1, [train_args(tiny_megatron_ckpt, str(prefix), sp_model,
+                                               "--save", str(save))])
+    subprocess.run([sys.executable, os.path.join(tools, "checkpoint_convert.py"), "megatron-to-hf",
+                    "--load", save, "--out", exported], check=True, timeout=120)
+    from megalong.data.tokenizer import load_tokenizer
+
+    text = "The held-out sentence is not in the training data: 12345 zebras."
+    ids = load_tokenizer(sp_model).encode(text * 3)[:65]
+    tokens = torch.tensor([ids])
+    (ours,) = run_on_ranks(heldout_loss, 1, str(save), tokens)
+    model = LlamaForCausalLM.from_pretrained(exported).eval()
+    with torch.no_grad():
+        logits = model(tokens[:, :-1]).logits
+        theirs = torch.nn.functional.cross_entropy(logits[0], tokens[0, 1:]).item()
+    assert abs(ours - theirs) <= 1e-4 * abs(theirs), (ours, theirs)
+
+
+def _losses_from_log(stderr: str) -> list[float]:
+    return [float(x) for x in re.findall(r"iter \d+/\d+ \| loss ([0-9.]+)", stderr)]
+
+
+@pytest.mark.slow
+def test_launcher_two_nodes_equal_one_node(tiny_megatron_ckpt, corpus, sp_model, tmp_path):
+    from megalong.spawn import _free_port
+
+    flags = train_args(tiny_megatron_ckpt, corpus, sp_model, "--save", str(tmp_path / "x"),
+                       "--tensor-model-parallel-size", "2")
+    env = {**os.environ, "MODEL": "tiny", "SEQ_LEN": "64", "OMP_NUM_THREADS": "1",
+           "PYTHON": sys.executable, "MEGALONG_DEVICE": "cpu"}
+    one = subprocess.run(["bash", LAUNCHER, *flags], env={**env, "NPROC_PER_NODE": "4",
+                         "MASTER_PORT": str(_free_port())}, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = str(_free_port())
+    flags[flags.index("--save") + 1] = str(tmp_path / "y")
+    nodes = [subprocess.Popen(["bash", LAUNCHER, *flags], env={
+        **env, "NNODES": "2", "NODE_RANK": str(rank), "NPROC_PER_NODE": "2",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)]
+    logs = [node.communicate(timeout=300)[1] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), logs[0][-2000:] + logs[1][-2000:]
+    single, multi = _losses_from_log(one.stderr), _losses_from_log(logs[1])
+    assert len(single) == 5 and rel_close(multi, single), (multi, single)
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing data", "does not exist"),
+    ("empty data", "no tokens"),
+    ("vocab mismatch", "do not belong together"),
+    ("global batch", "not divisible by micro batch"),
+    ("group size", "not a multiple of group size"),
+    ("no iters", "--train-iters is required"),
+    ("bad load", "latest_checkpointed_iteration.txt"),
+])
+def test_bad_training_input_is_one_line(case, fragment, tiny_megatron_ckpt, corpus, sp_model,
+                                        tmp_path):
+    args = train_args(tiny_megatron_ckpt, corpus, sp_model)
+    if case == "missing data":
+        args[args.index("--data-path") + 1] = str(tmp_path / "nothing")
+    elif case == "empty data":
+        empty = tmp_path / "empty"
+        open(f"{empty}.bin", "wb").close()
+        _write_empty_index(f"{empty}.idx")
+        args[args.index("--data-path") + 1] = str(empty)
+    elif case == "vocab mismatch":
+        from megalong.data.demo_text import demo_documents
+        from megalong.data.tokenizer import train_sentencepiece
+
+        big = train_sentencepiece(demo_documents("topics"), 2000, str(tmp_path / "tok"))
+        args[args.index("--tokenizer") + 1] = big
+    elif case == "global batch":
+        args[args.index("--global-batch-size") + 1] = "3"
+        args += ["--micro-batch-size", "2"]
+    elif case == "group size":
+        args += ["--attention", "s2", "--group-size", "24"]
+    elif case == "no iters":
+        i = args.index("--train-iters")
+        del args[i:i + 2]
+    elif case == "bad load":
+        args[args.index("--load") + 1] = str(tmp_path)
+    result = subprocess.run([sys.executable, ENTRY, *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, (case, result.stderr[-2000:])
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and fragment in last, (case, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    assert "import torch" not in result.stderr
+
+
+def _write_empty_index(path):
+    """A valid megatron .idx holding no documents."""
+    import numpy as np
+
+    with open(path, "wb") as handle:
+        handle.write(b"MMIDIDX\x00\x00")
+        handle.write(np.array([1], dtype=np.uint64).tobytes())
+        handle.write(np.array([8], dtype=np.uint8).tobytes())  # uint16 code
+        handle.write(np.array([0], dtype=np.uint64).tobytes())
+        handle.write(np.array([1], dtype=np.uint64).tobytes())
+        handle.write(np.array([0], dtype=np.int64).tobytes())

@@ -99,13 +99,13 @@ def test_lora_flags_validate_with_clear_errors():
 # ------------------------------------------------------------------------------ on 2 ranks
 
 
-def _build(hf_dir, tokens, tp, sp):
+def _build(hf_dir, tokens, tp, sp, pp=1):
     from megalong import runtime
     from megalong.convert.hf_checkpoint import HFCheckpointReader
     from megalong.convert.model_io import load_hf_weights
     from megalong.model.llama import ModelOptions, build_llama
 
-    runtime.init_distributed(runtime.ParallelSizes(tensor=tp))
+    runtime.init_distributed(runtime.ParallelSizes(tensor=tp, pipeline=pp))
     reader = HFCheckpointReader(hf_dir)
     arch, _ = reader.arch()
     # initialize=True: megatron-core sets the TP attributes (tensor_model_parallel, partition_dim)
@@ -162,6 +162,7 @@ def tp_layout_checks(hf_dir, tokens, checkpoint_root):
         model.eval()
         base = full_logits(model, tokens)
         add_lora(model, options)
+        follows_eval = not any(adapter.training for *_, adapter in iter_adapters(model))
         init_lora(model, seed=11, b_std=0.3)  # A and B random, identically at every layout
         set_trainable(model, ("embed", "norm"))
         summary = describe_trainable(model)
@@ -193,8 +194,17 @@ def tp_layout_checks(hf_dir, tokens, checkpoint_root):
         results[(tp, sp)] = dict(base=base, lora=lora, merged=merged, grads=grads, values=values,
                                  trainable=trainable, frozen_grads=frozen_grads,
                                  dropout_grads=dropout_grads, summary=summary,
+                                 follows_eval=follows_eval,
                                  sp_tagged=sorted(n for n in trainable
                                                   if getattr(params[n], "sequence_parallel", False)))
+    # PP=2: each stage's adapters are initialised by global layer, so the function is the same.
+    model, _ = _build(hf_dir, tokens, 1, False, pp=2)
+    model.eval()
+    add_lora(model, options)
+    init_lora(model, seed=11, b_std=0.3)
+    results["pp2"] = full_logits(model, tokens)
+    merge_lora(model)
+    results["pp2_merged"] = full_logits(model, tokens)
     # A checkpoint written at TP=2 loads at TP=1 into adapters initialised differently.
     model, _ = _build(hf_dir, tokens, 1, False)
     add_lora(model, LoraOptions(rank=4, alpha=12.0, parts=ALL_PARTS, init_seed=99))
@@ -220,8 +230,12 @@ def test_adapter_moves_logits_and_merge_matches(tp_results):
     results = tp_results[0]
     for layout in [(1, False), (2, False), (2, True)]:
         r = results[layout]
+        assert r["follows_eval"], "adapters added to a model in eval mode must not drop out"
         assert _max_diff(r["lora"], r["base"]) > 1e-2, layout
         assert _max_diff(r["merged"], r["lora"]) <= 1e-5, layout
+    pp2 = tp_results[1]  # the last pipeline stage holds the logits
+    assert _max_diff(pp2["pp2"], results[(1, False)]["lora"]) <= 1e-5
+    assert _max_diff(pp2["pp2_merged"], results[(1, False)]["lora"]) <= 1e-5
 
 
 @pytest.mark.slow
@@ -276,3 +290,38 @@ def test_dropout_masks_agree_across_tp_ranks(tp_results):
 def test_checkpoint_saved_at_tp2_loads_at_tp1(tp_results):
     results = tp_results[0]
     assert _max_diff(results["reloaded"], results[(2, False)]["lora"]) <= 1e-5
+
+
+@pytest.mark.slow
+def test_transformer_engine_adapters_match_local():
+    """TE linears (norm fused into qkv/fc1): GPU with Transformer Engine only."""
+    pytest.importorskip("transformer_engine")
+    if not torch.cuda.is_available():
+        pytest.skip("Transformer Engine runs on GPUs only")
+    (local, te), = run_on_ranks(te_vs_local, 1, env={"MEGALONG_DEVICE": "cuda"})
+    assert _max_diff(te, local) <= 1e-3
+
+
+def te_vs_local():
+    from megalong import runtime
+    from megalong.convert.layouts import local_to_te_key
+    from megalong.lora.apply import LoraOptions, add_lora, init_lora
+    from megalong.model.arch import PRESETS
+    from megalong.model.forward import full_logits
+    from megalong.model.llama import ModelOptions, build_llama
+
+    runtime.init_distributed(runtime.ParallelSizes())
+    tokens = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    logits, local_state = [], None
+    for impl in ("local", "transformer_engine"):
+        model = build_llama(PRESETS["tiny"], ModelOptions(seq_length=64, padded_vocab_size=1024,
+                                                          attention="full", transformer_impl=impl))
+        model.cuda().eval()
+        if local_state is None:
+            local_state = model.state_dict()
+        else:  # the same base weights, under TE's names
+            model.load_state_dict({local_to_te_key(k): v for k, v in local_state.items()}, strict=False)
+        add_lora(model, LoraOptions(parts=ALL_PARTS))
+        init_lora(model, seed=11, b_std=0.3)
+        logits.append(full_logits(model, tokens).cpu())
+    return logits

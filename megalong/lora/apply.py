@@ -83,6 +83,7 @@ def add_lora(model, options: LoraOptions) -> int:
                 rank=options.rank, alpha=options.alpha, dropout=options.dropout, config=config,
                 all_part_rows={p: out for p, (_, out) in geometry.items()}, heads=heads,
             )
+            adapter.train(base.training)  # a new module is in training mode; follow the model's
             parent.add_module(linear + ADAPTER_SUFFIX, adapter)
             adapter.attach(base)
             added += 1
@@ -181,7 +182,9 @@ def parameter_counts(models) -> tuple[int, int]:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    counts = torch.zeros(2, dtype=torch.float64)
+    from megalong.runtime import device
+
+    counts = torch.zeros(2, dtype=torch.float64, device=device())  # nccl reduces device tensors
     for model in models if isinstance(models, (list, tuple)) else [models]:
         tied_copy = (getattr(model, "share_embeddings_and_output_weights", False)
                      and not model.pre_process)
@@ -195,7 +198,7 @@ def parameter_counts(models) -> tuple[int, int]:
                 counts[0] += param.numel()
     if dist.is_initialized():
         dist.all_reduce(counts, group=parallel_state.get_model_parallel_group())
-    return int(counts[0]), int(counts[1])
+    return int(counts[0].item()), int(counts[1].item())
 
 
 def describe_trainable(models) -> str:

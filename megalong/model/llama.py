@@ -123,10 +123,12 @@ def mask_padded_vocab(output_layer: torch.nn.Module, vocab_size: int) -> None:
     so no softmax (loss, perplexity, sampling) and no argmax ever sees them."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
 
-    def hook(_module, _inputs, output):
+    def hook(module, _inputs, output):
         logits, bias = output
         local_vocab = logits.shape[-1]
-        first = tp_rank * local_vocab
+        # runtime_gather_output=True (megatron's inference path) hands the hook all TP columns.
+        gathered = local_vocab != module.output_size_per_partition
+        first = 0 if gathered else tp_rank * local_vocab
         if first + local_vocab <= vocab_size:
             return output
         column = torch.arange(first, first + local_vocab, device=logits.device)

@@ -113,9 +113,27 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
         rope_scaling_factor=float(llama3["factor"]) if llama3 else 8.0,
         seq_len_interpolation_factor=opts.interpolation_factor,
     )
+    if not opts.initialize:
+        tag_tensor_parallel_weights(model)
     if model.post_process and opts.padded_vocab_size > arch.vocab_size:
         mask_padded_vocab(model.output_layer, arch.vocab_size)
     return model
+
+
+def tag_tensor_parallel_weights(model) -> None:
+    """megatron-core tags TP-split weights (`tensor_model_parallel`, `partition_dim`) only while
+    initialising them. Without the tags, grad-norm clipping and finalize_model_grads treat the
+    shards as duplicates, so models built to be loaded into (no init) are tagged here."""
+    from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                               VocabParallelEmbedding)
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    split_dim = {ColumnParallelLinear: 0, VocabParallelEmbedding: 0, RowParallelLinear: 1}
+    for module in model.modules():
+        for kind, dim in split_dim.items():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, kind) and weight is not None:
+                set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 def mask_padded_vocab(output_layer: torch.nn.Module, vocab_size: int) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import make_hf_llama
 from megalong.spawn import run_on_ranks
 from test_model import hf_logits
 
@@ -93,11 +94,23 @@ def lora_checkpoint_logits(loads, tokens):
     return out
 
 
+def make_lora_checkpoints(jobs, tokens):
+    return [make_lora_checkpoint(hf_dir, root, tokens) for hf_dir, root in jobs]
+
+
 @pytest.fixture(scope="module")
-def lora_ckpt(tiny_hf_dir, tiny_tokens, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("lora") / "ckpt")
-    logits = run_on_ranks(make_lora_checkpoint, 2, tiny_hf_dir, root, tiny_tokens)[0]
-    return root, logits
+def lora_ckpts(tiny_hf_dir, tiny_tokens, tmp_path_factory):
+    """{"untied": (root, logits), "tied": (hf dir, root, logits)}, made in one 2-rank launch."""
+    directory = tmp_path_factory.mktemp("lora")
+    tied_hf = str(make_hf_llama(directory / "tied_hf", tie=True))
+    jobs = [(tiny_hf_dir, str(directory / "ckpt")), (tied_hf, str(directory / "tied_ckpt"))]
+    logits, tied_logits = run_on_ranks(make_lora_checkpoints, 2, jobs, tiny_tokens)[0]
+    return {"untied": (jobs[0][1], logits), "tied": (tied_hf, jobs[1][1], tied_logits)}
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(lora_ckpts):
+    return lora_ckpts["untied"]
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +153,16 @@ def test_peft_adapter_and_merged_export_give_megalong_logits(lora_ckpt, exported
     assert tensors["base_model.model.model.embed_tokens.weight"].shape == (VOCAB, 64), "unpadded"
     assert tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (16, 4)
     assert not any("lm_head" in key for key in tensors)
+
+
+@pytest.mark.slow
+def test_tied_embedding_adapter_loads_in_peft(lora_ckpts, tiny_tokens, tmp_path):
+    """Llama-3.2-style tied embeddings: the trained embedding is also the lm_head."""
+    hf_dir, root, reference = lora_ckpts["tied"]
+    result = convert("megatron-to-hf", "--load", root, "--peft-adapter", tmp_path / "adapter")
+    assert result.returncode == 0, result.stderr
+    assert (hf_logits(hf_dir, tiny_tokens) - reference).abs().max() > 1e-2
+    assert (peft_logits(hf_dir, tmp_path / "adapter", tiny_tokens) - reference).abs().max() <= 1e-4
 
 
 def _longlora_form(adapter, directory):

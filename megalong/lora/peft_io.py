@@ -325,6 +325,9 @@ def iter_peft_tensors(model, arch, padded_vocab: int, extras):
         for name, tensor in iter_hf_tensors(model, arch, padded_vocab):
             if name.rsplit(".", 2)[-2] in modules:
                 yield _PREFIX + name, tensor
+                if name == "model.embed_tokens.weight" and arch.tie_word_embeddings:
+                    # peft's ensure_weight_tying keeps a copy for the tied lm_head too
+                    yield _PREFIX + "lm_head.weight", tensor.clone()
 
 
 def write_peft_adapter(out: str, tensors, config: dict, *, overwrite: bool = False, dtype=None) -> str:

@@ -108,10 +108,8 @@ def _build(hf_dir, tokens, tp, sp, pp=1):
     runtime.init_distributed(runtime.ParallelSizes(tensor=tp, pipeline=pp))
     reader = HFCheckpointReader(hf_dir)
     arch, _ = reader.arch()
-    # initialize=True: megatron-core sets the TP attributes (tensor_model_parallel, partition_dim)
-    # of its weights only when it initialises them, and the gathers below read them.
     opts = ModelOptions(seq_length=tokens.shape[1], padded_vocab_size=1024, attention="full",
-                        sequence_parallel=sp)
+                        sequence_parallel=sp, initialize=False)
     model = build_llama(arch, opts)
     load_hf_weights(model, reader.get, arch, 1024)
     return model, arch

@@ -1,0 +1,55 @@
+"""Token streams to evaluate on (torch-free): a megatron IndexedDataset prefix, whose documents
+are read concatenated in order (with the EOS preprocessing put after each), or a flat token file
+(LongLoRA's PG19 / proof-pile eval format: raw uint16 ids, uint32 above 65536 ids)."""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from megalong.data.preprocess import (load_token_file, read_index_summary, strip_data_suffix,
+                                      token_file_dtype)
+from megalong.errors import MegalongError
+
+
+@dataclass(frozen=True)
+class EvalTokens:
+    path: str
+    kind: str  # "indexed" or "flat"
+    tokens: np.ndarray  # read-only memmap, 1-D
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def describe(self) -> dict:
+        return {"path": os.path.abspath(self.path), "format": self.kind, "tokens": len(self),
+                "dtype": self.tokens.dtype.name}
+
+
+def is_indexed_prefix(path: str) -> bool:
+    return os.path.isfile(strip_data_suffix(path) + ".idx")
+
+
+def open_eval_tokens(path: str, *, vocab_size: int, dtype: Optional[str] = None) -> EvalTokens:
+    """`path`: an IndexedDataset prefix (or its .bin/.idx), else a flat token file read as `dtype`
+    (default uint16, uint32 for vocabularies over 65536). Every id must lie below vocab_size."""
+    if is_indexed_prefix(path):
+        if dtype is not None:
+            raise MegalongError(f"--data {path} is an IndexedDataset (its .idx records the dtype); "
+                                "--data-dtype is for flat token files only")
+        prefix = strip_data_suffix(path)
+        summary = read_index_summary(prefix)
+        tokens = np.memmap(prefix + ".bin", dtype=summary.dtype, mode="r")
+        kind = "indexed"
+    else:
+        if not os.path.exists(path) and not os.path.exists(path + ".bin"):
+            raise MegalongError(f"--data {path}: no such token file, and no IndexedDataset "
+                                f"{strip_data_suffix(path)}.bin/.idx")
+        tokens = load_token_file(path, dtype or token_file_dtype(vocab_size))
+        kind = "flat"
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        raise MegalongError(f"--data {path} holds token id {int(tokens.max())}, outside the model's "
+                            f"vocabulary of {vocab_size}: it was tokenized for another model"
+                            + ("" if kind == "indexed" else " (or pass its --data-dtype)"))
+    return EvalTokens(path, kind, tokens)

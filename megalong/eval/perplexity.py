@@ -1,0 +1,153 @@
+"""Long-context perplexity as LongLoRA's eval defines it (DESIGN.md §9), on the megatron model.
+
+Windows of seq_length tokens start every `stride` tokens: starts 0, stride, 2·stride, ... below
+num_tokens − seq_length, without the last one (LongLoRA's get_as_batch drops it; kept so numbers
+compare with theirs). Each window is one sequence; its loss is the mean over its seq_length − 1
+next-token predictions, and PPL = exp(mean over windows of the window losses). Every window has
+the same number of predictions, so that mean is also Σ loss / Σ tokens, which is what the ranks
+add up. Attention is dense (the model is built with attention "full", in eval mode).
+"""
+
+import math
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+from megalong.errors import MegalongError
+
+
+def window_starts(num_tokens: int, seq_length: int, stride: int,
+                  max_windows: Optional[int] = None) -> list[int]:
+    """LongLoRA's window starts; with max_windows, that many spread evenly over them."""
+    if seq_length < 2 or stride < 1:
+        raise MegalongError(f"seq-length must be >= 2 and stride >= 1, got {seq_length} and {stride}")
+    starts = list(range(0, num_tokens - seq_length, stride))[:-1]
+    if not starts:
+        raise MegalongError(f"the data holds {num_tokens} tokens; seq-length {seq_length} with stride "
+                            f"{stride} needs more than {seq_length + stride} for one window")
+    if max_windows is not None and max_windows < len(starts):
+        picks = np.unique(np.linspace(0, len(starts) - 1, max_windows).round().astype(int))
+        starts = [starts[i] for i in picks]
+    return starts
+
+
+def perplexity(mean_loss: float) -> float:
+    return math.exp(mean_loss) if mean_loss < 700 else float("inf")
+
+
+def _window_batch(tokens: np.ndarray, starts: list[int], seq_length: int, device):
+    import torch
+
+    windows = torch.from_numpy(np.stack([tokens[s:s + seq_length].astype(np.int64) for s in starts]))
+    windows = windows.to(device)
+    labels = torch.zeros_like(windows)
+    labels[:, :-1] = windows[:, 1:]
+    loss_mask = torch.ones(windows.shape, dtype=torch.float32, device=device)
+    loss_mask[:, -1] = 0.0  # the window's last token predicts nothing inside it
+    return {"tokens": windows, "labels": labels, "loss_mask": loss_mask}
+
+
+class _Progress:
+    """Windows done, running perplexity, tokens/s and ETA on stderr (one reporting rank)."""
+
+    def __init__(self, label: str, total: int, enabled: bool, interval_s: float = 5.0):
+        self.label, self.total, self.enabled, self.interval_s = label, total, enabled, interval_s
+        self.start = self.last = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done: int, tokens: int, mean_loss: float, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self.last < self.interval_s):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        eta = elapsed / max(done, 1) * (self.total - done)
+        line = (f"[eval_ppl] {self.label}: {done}/{self.total} windows, ppl {perplexity(mean_loss):.4g}, "
+                f"{tokens / elapsed:,.0f} tokens/s, {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+        end = "\n" if final or not self.tty else "\r"
+        print(line, end=end, file=sys.stderr, flush=True)
+
+
+def mean_window_loss(model, tokens: np.ndarray, seq_length: int, starts: list[int], *,
+                     micro_batch_size: int = 1, progress: bool = True) -> tuple[float, int]:
+    """(mean over the windows of each window's mean token loss, predictions counted) on the
+    model's ranks (any TP/PP; data-parallel ranks share the windows). Every rank gets the result."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megalong import runtime
+    from megalong.model.forward import run_microbatches
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    batches = [starts[i:i + micro_batch_size] for i in range(0, len(starts), micro_batch_size)]
+    mine = batches[dp_rank::dp_size]
+    holds_loss = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                  and parallel_state.get_tensor_model_parallel_rank() == 0)
+    meter = _Progress(f"seq-length {seq_length}", sum(len(b) for b in mine),
+                      progress and holds_loss and dp_rank == 0)
+    # Micro-batches per schedule call: enough to fill a pipeline, few enough to bound memory.
+    per_call = 2 * parallel_state.get_pipeline_model_parallel_world_size()
+    loss_sum, num_tokens, done = 0.0, 0, 0
+    device = runtime.device()
+    with torch.no_grad():
+        for first in range(0, len(mine), per_call):
+            group = mine[first:first + per_call]
+            outputs = run_microbatches(
+                model, [_window_batch(tokens, b, seq_length, device) for b in group],
+                forward_only=True)
+            for out in outputs:
+                loss_sum += float(out["loss_sum"].double())
+                num_tokens += int(out["num_tokens"])
+            done += sum(len(b) for b in group)
+            meter.update(done, done * seq_length, loss_sum / max(num_tokens, 1))
+    meter.update(done, done * seq_length, loss_sum / max(num_tokens, 1), final=True)
+    totals = torch.tensor([loss_sum, num_tokens] if holds_loss else [0.0, 0.0],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(totals)  # one TP rank of the last stage per data-parallel rank contributes
+    loss_sum, num_tokens = totals.tolist()
+    expected = len(starts) * (seq_length - 1)
+    if int(num_tokens) != expected:
+        raise RuntimeError(f"counted {int(num_tokens)} predictions, expected {expected}")
+    return loss_sum / num_tokens, int(num_tokens)
+
+
+def evaluate_perplexity(model, tokens: np.ndarray, seq_lengths, *, stride: int = 256,
+                        max_windows: Optional[int] = None, micro_batch_size: int = 1,
+                        progress: bool = True) -> list[dict]:
+    """One row per seq_length: windows, predictions, mean loss, perplexity."""
+    rows = []
+    for seq_length in seq_lengths:
+        starts = window_starts(len(tokens), seq_length, stride, max_windows)
+        start_time = time.monotonic()
+        loss, count = mean_window_loss(model, tokens, seq_length, starts,
+                                       micro_batch_size=micro_batch_size, progress=progress)
+        rows.append({"seq_length": seq_length, "windows": len(starts), "predictions": count,
+                     "loss": loss, "ppl": perplexity(loss),
+                     "seconds": round(time.monotonic() - start_time, 3)})
+    return rows
+
+
+def eval_ppl_on_ranks(source, data_path: str, seq_lengths, stride: int, max_windows,
+                      micro_batch_size: int, data_dtype=None, progress: bool = True) -> dict:
+    """One rank of tools/eval_ppl.py: build the model, read the data, evaluate every length."""
+    from megalong.eval.data import open_eval_tokens
+    from megalong.eval.loading import build_eval_model, init_eval_runtime
+
+    init_eval_runtime(source)
+    data = open_eval_tokens(data_path, vocab_size=source.arch.vocab_size, dtype=data_dtype)
+    model = build_eval_model(source, max(seq_lengths))
+    rows = evaluate_perplexity(model, data.tokens, seq_lengths, stride=stride,
+                               max_windows=max_windows, micro_batch_size=micro_batch_size,
+                               progress=progress)
+    return {"kind": "perplexity", "model": source.describe(), "data": data.describe(),
+            "stride": stride, "max_windows": max_windows, "attention": "dense", "results": rows}
+
+
+def check_windows_fit(num_tokens: int, seq_lengths, stride: int) -> None:
+    """Torch-free: every requested length has at least one window."""
+    for seq_length in seq_lengths:
+        window_starts(num_tokens, seq_length, stride, max_windows=1)

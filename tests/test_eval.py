@@ -1,0 +1,362 @@
+"""megalong.eval: perplexity equals LongLoRA's definition computed with HF transformers (TP=1,
+TP=2, PP=2, a padded vocabulary, interpolation read from config.json); KV-cache generation equals
+recomputation and HF's greedy output; the passkey prompt builder and scorer; reports; the CLIs
+end to end and their one-line errors."""
+
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from megalong.errors import MegalongError
+from megalong.eval.passkey import (
+    FILLER_SENTENCES, QUESTION, TASK, build_passkey_prompt, fit_passkey_prompt, generated_number,
+    key_line, passkey_correct, summarize, sweep_cases,
+)
+from megalong.eval.perplexity import window_starts
+from megalong.spawn import run_on_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(ROOT, "tools")
+VOCAB = 1001
+SEQ_LENGTHS, STRIDE = [32, 96], 24
+
+
+# ---------------------------------------------------------------- windows (pure)
+
+
+def longlora_window_starts(num_tokens, seq_length, stride):
+    """LongLoRA's get_as_batch, verbatim in effect: range(0, n - L, stride), last one dropped."""
+    starts = list(range(0, num_tokens - seq_length, stride))
+    starts.pop()
+    return starts
+
+
+def test_window_starts_follow_longlora():
+    for n, length, stride in [(1000, 100, 256), (5000, 1024, 256), (300, 32, 24), (257, 128, 64)]:
+        assert window_starts(n, length, stride) == longlora_window_starts(n, length, stride)
+    spread = window_starts(10_000, 100, 10, max_windows=5)
+    full = window_starts(10_000, 100, 10)
+    assert len(spread) == 5 and spread[0] == 0 and spread[-1] == full[-1] and set(spread) <= set(full)
+    assert window_starts(1000, 100, 256, max_windows=100) == longlora_window_starts(1000, 100, 256)
+    with pytest.raises(MegalongError, match="needs more than 356"):
+        window_starts(300, 100, 256)
+
+
+# ---------------------------------------------------------------- passkey (pure)
+
+
+def test_passkey_prompt_places_the_key_at_the_requested_depth(sp_model):
+    from megalong.data.tokenizer import load_tokenizer
+
+    encode = load_tokenizer(sp_model).encode
+    sentence_tokens = max(len(encode(s)) for s in FILLER_SENTENCES) + 1
+    for target in (300, 1000):
+        for depth in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0):
+            prompt = fit_passkey_prompt(encode, target, depth, "48213")
+            length = len(encode(prompt.text)) + 1  # + BOS
+            assert target - 2 * sentence_tokens <= length <= target, (target, length)
+            total = prompt.filler_before + prompt.filler_after
+            assert prompt.filler_before == round(depth * total)
+            assert abs(prompt.depth - depth) <= 0.5 / total + 1e-9
+            # Where the key line really is: after exactly filler_before sentences of filler.
+            text = prompt.text
+            assert text.startswith(TASK) and text.endswith(QUESTION)
+            assert text.count("48213") == 2 and text.count(key_line("48213")) == 1
+            before = text[len(TASK):prompt.key_offset]
+            assert sum(before.count(s) for s in FILLER_SENTENCES) == prompt.filler_before
+            # ... and in tokens, at the requested share of the filler.
+            filler_start = len(encode(TASK))
+            filler_tokens = length - 1 - filler_start - len(encode(key_line("48213") + "\n" + QUESTION))
+            key_token = len(encode(text[:prompt.key_offset]))
+            assert abs((key_token - filler_start) / filler_tokens - depth) < 0.05, (depth, key_token)
+    # Reproducible and distinct keys; a too-short length names the minimum.
+    cases = sweep_cases([100, 200], [0.0, 1.0], 3, seed=7)
+    assert cases == sweep_cases([100, 200], [0.0, 1.0], 3, seed=7) and len(cases) == 12
+    assert all(len(c.key) == 5 and c.key.isdigit() for c in cases) and len({c.key for c in cases}) > 6
+    with pytest.raises(MegalongError, match="shorter than the prompt without filler"):
+        fit_passkey_prompt(encode, 20, 0.5, "12345")
+    with pytest.raises(MegalongError, match="5 digits"):
+        build_passkey_prompt("1234", 1, 1)
+
+
+def test_passkey_scorer_counts_only_exact_matches():
+    assert passkey_correct(" 48213.", "48213")
+    assert passkey_correct("48213 is the pass key", "48213")
+    assert passkey_correct("\n48213\n48213", "48213")
+    for wrong in ("", "4821", "482133", " 48213"[:-1], "48 213", "48312", "the key", "148213",
+                  "1 48213"):
+        assert not passkey_correct(wrong, "48213"), wrong
+    assert generated_number("is 0042.") == "0042" and generated_number("none") is None
+    records = [{"length": L, "depth": d, "correct": ok} for L, d, ok in
+               [(100, 0.0, True), (100, 0.0, False), (100, 1.0, True), (200, 0.0, False),
+                (200, 1.0, False)]]
+    summary = summarize(records, [100, 200, 300], [0.0, 1.0])
+    assert summary["accuracy_by_length"] == {"100": 2 / 3, "200": 0.0, "300": None}
+    assert summary["grid"] == [[0.5, 0.0, None], [1.0, 0.0, None]]
+    assert summary["accuracy"] == 0.4
+
+
+def test_top_p_sampling_keeps_the_nucleus():
+    from megalong.eval.generate import Sampling, choose_next_token
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert choose_next_token(logits, Sampling()).tolist() == [0]
+    generator = torch.Generator().manual_seed(0)
+    picks = {choose_next_token(logits, Sampling(1.0, 0.7), generator).item() for _ in range(200)}
+    assert picks == {0, 1}  # 0.5 + 0.3 reaches 0.7: the rest is never drawn
+    picks = {choose_next_token(logits, Sampling(1.0, 0.4), generator).item() for _ in range(50)}
+    assert picks == {0}
+    picks = {choose_next_token(logits, Sampling(1.0, 1.0), generator).item() for _ in range(400)}
+    assert picks == {0, 1, 2, 3}
+    with pytest.raises(MegalongError, match="top-p"):
+        Sampling(1.0, 0.0).validate()
+
+
+# ---------------------------------------------------------------- data and reports (no model)
+
+
+def test_eval_tokens_read_indexed_datasets_and_flat_files(corpus, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megalong.eval.data import open_eval_tokens
+
+    data = open_eval_tokens(corpus, vocab_size=1000)
+    dataset = IndexedDataset(corpus)
+    concatenated = np.concatenate([dataset[i] for i in range(len(dataset))])
+    assert data.kind == "indexed" and np.array_equal(data.tokens, concatenated)
+    assert np.array_equal(open_eval_tokens(corpus + ".bin", vocab_size=1000).tokens, concatenated)
+    big = tmp_path / "big.bin"
+    np.array([0, 70_000, 5], dtype=np.uint32).tofile(big)
+    assert open_eval_tokens(str(big), vocab_size=128_256).tokens.tolist() == [0, 70_000, 5]
+    with pytest.raises(MegalongError, match="outside the model's vocabulary"):
+        open_eval_tokens(str(big), vocab_size=1001, dtype="uint32")
+    with pytest.raises(MegalongError, match="no such token file"):
+        open_eval_tokens(str(tmp_path / "nothing"), vocab_size=1001)
+
+
+def test_reports_write_json_markdown_and_plots(tmp_path):
+    from megalong.eval import report as reports
+
+    ppl = {"kind": "perplexity", "results": [
+        {"seq_length": n, "windows": 3, "predictions": 3 * (n - 1), "loss": math.log(p), "ppl": p}
+        for n, p in [(128, 40.0), (256, 35.5), (1024, 1e5)]]}
+    assert "| 256 | 3 | 765 | 3.5695 | 35.5 |" in reports.ppl_markdown(ppl)
+    table = reports.ppl_comparison_markdown({"base": ppl, "lora": ppl})
+    assert table.splitlines()[0] == "| model | ppl @ 128 | ppl @ 256 | ppl @ 1024 |"
+    assert "| lora | 40 | 35.5 | 1e+05 |" in table
+    reports.write_json(str(tmp_path / "sub" / "ppl.json"), ppl)
+    assert reports.read_json(str(tmp_path / "sub" / "ppl.json")) == ppl
+    reports.plot_ppl({"base": ppl}, str(tmp_path / "ppl.png"), marker_length=1024)
+    passkey = {"lengths": [100, 200], "depths": [0.0, 0.5], "trials": 2, "grid": [[1.0, 0.5], [0.0, None]],
+               "accuracy_by_length": {"100": 0.5, "200": 0.5}}
+    markdown = reports.passkey_markdown(passkey)
+    assert "| 100 | 4 | 0.5 |" in markdown and "| 0.5 | 0 | - |" in markdown
+    reports.plot_passkey(passkey, str(tmp_path / "passkey.png"))
+    for name in ("ppl.png", "passkey.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+# ---------------------------------------------------------------- the model on ranks
+
+
+def hf_reference_ppl(hf_dir, tokens, seq_length, stride):
+    """LongLoRA's eval with HF transformers: per window, HF's own loss (labels = inputs)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    losses = []
+    with torch.no_grad():
+        for start in window_starts(len(tokens), seq_length, stride):
+            x = torch.from_numpy(tokens[start:start + seq_length].astype(np.int64))[None]
+            losses.append(model(input_ids=x, labels=x).loss.item())
+    return math.exp(sum(losses) / len(losses))
+
+
+def hf_greedy(hf_dir, prompt, max_new_tokens):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist(), model.generation_config.eos_token_id
+
+
+def eval_checks(sources, tokens, prompt, max_new_tokens, eos_id, sample=False):
+    """On every rank, for each model source: perplexity rows, greedy tokens with and without the
+    KV cache, decode-step logits against a full forward, and (optionally) seeded top-p samples."""
+    from megalong.eval.generate import Sampling, _last_logits, generate_one
+    from megalong.eval.loading import build_eval_model, init_eval_runtime
+    from megalong.eval.perplexity import evaluate_perplexity
+    from megalong.model.forward import full_logits
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    results = []
+    for source in sources:
+        init_eval_runtime(source)
+        model = build_eval_model(source, 128)
+        rows = evaluate_perplexity(model, tokens, SEQ_LENGTHS, stride=STRIDE, progress=False)
+        kwargs = dict(max_new_tokens=max_new_tokens, vocab_size=VOCAB, eos_id=eos_id)
+        cached = generate_one(model, prompt, **kwargs)
+        recomputed = generate_one(model, prompt, use_cache=False, **kwargs)
+        # Decode steps one token at a time against the full causal forward of the same sequence.
+        sequence = torch.tensor([prompt + cached])
+        context = StaticInferenceContext(1, sequence.shape[1])
+        prefill = len(prompt)
+        steps = [_last_logits(model, sequence[:, :prefill], torch.arange(prefill)[None], context)]
+        for position in range(prefill, sequence.shape[1]):
+            context.sequence_len_offset = position
+            context.enable_decode_mode()
+            steps.append(_last_logits(model, sequence[:, position:position + 1],
+                                      torch.tensor([[position]]), context))
+        full = full_logits(model, sequence)
+        step_error = None
+        if full is not None:
+            stepped = torch.cat([s for s in steps], dim=0)[:, :VOCAB]
+            step_error = (stepped - full[0, prefill - 1:, :VOCAB]).abs().max().item()
+            assert torch.isinf(full[..., VOCAB:]).all()
+        samples = None
+        if sample:
+            top_p = Sampling(temperature=1.0, top_p=0.9, seed=5)
+            samples = [generate_one(model, prompt, sampling=top_p, **kwargs) for _ in range(2)]
+        results.append({"rows": rows, "cached": cached, "recomputed": recomputed,
+                        "step_error": step_error, "samples": samples})
+    return results
+
+
+@pytest.fixture(scope="module")
+def eval_tokens():
+    return np.random.default_rng(0).integers(0, VOCAB, 400).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def interpolated_hf_dir(tmp_path_factory):
+    from conftest import make_hf_llama
+
+    return str(make_hf_llama(tmp_path_factory.mktemp("hf") / "linear4", rope_scaling=4.0, seed=3))
+
+
+def assert_matches_hf(result, hf_dir, tokens, prompt, name):
+    for row in result["rows"]:
+        reference = hf_reference_ppl(hf_dir, tokens, row["seq_length"], STRIDE)
+        assert abs(row["ppl"] - reference) <= 1e-4 * reference, (name, row, reference)
+        assert row["windows"] == len(longlora_window_starts(len(tokens), row["seq_length"], STRIDE))
+    greedy, _ = hf_greedy(hf_dir, prompt, len(result["cached"]))
+    assert result["cached"] == result["recomputed"] == greedy, name
+
+
+@pytest.mark.slow
+def test_tp1_perplexity_and_generation_match_hf(tiny_hf_dir, interpolated_hf_dir, eval_tokens):
+    from megalong.eval.loading import resolve_model_source
+
+    prompt = random.Random(1).sample(range(VOCAB), 10)
+    _, eos_id = hf_greedy(tiny_hf_dir, prompt, 1)
+    sources = [resolve_model_source(hf_dir=tiny_hf_dir), resolve_model_source(hf_dir=interpolated_hf_dir)]
+    assert sources[1].interpolation_factor == 4.0
+    (plain, interpolated), = run_on_ranks(eval_checks, 1, sources, eval_tokens, prompt, 20, eos_id)
+    assert_matches_hf(plain, tiny_hf_dir, eval_tokens, prompt, "tp1")
+    assert_matches_hf(interpolated, interpolated_hf_dir, eval_tokens, prompt, "tp1, factor 4")
+    for result in (plain, interpolated):
+        assert result["step_error"] <= 1e-4
+        assert len(result["cached"]) == 20 or result["cached"][-1] == eos_id
+
+
+@pytest.mark.slow
+def test_tp2_pp2_and_a_converted_checkpoint_match_hf(tiny_hf_dir, tiny_megatron_ckpt, eval_tokens):
+    from megalong.eval.loading import resolve_model_source
+
+    prompt = random.Random(2).sample(range(VOCAB), 12)
+    _, eos_id = hf_greedy(tiny_hf_dir, prompt, 1)
+    sources = [resolve_model_source(hf_dir=tiny_hf_dir, tp=2),
+               resolve_model_source(load=tiny_megatron_ckpt, tp=2),  # written at TP=1, vocab 1024
+               resolve_model_source(hf_dir=tiny_hf_dir, pp=2)]
+    rank0, rank1 = run_on_ranks(eval_checks, 2, sources, eval_tokens, prompt, 16, eos_id, sample=True)
+    for name, result in [("tp2", rank0[0]), ("tp2 checkpoint", rank0[1]), ("pp2", rank1[2])]:
+        assert_matches_hf(result, tiny_hf_dir, eval_tokens, prompt, name)
+        assert result["step_error"] <= 1e-4, name
+        first, second = result["samples"]
+        assert first == second and (len(first) == 16 or first[-1] == eos_id), name
+    for a, b in zip(rank0, rank1):  # every rank returns the same numbers and tokens
+        assert [r["ppl"] for r in a["rows"]] == [r["ppl"] for r in b["rows"]]
+        assert a["cached"] == b["cached"] and a["samples"] == b["samples"]
+    assert rank0[2]["step_error"] is None  # the first pipeline stage holds no logits
+
+
+# ---------------------------------------------------------------- CLIs
+
+
+def run_tool(tool, *args, timeout=180):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(TOOLS, tool), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_clis_end_to_end(tiny_megatron_ckpt, corpus, sp_model, tmp_path):
+    """eval_ppl on an IndexedDataset, passkey and generate, each writing JSON (and plots)."""
+    ppl_json, passkey_json = tmp_path / "ppl.json", tmp_path / "passkey.json"
+    done = run_tool("eval_ppl.py", "--load", tiny_megatron_ckpt, "--data", corpus,
+                    "--seq-lengths", "32,64", "--stride", "128", "--max-windows", "6",
+                    "--json", ppl_json, "--plot", tmp_path / "ppl.png")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(ppl_json.read_text())
+    assert [r["windows"] for r in report["results"]] == [6, 6]
+    assert report["data"]["format"] == "indexed" and "| 64 | 6 | 378 |" in done.stdout
+    assert "[eval_ppl] seq-length 64: 6/6 windows" in done.stderr
+    done = run_tool("passkey.py", "--load", tiny_megatron_ckpt, "--tokenizer", sp_model,
+                    "--lengths", "150,200", "--depths", "0,1", "--trials", "2",
+                    "--json", passkey_json, "--plot", tmp_path / "passkey.png", "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(passkey_json.read_text())
+    assert len(report["cases"]) == 8 and len(report["grid"]) == 2
+    assert all(c["prompt_tokens"] <= c["length"] for c in report["cases"])
+    assert "| depth \\ length | 150 | 200 |" in done.stdout
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The grass is green."}\n{"prompt": "What is the pass key?"}\n')
+    done = run_tool("generate.py", "--load", tiny_megatron_ckpt, "--tokenizer", sp_model,
+                    "--prompt-file", prompts, "--max-new-tokens", "5", "--json", tmp_path / "g.json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    outputs = json.loads((tmp_path / "g.json").read_text())["outputs"]
+    assert len(outputs) == 2 and all(0 < len(o["tokens"]) <= 5 for o in outputs)
+    assert (tmp_path / "ppl.png").exists() and (tmp_path / "passkey.png").exists()
+
+
+def test_bad_inputs_give_one_line_errors(tiny_hf_dir, sp_model, tmp_path):
+    short = tmp_path / "short.bin"
+    np.arange(100, dtype=np.uint16).tofile(short)
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello")
+    model = ["--hf-dir", tiny_hf_dir]
+    cases = [
+        ("eval_ppl.py", [*model, "--data", short, "--seq-lengths", "64"], "needs more than 320"),
+        ("eval_ppl.py", [*model, "--data", tmp_path / "none", "--seq-lengths", "8"], "no such token file"),
+        ("eval_ppl.py", [*model, "--data", short, "--seq-lengths", "8", "--stride", "0"], "--stride must be >= 1"),
+        ("eval_ppl.py", [*model, "--data", short, "--seq-lengths", "8", "--tensor-model-parallel-size", "3"],
+         "tensor-model-parallel-size 3 does not divide"),
+        ("eval_ppl.py", ["--hf-dir", tmp_path, "--data", short, "--seq-lengths", "8"], "config.json not found"),
+        ("eval_ppl.py", ["--load", tmp_path, "--data", short, "--seq-lengths", "8"], "not a megalong checkpoint"),
+        ("eval_ppl.py", [*model, "--data", short, "--seq-lengths", "8", "--stride", "8", "--json", tmp_path],
+         "is a directory"),
+        ("passkey.py", [*model, "--tokenizer", sp_model, "--lengths", "300", "--depths", "1.5"],
+         r"--depths must lie in \[0, 1\]"),
+        ("passkey.py", [*model, "--tokenizer", sp_model, "--lengths", "50"], "shorter than the prompt"),
+        ("passkey.py", [*model, "--lengths", "300"], "holds no tokenizer files; pass --tokenizer"),
+        ("generate.py", [*model, "--tokenizer", sp_model, "--prompt-file", tmp_path / "none.txt"],
+         "does not exist"),
+        ("generate.py", [*model, "--tokenizer", sp_model, "--prompt-file", prompt, "--temperature", "-1"],
+         "--temperature must be >= 0"),
+    ]
+    for tool, args, message in cases:
+        done = run_tool(tool, *args, timeout=60)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, (tool, args, done.stderr)
+        assert lines[0].startswith("error: ") and re.search(message, lines[0]), (message, lines)
+    assert not any(p.suffix == ".json" for p in tmp_path.iterdir())

@@ -105,6 +105,12 @@ def load_checkpoint(model_chunks, root: str, iteration: int | None = None, *, op
         raise MegalongError(f"checkpoint {directory} does not exist")
     with open(os.path.join(directory, METADATA)) as handle:
         saved = json.load(handle)
+    from megalong.lora.apply import is_adapter_param
+
+    if saved.get("lora") and not any(is_adapter_param(name) for m in model_chunks
+                                     for name, _ in m.named_parameters()):
+        raise MegalongError(f"checkpoint {directory} holds LoRA adapters but the model has none: "
+                            "build it with megalong.model.from_checkpoint, or export with --merge-lora")
     load_training = optimizer is not None and saved.get("has_training_state", False)
     # RNG streams are per rank: they carry over only to the same number of ranks.
     same_ranks = saved.get("world_size") == dist.get_world_size()

@@ -39,6 +39,7 @@ def rel_close(a, b, tol=1e-5):
 
 @pytest.mark.slow
 def test_parallel_layouts_train_to_the_single_rank_losses(tiny_megatron_ckpt, corpus, sp_model):
+    # LoRA+ (the default) with S²-Attn; that training lowers the loss is test_s2_model's job.
     base = train_args(tiny_megatron_ckpt, corpus, sp_model, "--attention", "s2")
     (reference,), = run_on_ranks(train_layouts, 1, [base])
     two = run_on_ranks(train_layouts, 2, [
@@ -47,7 +48,7 @@ def test_parallel_layouts_train_to_the_single_rank_losses(tiny_megatron_ckpt, co
         base,  # data parallel 2
     ])[0]
     (tp2_dp2,), *_ = run_on_ranks(train_layouts, 4, [base + ["--tensor-model-parallel-size", "2"]])
-    assert len(reference) == 5 and reference[-1] < reference[0]
+    assert len(reference) == 5
     for name, losses in zip(["tp2", "pp2", "dp2", "tp2xdp2"], [*two, tp2_dp2]):
         assert rel_close(losses, reference), (name, losses, reference)
 
@@ -78,18 +79,11 @@ def test_resume_is_exact_and_crosses_tensor_parallel_sizes(tiny_megatron_ckpt, c
 def heldout_loss(load, tokens):
     """megalong's mean token loss of `tokens` [b, s+1] with the checkpoint's weights (TP=1)."""
     from megalong import runtime
-    from megalong.checkpoint import load_checkpoint
-    from megalong.checkpoint_meta import read_metadata
-    from megalong.model.arch import LlamaArch
     from megalong.model.forward import run_microbatches
-    from megalong.model.llama import ModelOptions, build_llama
+    from megalong.model.from_checkpoint import model_from_checkpoint
 
-    meta = read_metadata(load)
     runtime.init_distributed(runtime.ParallelSizes())
-    model = build_llama(LlamaArch(**meta["arch"]), ModelOptions(
-        seq_length=tokens.shape[1] - 1, padded_vocab_size=meta["padded_vocab_size"],
-        interpolation_factor=meta["interpolation_factor"], initialize=False))
-    load_checkpoint([model], load)
+    model, _, _ = model_from_checkpoint(load, seq_length=tokens.shape[1] - 1)
     model.eval()
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
              "loss_mask": torch.ones(tokens.shape[0], tokens.shape[1] - 1)}
@@ -109,7 +103,7 @@ def test_preprocess_train_export_and_hf_agrees(tiny_megatron_ckpt, demo_jsonl, s
     run_on_ranks(train_layouts, 1, [train_args(tiny_megatron_ckpt, str(prefix), sp_model,
                                                "--save", str(save))])
     subprocess.run([sys.executable, os.path.join(tools, "checkpoint_convert.py"), "megatron-to-hf",
-                    "--load", save, "--out", exported], check=True, timeout=120)
+                    "--load", save, "--out", exported, "--merge-lora"], check=True, timeout=120)
     from megalong.data.tokenizer import load_tokenizer
 
     text = "The held-out sentence is not in the training data: 12345 zebras."

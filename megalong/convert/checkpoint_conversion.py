@@ -175,8 +175,7 @@ def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="f
     import torch
 
     from megalong import runtime
-    from megalong.checkpoint import load_checkpoint
-    from megalong.model.llama import ModelOptions, build_llama
+    from megalong.model.from_checkpoint import model_from_checkpoint
 
     metadata = read_metadata(load)
     check_lora_export(metadata, load, out=out, merge_lora=merge_lora, peft_adapter=peft_adapter)
@@ -185,17 +184,8 @@ def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="f
             _check_out_dir(directory, overwrite)
     arch = LlamaArch(**metadata["arch"])
     runtime.init_distributed(runtime.ParallelSizes())
-    opts = ModelOptions(seq_length=metadata["seq_length"],
-                        padded_vocab_size=metadata["padded_vocab_size"],
-                        interpolation_factor=metadata["interpolation_factor"], initialize=False)
-    model = build_llama(arch, opts)
+    model, _, iteration = model_from_checkpoint(load)
     lora = metadata.get("lora")
-    if lora:
-        from megalong.lora.apply import LoraOptions, add_lora
-
-        add_lora(model, LoraOptions.from_metadata(lora))
-    loaded = load_checkpoint([model], load)
-    iteration = loaded[0] if isinstance(loaded, tuple) else loaded
     torch_dtype = getattr(torch, dtype)
     if peft_adapter:
         _export_peft_adapter(model, arch, metadata, peft_adapter, torch_dtype, overwrite)

@@ -4,7 +4,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 
-def build_optimizer(model_chunks, args, *, config_overrides=None):
+def build_optimizer(model_chunks, args):
     config = OptimizerConfig(
         optimizer="adam",  # decoupled weight decay: AdamW
         lr=args.lr,
@@ -19,7 +19,11 @@ def build_optimizer(model_chunks, args, *, config_overrides=None):
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_param_gather=args.overlap_param_gather,
     )
-    return get_megatron_optimizer(config, model_chunks, config_overrides=config_overrides)
+    from megalong.lora.apply import optimizer_overrides
+
+    # LoRA+ (--lora-b-lr-ratio): B factors get a larger learning rate.
+    overrides = optimizer_overrides(config, args.lora_b_lr_ratio)
+    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
 
 
 def build_scheduler(optimizer, args) -> OptimizerParamScheduler:

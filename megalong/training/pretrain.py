@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False)
     config.add_model_args(parser)
     config.add_training_args(parser)
+    config.add_lora_args(parser)
     return parser
 
 
@@ -31,6 +32,7 @@ def parse_and_validate(argv=None):
         raise MegalongError("give --load (a converted checkpoint) or --model (a preset, random init)")
     config.validate_model_args(args, arch)
     config.validate_training_args(args, int(os.environ.get("WORLD_SIZE", "1")))
+    config.validate_lora_args(args)
     check_tokenizer_fits(args, arch)
     return args
 

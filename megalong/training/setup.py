@@ -40,7 +40,7 @@ def build_trainer(args) -> Trainer:
     bring_up_runtime(args)
     arch, metadata = resolve_architecture(args)
     models = build_model_chunks(args, arch, metadata)
-    allow_missing = add_adapters_and_freeze(models, args)
+    allow_missing = add_adapters_and_freeze(models, args, metadata)
     ddp_models = wrap_data_parallel(models, args)
     optimizer, scheduler = build_optimizer_and_schedule(ddp_models, args)
     train_data, valid_data = build_datasets(args, arch)
@@ -118,13 +118,14 @@ def build_model_chunks(args, arch, metadata) -> list:
     return [model]
 
 
-def add_adapters_and_freeze(models, args):
-    """Full fine-tuning trains everything. Returns which checkpoint keys may be absent."""
-    total = sum(p.numel() for m in models for p in m.parameters())
-    trainable = sum(p.numel() for m in models for p in m.parameters() if p.requires_grad)
-    log(f"parameters on this rank: {trainable:,} trainable of {total:,} "
-        f"({100 * trainable / max(total, 1):.2f}%)")
-    return lambda key: False
+def add_adapters_and_freeze(models, args, metadata):
+    """LoRA adapters + trainable embedding/norms (LongLoRA's LoRA+), or everything with
+    --full-finetune; frozen before DDP. Returns which checkpoint keys may be absent (the
+    adapters, when starting from a base model)."""
+    from megalong.lora.apply import setup_lora
+
+    metadata["lora"], allow_missing = setup_lora(models, args, log)
+    return allow_missing
 
 
 def wrap_data_parallel(models, args) -> list:

@@ -4,6 +4,9 @@ A drop-in for megatron's DotProductAttention (same constructor and forward), bui
 ModuleSpec with params {"attention": "s2" | "full", "group_size": int | None, "kernel": ...}.
 S²-Attn runs only while training with attention "s2" on a full sequence (sq == sk); eval()
 or attention "full" gives dense attention that honours megatron's attn_mask_type.
+Under context parallel each rank holds a contiguous slice of the sequence: S²-Attn receives a
+half-group halo of K/V from the previous rank, dense attention all-gathers K/V
+(context_parallel.py).
 """
 
 import math
@@ -14,6 +17,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from megalong.attention.context_parallel import cp_dense_attention, cp_s2_attention
 from megalong.attention.kernels import KERNELS
 from megalong.attention.s2 import dense_causal_attention, s2_attention
 from megalong.errors import MegalongError
@@ -42,9 +46,6 @@ class S2CoreAttention(MegatronModule):
         if dropout:
             raise MegalongError(f"S2CoreAttention has no attention dropout (got {dropout}); "
                                 "set attention_dropout=0.0 as Llama does")
-        if config.context_parallel_size != 1:
-            raise MegalongError("S2CoreAttention does not run context parallel yet "
-                                f"(context_parallel_size={config.context_parallel_size})")
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
@@ -55,6 +56,12 @@ class S2CoreAttention(MegatronModule):
         else:
             self.tp_group = pg_collection.tp
         self.tp_rank, self.tp_size = get_pg_rank(self.tp_group), get_pg_size(self.tp_group)
+        # Context parallel: contiguous slices, S²-Attn with a half-group halo, dense attention
+        # with all-gathered K/V (attention/context_parallel.py).
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            self.cp_group = getattr(pg_collection, "cp", None) or \
+                parallel_state.get_context_parallel_group()
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -71,10 +78,22 @@ class S2CoreAttention(MegatronModule):
                 raise MegalongError(f"S²-Attn is causal; it cannot apply attn_mask_type "
                                     f"{mask_type.name} (use a causal layer spec)")
             kv_heads = key.shape[2]
-            out = s2_attention(query, key, value, self.group_size,
-                               kv_group_offset=self.tp_rank * kv_heads,
-                               num_kv_groups=kv_heads * self.tp_size,
-                               kernel=self.kernel, softmax_scale=scale)
+            heads_of_shard = dict(kv_group_offset=self.tp_rank * kv_heads,
+                                  num_kv_groups=kv_heads * self.tp_size,
+                                  kernel=self.kernel, softmax_scale=scale)
+            if self.cp_group is not None:
+                out = cp_s2_attention(query, key, value, self.group_size, self.cp_group,
+                                      layer=self.layer_number, **heads_of_shard)
+            else:
+                out = s2_attention(query, key, value, self.group_size, **heads_of_shard)
+        elif self.cp_group is not None:
+            if len_q != key.shape[0] or mask_type not in (AttnMaskType.causal,
+                                                           AttnMaskType.causal_bottom_right):
+                raise MegalongError(
+                    "dense attention under context parallel supports causal masks over whole "
+                    f"slices only (got {len_q} queries, {key.shape[0]} keys, attn_mask_type "
+                    f"{mask_type.name}); decode with --context-parallel-size 1")
+            out = cp_dense_attention(query, key, value, self.cp_group, softmax_scale=scale)
         else:
             causal = mask_type in _CAUSAL
             mask = None if mask_type in (AttnMaskType.no_mask, AttnMaskType.causal) \

@@ -8,6 +8,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megalong.model.cp_layout import gather_sequence_over_cp, slice_batch_for_cp_rank
+
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
@@ -21,17 +23,19 @@ def _loss_sum(loss_mask, per_token_loss):
 
 
 def _gathered_logits(logits):
-    # [b, s, V/tp] -> [b, s, V]; the second value is what the schedule would back-propagate.
-    full = gather_from_tensor_model_parallel_region(logits)
+    # [b, s/cp, V/tp] -> [b, s, V]; the second value is what the schedule would back-propagate.
+    full = gather_sequence_over_cp(gather_from_tensor_model_parallel_region(logits), dim=1)
     return logits.sum() * 0.0, {"logits": full.detach()}
 
 
 def _forward_step(mode, data_iterator, model):
     batch = next(data_iterator)
-    tokens = batch["tokens"]
-    position_ids = batch.get("position_ids")
-    if position_ids is None:
-        position_ids = position_ids_for(tokens)
+    if batch.get("position_ids") is None:
+        batch = {**batch, "position_ids": position_ids_for(batch["tokens"])}
+    # Context parallel: this rank's contiguous slice of every per-token field (labels were
+    # shifted over the whole sequence already).
+    batch = slice_batch_for_cp_rank(batch)
+    tokens, position_ids = batch["tokens"], batch["position_ids"]
     if mode == "logits":
         return model(tokens, position_ids, None), _gathered_logits
     output = model(tokens, position_ids, None, labels=batch["labels"])
@@ -39,8 +43,9 @@ def _forward_step(mode, data_iterator, model):
 
 
 def run_microbatches(model_chunks, microbatches, *, forward_only: bool, mode: str = "loss"):
-    """microbatches: list of dicts with tokens [b, s] (+ labels, loss_mask for mode "loss").
-    Returns the per-micro-batch outputs on the last pipeline stage ([] elsewhere)."""
+    """microbatches: list of dicts with tokens [b, s] (+ labels, loss_mask for mode "loss"),
+    whole sequences: under context parallel each rank takes its slice. Returns the
+    per-micro-batch outputs on the last pipeline stage ([] elsewhere)."""
     if not isinstance(model_chunks, list):
         model_chunks = [model_chunks]
     tokens = microbatches[0]["tokens"]

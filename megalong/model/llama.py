@@ -12,6 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
+from megalong.model.cp_layout import use_contiguous_rope
 from megalong.model.spec import llama_block_spec
 
 
@@ -117,6 +118,8 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
         tag_tensor_parallel_weights(model)
     if model.post_process and opts.padded_vocab_size > arch.vocab_size:
         mask_padded_vocab(model.output_layer, arch.vocab_size)
+    if config.context_parallel_size > 1:
+        use_contiguous_rope(model)  # contiguous CP slices, not megatron's zig-zag (cp_layout.py)
     return model
 
 

@@ -1,0 +1,94 @@
+"""Contiguous context-parallel layout (DESIGN.md §6): CP rank r holds tokens [rL, (r+1)L).
+
+megatron-core lays sequences out zig-zag for its ring attention (2c chunks, rank r holding
+chunks r and 2c-1-r) in two places; S²-Attn's groups cost the same wherever they lie, so
+contiguous slices are balanced already and need only a half-group halo (attention/
+context_parallel.py). The two places, replaced here:
+- batch slicing (megatron-LM's `get_batch_on_this_cp_rank`, not called by megalong):
+  `slice_batch_for_cp_rank`, used by model/forward.py on every micro-batch;
+- RoPE slicing (`get_pos_emb_on_this_cp_rank`, called inside megatron's RotaryEmbedding):
+  `use_contiguous_rope(model)` gives the model's rotary embedding a forward that slices
+  contiguously. It changes that one instance (built by build_llama), not megatron's function,
+  which other models in the process may still want.
+Labels are shifted before slicing (datasets give labels[i] = tokens[i+1]), so no token pair
+crosses a slice boundary.
+"""
+
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+from megalong.errors import MegalongError
+
+# Per-token fields of a micro-batch, [b, s] each.
+SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def cp_rank_and_size(group=None) -> tuple[int, int]:
+    if group is None:
+        if not parallel_state.model_parallel_is_initialized():
+            return 0, 1
+        group = parallel_state.get_context_parallel_group()
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def local_span(seq_len: int, cp_rank: int, cp_size: int) -> slice:
+    """Tokens [rL, (r+1)L) of CP rank r."""
+    if seq_len % cp_size:
+        raise MegalongError(f"sequence length {seq_len} does not split into {cp_size} "
+                            "context-parallel slices; use a length divisible by the "
+                            "context-parallel size")
+    length = seq_len // cp_size
+    return slice(cp_rank * length, (cp_rank + 1) * length)
+
+
+def slice_batch_for_cp_rank(batch: dict, group=None) -> dict:
+    """This CP rank's contiguous share of a micro-batch ([b, s] fields; others unchanged)."""
+    rank, size = cp_rank_and_size(group)
+    if size == 1:
+        return batch
+    span = local_span(batch["tokens"].shape[1], rank, size)
+    return {key: value[:, span] if key in SEQUENCE_KEYS and value is not None else value
+            for key, value in batch.items()}
+
+
+def gather_sequence_over_cp(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    """Inverse of the contiguous slicing for outputs (no gradient): concatenate the CP ranks'
+    slices of x along `dim`."""
+    rank, size = cp_rank_and_size(group)
+    if size == 1:
+        return x
+    group = group or parallel_state.get_context_parallel_group()
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class ContiguousRotaryEmbedding(RotaryEmbedding):
+    """megatron's RotaryEmbedding whose CP slice is rank r's contiguous [rL, (r+1)L) instead of
+    the zig-zag chunks of `get_pos_emb_on_this_cp_rank`. Same state, same other methods."""
+
+    @lru_cache(maxsize=32)
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
+                cp_group=None) -> torch.Tensor:
+        emb = self.get_emb(max_seq_len, offset)  # [N, 1, 1, d] for every position
+        group = self.cp_group if cp_group is None else cp_group
+        if group is None or group.size() == 1 or packed_seq:
+            return emb
+        return emb[local_span(max_seq_len, group.rank(), group.size())]
+
+
+def use_contiguous_rope(model: torch.nn.Module) -> None:
+    """Make `model.rotary_pos_emb` (a GPTModel's) slice RoPE contiguously under CP. The
+    instance's class is swapped for the subclass above: its state (inv_freq, cp_group,
+    interpolation) was built by megatron and stays as it is; only forward differs."""
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None or isinstance(rope, ContiguousRotaryEmbedding):
+        return
+    if type(rope) is not RotaryEmbedding:
+        raise MegalongError(f"context parallel S²-Attn supports megatron's RotaryEmbedding, not "
+                            f"{type(rope).__name__}")
+    rope.__class__ = ContiguousRotaryEmbedding

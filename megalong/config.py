@@ -77,10 +77,11 @@ def validate_model_args(args, arch: LlamaArch) -> None:
     if args.sequence_parallel and seq_length % tp:
         raise MegalongError(f"--sequence-parallel: seq-length {seq_length} must be divisible by "
                             f"tensor-model-parallel-size {tp}")
+    group_size = None
     if args.attention == "s2":
-        resolve_group_size(seq_length, args.group_size, args.group_size_ratio)
-    if cp > 1 and args.attention == "s2":
-        raise MegalongError("--context-parallel-size > 1 with --attention s2 is not supported yet")
+        group_size = resolve_group_size(seq_length, args.group_size, args.group_size_ratio)
+    validate_context_parallel(seq_length, cp, group_size, tp=tp,
+                              sequence_parallel=args.sequence_parallel)
     factor = args.rotary_seq_len_interpolation_factor
     if factor is not None and factor < 1:
         raise MegalongError(f"--rotary-seq-len-interpolation-factor must be >= 1, got {factor}")
@@ -92,6 +93,41 @@ def validate_model_args(args, arch: LlamaArch) -> None:
     if kernel_package and not _importable(kernel_package):
         raise MegalongError(f"--attention-kernel {args.attention_kernel} needs {kernel_package}, "
                             f"which is not installed; use --attention-kernel sdpa or auto")
+
+
+def validate_context_parallel(seq_length: int, cp: int, group_size=None, *, tp: int = 1,
+                              sequence_parallel: bool = False) -> None:
+    """CP rank r holds tokens [rL, (r+1)L), L = N/c. With S²-Attn (group size G) L must be a
+    multiple of G/2, so every slice starts at a group bound of one head half and the other
+    half needs only the previous rank's last G/2 tokens (DESIGN.md §6); hence c <= 2N/G."""
+    if cp == 1:
+        return
+    N = seq_length
+    if group_size is None:
+        if N % cp:
+            valid = [c for c in range(2, min(N, 64) + 1) if N % c == 0][:6]
+            raise MegalongError(f"--context-parallel-size {cp}: seq-length {N} does not split into "
+                                f"{cp} equal slices; use a context-parallel size dividing {N}, "
+                                f"e.g. {', '.join(map(str, valid))}")
+    else:
+        half = group_size // 2
+        if N % cp or (N // cp) % half:
+            valid_c = [c for c in range(2, 2 * N // group_size + 1)
+                       if N % c == 0 and (N // c) % half == 0]
+            advice = (f"use --context-parallel-size in {{{', '.join(map(str, valid_c))}}}"
+                      if valid_c else "use a smaller group size")
+            if N % cp == 0:
+                valid_g = [g for g in range(2 * (N // cp), 1, -2)
+                           if N % g == 0 and (N // cp) % (g // 2) == 0][:3]
+                advice += f", or keep c = {cp} with --group-size in {{{', '.join(map(str, valid_g))}}}"
+            raise MegalongError(
+                f"--context-parallel-size {cp}: each rank's slice of seq-length {N} "
+                f"(L = N/c = {N / cp:g} tokens) must be a multiple of half the S²-Attn group size "
+                f"(G/2 = {half}), so c can be at most 2N/G = {2 * N // group_size}; {advice}")
+    if sequence_parallel and (N // cp) % tp:
+        raise MegalongError(f"--sequence-parallel: each context-parallel slice ({N // cp} tokens "
+                            f"of seq-length {N}) must be divisible by tensor-model-parallel-size "
+                            f"{tp}")
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> None:

@@ -163,8 +163,11 @@ def build_datasets(args, arch):
         from megalong.data.sft import SftDataset
 
         group_size = resolve_group_size(seq_length, args.group_size, args.group_size_ratio)
-        # Pipeline stages exchange fixed-size activations; micro-batches > 1 need equal lengths.
-        fixed = args.pipeline_model_parallel_size > 1 or args.micro_batch_size > 1
+        # Pipeline stages exchange fixed-size activations; micro-batches > 1 need equal lengths;
+        # context-parallel slices of seq-length are validated multiples of G/2 (a sample padded
+        # only to a multiple of G may not split).
+        fixed = (args.pipeline_model_parallel_size > 1 or args.micro_batch_size > 1
+                 or args.context_parallel_size > 1)
         dataset = SftDataset(args.sft_data, tokenizer, seq_length=seq_length,
                              group_size=group_size, pad_to_seq_length=fixed)
         return dataset, dataset if args.eval_interval else None

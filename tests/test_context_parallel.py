@@ -239,3 +239,50 @@ def test_cp_layouts_equal_cp1(tiny_megatron_ckpt):
             after = received.get((tp_rank, cp_rank + 1), {"forward": 0})["forward"]
             assert counted["backward"] == after // (2 if recompute else 1), (layout, cp_rank)
         assert any(r["halo"]["received"]["forward"] for r in ranks)
+
+
+# ------------------------------------------------------------------ the trainer under CP
+
+
+def train_and_log(argv_list):
+    """On every rank: train once per argv; (losses, this rank's stderr) of each."""
+    import contextlib
+    import io
+
+    from megalong.training.pretrain import main
+
+    runs = []
+    for argv in argv_list:
+        log = io.StringIO()
+        with contextlib.redirect_stderr(log):
+            losses = main(argv)
+        runs.append((losses, log.getvalue()))
+    return runs
+
+
+@pytest.mark.slow
+def test_cp2_training_matches_dp2_resumes_exactly_and_logs_halo(tiny_megatron_ckpt, corpus,
+                                                                sp_model, tmp_path):
+    """2 ranks, LoRA+ and S²-Attn (G = 16, L = 32): CP=2 trains to the losses of DP=2 (the
+    single-rank ones, test_training), an interrupted CP=2 run resumes bit for bit, and the log
+    reports the halo bytes per layer of each step."""
+    from test_training import rel_close, train_args
+
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    base = train_args(tiny_megatron_ckpt, corpus, sp_model, iters=4)
+    cp2 = base + ["--context-parallel-size", "2"]
+    runs = run_on_ranks(train_and_log, 2, [
+        base,
+        cp2 + ["--save", full],
+        cp2 + ["--save", part, "--save-interval", "2", "--exit-interval", "2"],
+        train_args(part, corpus, sp_model, "--context-parallel-size", "2", "--save", part,
+                   iters=4),
+    ])
+    (dp2, _), (uninterrupted, log), (first, _), (resumed, _) = runs[1]  # the logging rank
+    assert rel_close(uninterrupted, dp2), (uninterrupted, dp2)
+    assert first == uninterrupted[:2]
+    assert resumed == uninterrupted[2:], "resume must be bit for bit"
+    # 4 micro-batches of 1 per step; G/2 = 8 tokens, 1 kv head of 8 dims, K and V, float32.
+    step_bytes = 4 * halo_bytes(16, 1, 8, 1, 4)
+    kib = f"{step_bytes / 1024:.1f} KiB"
+    assert f"halo/layer fwd {kib} bwd {kib}" in log, log[-2000:]

@@ -215,6 +215,15 @@ class HaloCounter:
                 for d in self.DIRECTIONS}
 
 
+    def per_layer_max_over_ranks(self, group=None) -> dict:
+        """`per_layer()` received, maxed over the ranks of `group` (default: all): rank 0
+        receives nothing forward and the last CP rank nothing backward. A collective."""
+        mine = self.per_layer()
+        counts = torch.tensor([mine[d] for d in self.DIRECTIONS], dtype=torch.int64)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=group)
+        return dict(zip(self.DIRECTIONS, counts.tolist()))
+
+
 HALO_COUNTER = HaloCounter()
 
 

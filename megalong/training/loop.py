@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megalong.attention.context_parallel import HALO_COUNTER
 from megalong.model.forward import run_microbatches
 from megalong.training.batches import microbatches
 from megalong.training.progress import Progress, log
@@ -105,12 +106,16 @@ def train(args) -> list[float]:
     iteration = trainer.iteration
     while iteration < args.train_iters:
         started = time.monotonic()
+        HALO_COUNTER.reset()
         loss, lr, grad_norm, updated = train_step(trainer, iteration)
         iteration += 1
         losses.append(loss)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            # Context parallel: halo bytes per layer of this step, the most any rank received.
+            halo = HALO_COUNTER.per_layer_max_over_ranks() if args.context_parallel_size > 1 \
+                else None
             progress.step(iteration, loss=loss, lr=lr, grad_norm=grad_norm,
-                          step_time=time.monotonic() - started, skipped=not updated)
+                          step_time=time.monotonic() - started, skipped=not updated, halo=halo)
         if args.eval_interval and trainer.valid_data is not None and iteration % args.eval_interval == 0:
             progress.validation(iteration, evaluate(trainer))
         if args.save and args.save_interval and iteration % args.save_interval == 0:

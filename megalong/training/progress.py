@@ -28,9 +28,13 @@ class Progress:
         self.tty = enabled and sys.stderr.isatty()
 
     def step(self, iteration: int, *, loss: float, lr: float, grad_norm, step_time: float,
-             skipped: bool = False, extra: str = "") -> None:
+             skipped: bool = False, extra: str = "", halo=None) -> None:
+        """halo: context-parallel halo bytes per layer of this step, {"forward", "backward"}."""
         if not self.enabled:
             return
+        if halo is not None:
+            extra = f" | halo/layer fwd {_bytes(halo['forward'])} bwd {_bytes(halo['backward'])}" \
+                + extra
         done = iteration - self.start
         elapsed = time.monotonic() - self.started
         eta = elapsed / max(done, 1) * (self.train_iters - iteration)
@@ -50,6 +54,8 @@ class Progress:
                 self.writer.add_scalar(name, value, iteration)
             if grad_norm is not None:
                 self.writer.add_scalar("train/grad_norm", grad_norm, iteration)
+            for direction, count in (halo or {}).items():
+                self.writer.add_scalar(f"train/halo_{direction}_bytes_per_layer", count, iteration)
 
     def validation(self, iteration: int, loss: float) -> None:
         if not self.enabled:
@@ -68,6 +74,14 @@ def _exp(x: float) -> float:
     import math
 
     return math.exp(min(x, 50.0))
+
+
+def _bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
 
 
 def _hms(seconds: float) -> str:

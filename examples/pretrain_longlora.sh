@@ -45,6 +45,8 @@ if [[ -z "${LOCAL_RANK:-}" ]]; then
         --nproc-per-node "$NPROC_PER_NODE" --no-python bash "$here/pretrain_longlora.sh" "$@"
 fi
 
+# megatron overlaps TP communication with compute only when kernels queue on one CUDA connection.
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 recipe=()
 case "$MODEL:$SEQ_LEN" in
     llama2-7b:*)  # beyond 64k the activations need all 8 GPUs of the node

@@ -10,3 +10,5 @@ warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 # torch's deprecation notices for the ShardedTensor API that dist_checkpointing still uses.
 warnings.filterwarnings("ignore", message=".*Please use DTensor instead.*")
 warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated.*")
+# TransformerConfig's default cuda_graph_scope triggers its own deprecation notice.
+warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")

@@ -119,7 +119,8 @@ def validate_context_parallel(seq_length: int, cp: int, group_size=None, *, tp: 
             if N % cp == 0:
                 valid_g = [g for g in range(2 * (N // cp), 1, -2)
                            if N % g == 0 and (N // cp) % (g // 2) == 0][:3]
-                advice += f", or keep c = {cp} with --group-size in {{{', '.join(map(str, valid_g))}}}"
+                advice += (f", or keep c = {cp} with --group-size in "
+                           f"{{{', '.join(map(str, valid_g))}}}")
             raise MegalongError(
                 f"--context-parallel-size {cp}: each rank's slice of seq-length {N} "
                 f"(L = N/c = {N / cp:g} tokens) must be a multiple of half the S²-Attn group size "
@@ -167,6 +168,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--adam-beta2", type=float, default=0.95)
     train.add_argument("--adam-eps", type=float, default=1e-8)
     train.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    train.add_argument("--max-skipped-steps", type=int, default=10,
+                       help="stop (after saving the last good state) when more than this many "
+                            "steps in a row have a non-finite loss or gradient norm (default 10)")
     train.add_argument("--bf16", action="store_true", help="bfloat16 parameters and compute (GPU)")
     train.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
                        help="FP8 through Transformer Engine (GPU with TE only)")

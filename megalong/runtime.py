@@ -105,8 +105,12 @@ def adapt_megatron_to_cpu() -> None:
     global _CPU_ADAPTED
     if _CPU_ADAPTED:
         return
+    import warnings
+
     from megatron.core.tensor_parallel import random as mp_random
 
+    # CUDA stream advice from megatron's TP linears; there are no streams on CPU.
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.get_rng_state = _cpu_rng_state

@@ -8,8 +8,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megalong.attention.context_parallel import HALO_COUNTER
+from megalong.errors import MegalongError
 from megalong.model.forward import run_microbatches
 from megalong.training.batches import microbatches
+from megalong.training import faults
+from megalong.training.numerics import guarded_step
 from megalong.training.progress import Progress, log
 from megalong.training.setup import Trainer, build_trainer, data_parallel_rank_and_size
 
@@ -37,8 +40,9 @@ def train_step(trainer: Trainer, iteration: int):
     trainer.optimizer.zero_grad()
     outputs = run_microbatches(trainer.ddp_models, batches, forward_only=False)
     loss, _ = _reduced_loss(outputs)
+    loss = faults.corrupt_loss(iteration, loss)
     lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this step uses
-    updated, grad_norm, _ = trainer.optimizer.step()
+    updated, grad_norm = guarded_step(trainer.optimizer, loss)
     if updated:
         trainer.scheduler.step(increment=1)
     return loss, lr, grad_norm, updated
@@ -103,6 +107,7 @@ def train(args) -> list[float]:
                         enabled=dist.get_rank() == dist.get_world_size() - 1)
     exits = _ExitRequests(args)
     losses = []
+    skipped_in_a_row = 0
     iteration = trainer.iteration
     while iteration < args.train_iters:
         started = time.monotonic()
@@ -110,6 +115,14 @@ def train(args) -> list[float]:
         loss, lr, grad_norm, updated = train_step(trainer, iteration)
         iteration += 1
         losses.append(loss)
+        skipped_in_a_row = 0 if updated else skipped_in_a_row + 1
+        if skipped_in_a_row > args.max_skipped_steps:
+            if args.save:
+                save(trainer, iteration)  # skipped steps changed nothing: the last good state
+            raise MegalongError(
+                f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient norm "
+                f"(--max-skipped-steps {args.max_skipped_steps}) at iteration {iteration}"
+                + (f"; the last good state is saved in {args.save}" if args.save else ""))
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             # Context parallel: halo bytes per layer of this step, the most any rank received.
             halo = HALO_COUNTER.per_layer_max_over_ranks() if args.context_parallel_size > 1 \

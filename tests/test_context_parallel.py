@@ -99,6 +99,21 @@ def test_halo_over_ring_volume_is_gc_over_4n_c_minus_1(seq_len, group_size, cp):
     assert math.isclose(ratio, group_size * cp / (4 * seq_len * (cp - 1)), rel_tol=1e-15)
 
 
+def test_cp_validation_accepts_up_to_2n_over_g_and_suggests_working_sizes():
+    from megalong.config import validate_context_parallel
+
+    for cp in (1, 2, 4, 8):  # N = 8192, G = 2048: L = 4096 ... 1024 = G/2
+        validate_context_parallel(8192, cp, 2048)
+    validate_context_parallel(96, 3, None)  # dense attention: any c dividing N
+    with pytest.raises(MegalongError, match=r"use --context-parallel-size in \{2, 4, 8\}, or keep "
+                                            r"c = 16 with --group-size in \{1024, 512, 256\}"):
+        validate_context_parallel(8192, 16, 2048)
+    for group_size in (1024, 512, 256):
+        validate_context_parallel(8192, 16, group_size)
+    with pytest.raises(MegalongError, match="divisible by tensor-model-parallel-size 4"):
+        validate_context_parallel(96, 16, 12, tp=4, sequence_parallel=True)  # L = 6
+
+
 # ------------------------------------------------------------------ layouts on gloo ranks
 
 SEQ, MICRO_BATCH, MICRO_BATCHES = 64, 2, 2

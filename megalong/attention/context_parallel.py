@@ -214,7 +214,6 @@ class HaloCounter:
         return {d: max((counts[d] for counts in table.values()), default=0)
                 for d in self.DIRECTIONS}
 
-
     def per_layer_max_over_ranks(self, group=None) -> dict:
         """`per_layer()` received, maxed over the ranks of `group` (default: all): rank 0
         receives nothing forward and the last CP rank nothing backward. A collective."""

@@ -153,18 +153,25 @@ def _per_query_head(half: HeadHalf, x: torch.Tensor) -> torch.Tensor:
 
 
 def _half_on_slice(half, q, k, v, group_size, start, halo, kernel, scale):
-    """One head half over the slice, in up to four pieces: the straddling first group (local
-    queries, halo + local keys, causal aligned bottom-right), a partial first group (only the
-    shifted half at token 0), the run of whole groups (S²-Attn's grouped kernel), and a partial
-    last group. Partial groups are plain causal attention: one group is dense attention."""
+    """One head half over the slice, in up to four pieces: the straddling first group, a
+    partial first group (only the shifted half at token 0), the run of whole groups (S²-Attn's
+    grouped kernel), and a partial last group. Partial groups are plain causal attention: one
+    group is dense attention.
+    The straddling group runs as a whole group of G whose first G/2 queries (rank r-1's, not
+    ours) are zeros and whose outputs are dropped: causal attention aligned top-left, which
+    SDPA's flash kernels run. G/2 local queries over G keys aligned bottom-right is less work
+    (3/4) but needs a mask or bias, which on an H100 took 1.8x (bool mask) or 1.4x (torch's
+    lower-right causal bias) the time of the padded group (benchmarks/cp_slice.py)."""
     k, v = _per_query_head(half, k), _per_query_head(half, v)
     seq_len, G, pieces, pos = q.shape[0], group_size, [], 0
     if halo is not None:
         halo_len = G // 2
         halo_k, halo_v = (_per_query_head(half, x) for x in halo)
-        pieces.append(dense_causal_attention(
-            q[:halo_len], torch.cat([halo_k, k[:halo_len]]), torch.cat([halo_v, v[:halo_len]]),
-            causal=True, softmax_scale=scale))
+        group = dense_causal_attention(
+            torch.cat([q.new_zeros((halo_len, *q.shape[1:])), q[:halo_len]]),
+            torch.cat([halo_k, k[:halo_len]]), torch.cat([halo_v, v[:halo_len]]),
+            softmax_scale=scale)
+        pieces.append(group[halo_len:])
         pos = halo_len
     first_end = min(_next_group_start(start + pos, G, half.shifted) - start, seq_len)
     if pos < first_end and first_end - pos < G:

@@ -125,7 +125,8 @@ def test_every_shell_block_is_classified():
             if block.runs and block.marker and block.marker != "setup":
                 unclassified.append(block.where + " (both cpu-test and a marker)")
     assert not unclassified, ("shell blocks must be ```bash cpu-test or follow <!-- gpu-only --> / "
-                              f"<!-- not-tested: reason -->: {unclassified}")
+                              "<!-- not-tested: reason --> (conventions: tests/test_docs.py's "
+                              f"docstring): {unclassified}")
     assert not empty_reason, f"not-tested needs a reason: {empty_reason}"
 
 

@@ -117,7 +117,7 @@ def _default(action) -> str:
     if action.nargs == 0 or action.default is None or action.default == argparse.SUPPRESS:
         return ""
     if isinstance(action.default, (list, tuple)):
-        return f"`{' '.join(map(str, action.default))}`"
+        return f"`{' '.join(map(str, action.default))}`" if action.default else ""
     return f"`{action.default}`"
 
 

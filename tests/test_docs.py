@@ -152,6 +152,13 @@ def test_sbatch_script_parses():
     assert result.returncode == 0, result.stderr
 
 
+def test_sbatch_outside_slurm_is_one_line():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    result = subprocess.run(["bash", SBATCH], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: SLURM_JOB_NODELIST is not set"), result.stderr
+
+
 def test_guides_link_to_files_that_exist():
     broken = []
     for path in doc_files():

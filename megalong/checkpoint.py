@@ -1,8 +1,11 @@
 """Save and load megatron-core distributed checkpoints, atomically.
 
-Every rank writes its shards into ROOT/iter_N.tmp; after a barrier rank 0 renames it to
-ROOT/iter_N and only then points the tracker file at it, so a crash leaves either the previous
-checkpoint or the new one, never a half-written directory that looks complete. The torch_dist
+Every rank writes its shards into ROOT/iter_N.tmp; after a barrier the ranks checksum the files
+and rank 0 writes ROOT/iter_N.tmp/manifest.json (size + CRC-32 of each file, see
+checkpoint_manifest.py), renames the directory to ROOT/iter_N and only then points the tracker
+file at it, so a crash leaves either the previous checkpoint or the new one, never a half-written
+directory that looks complete. Older iterations are kept; loading checks the files against the
+manifest and names a damaged one (or falls back to an older iteration when asked). The torch_dist
 format stores global tensors, so a checkpoint saved at one TP/PP loads at any other.
 
 A training checkpoint also holds the optimizer (sharded like the model), the LR scheduler, the
@@ -12,6 +15,7 @@ iteration and every rank's RNG state; a converted HF model holds only the model.
 import json
 import os
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
@@ -19,8 +23,11 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-from megalong.checkpoint_meta import METADATA, TRACKER, iteration_dir, latest_iteration
+from megalong.checkpoint_manifest import (candidate_iterations, check_checkpoint, damaged_message,
+                                          file_entries, list_files, write_manifest)
+from megalong.checkpoint_meta import METADATA, TRACKER, iteration_dir
 from megalong.errors import MegalongError
+from megalong.training import faults
 
 
 def _chunk_keys(model_chunks):
@@ -69,40 +76,95 @@ def save_checkpoint(model_chunks, root: str, iteration: int, metadata: dict, *,
                     optimizer=None, scheduler=None, common=None) -> str:
     final = iteration_dir(root, iteration)
     staging = final + ".tmp"
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
     dist_checkpointing.save(_full_state(model_chunks, optimizer, scheduler, common, False), staging)
-    dist.barrier()
     if rank == 0:
-        with open(os.path.join(staging, METADATA), "w") as handle:
-            json.dump({**metadata, "iteration": iteration, "world_size": dist.get_world_size(),
-                       "has_training_state": optimizer is not None}, handle, indent=2)
+        _write_durably(os.path.join(staging, METADATA), json.dumps(
+            {**metadata, "iteration": iteration, "world_size": world,
+             "has_training_state": optimizer is not None}, indent=2))
+    dist.barrier()  # every file of the checkpoint is written
+    # The manifest (size + CRC-32 of every file) is written last: the ranks split the reading,
+    # rank 0 lists the files (one listing, whatever a shared file system shows each node).
+    names = [list_files(staging) if rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    names = names[0]
+    faults.checkpoint_writes_done(len(names), iteration)
+    shares = [None] * world
+    dist.all_gather_object(shares, file_entries(staging, names[rank::world]))
+    if rank == 0:
+        write_manifest(staging, {name: entry for share in shares for name, entry in share.items()})
+        faults.checkpoint_writes_done(len(names) + 1, iteration)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(staging, final)
+        _fsync_dir(root)
+        faults.checkpoint_writes_done(len(names) + 2, iteration)
         tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as handle:
-            handle.write(str(iteration))
+        _write_durably(tracker_tmp, str(iteration))
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        _fsync_dir(root)
     dist.barrier()
     return final
 
 
+def _write_durably(path: str, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    """Makes a rename in `path` durable (a power loss after it keeps it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def verified_iteration(root: str, start: int | None = None, *, fallback: bool = False) -> int:
+    """Collective: the iteration to load (`start`, else the tracker's) after checking its files
+    against the manifest (sizes and CRC-32; the ranks split the reading). A damaged checkpoint
+    is an error naming the file, unless `fallback`: then the newest intact older one is used."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    candidates = candidate_iterations(root, fallback=fallback, start=start)
+    for iteration in candidates:
+        mine = check_checkpoint(iteration_dir(root, iteration), deep=True, share=(rank, world))
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+        problems = sorted({problem for share in gathered for problem in share})
+        if not problems:
+            return iteration
+        if not fallback:
+            raise MegalongError(damaged_message(root, iteration, problems))
+        if rank == 0:
+            print(f"[megalong] {damaged_message(root, iteration, problems, hint=False)}; "
+                  "--load-fallback: trying an older checkpoint", file=sys.stderr, flush=True)
+    raise MegalongError(f"no intact checkpoint in {root}: iterations "
+                        f"{', '.join(map(str, candidates))} are all damaged")
+
+
 def load_checkpoint(model_chunks, root: str, iteration: int | None = None, *, optimizer=None,
-                    scheduler=None, allow_missing=lambda key: False):
+                    scheduler=None, allow_missing=lambda key: False, fallback: bool = False):
     """Loads into the built model chunks (and optimizer/scheduler/RNG when given and present).
 
     `allow_missing(key)` names model keys the checkpoint may lack (LoRA adapters when starting
-    from a base model): they keep their initial values. Returns (iteration, common state)."""
-    if iteration is None:
-        iteration = latest_iteration(root)
+    from a base model): they keep their initial values. The files are checked against the
+    manifest first (`verified_iteration`; `fallback`: --load-fallback). Returns (iteration,
+    common state)."""
+    iteration = verified_iteration(root, iteration, fallback=fallback)
     directory = iteration_dir(root, iteration)
-    if not os.path.isdir(directory):
-        raise MegalongError(f"checkpoint {directory} does not exist")
     with open(os.path.join(directory, METADATA)) as handle:
         saved = json.load(handle)
     from megalong.lora.apply import is_adapter_param
@@ -121,7 +183,8 @@ def load_checkpoint(model_chunks, root: str, iteration: int | None = None, *, op
         state, _, absent = dist_checkpointing.load(request, directory,
                                                    strict=StrictHandling.RETURN_UNEXPECTED)
     except Exception as err:  # megatron raises many types; name the directory
-        raise MegalongError(f"cannot load checkpoint {directory}: {err}") from err
+        detail = " ".join(str(err).split())  # one line, however megatron formats it
+        raise MegalongError(f"cannot load checkpoint {directory}: {detail[:600]}") from err
     not_allowed = sorted(k for k in absent if not allow_missing(k))
     if not_allowed:
         raise MegalongError(f"checkpoint {directory} lacks {', '.join(not_allowed[:5])} "

@@ -138,6 +138,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                            "checkpoint; training state is resumed when present)")
     init.add_argument("--finetune", action="store_true",
                       help="load only the weights from --load: new optimizer, iteration 0")
+    init.add_argument("--load-fallback", action="store_true",
+                      help="when --load's latest checkpoint is damaged (a file missing, truncated "
+                           "or failing its checksum), load the newest intact older iteration "
+                           "instead of stopping with an error")
     init.add_argument("--save", default=None, help="checkpoint directory to write")
     init.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
     init.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
@@ -194,7 +198,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--exit-interval", type=int, default=None,
                      help="save and exit once the iteration is a multiple of this")
     run.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
-                     help="timeout of collective operations (default 10)")
+                     help="timeout of collective operations: a rank that waits longer for the "
+                          "others (one hangs or died) stops with an error (default 10)")
 
 
 def validate_training_args(args, world_size: int) -> None:
@@ -248,6 +253,17 @@ def validate_training_args(args, world_size: int) -> None:
             raise MegalongError(f"--save {args.save}: cannot write to {parent}")
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):
         raise MegalongError("--save-interval needs --save and must be >= 1")
+    if args.max_skipped_steps < 0:
+        raise MegalongError(f"--max-skipped-steps must be >= 0, got {args.max_skipped_steps}")
+    if not args.distributed_timeout_minutes > 0:
+        raise MegalongError(f"--distributed-timeout-minutes must be > 0, got "
+                            f"{args.distributed_timeout_minutes}")
+    if args.exit_interval is not None and args.exit_interval < 1:
+        raise MegalongError(f"--exit-interval must be >= 1, got {args.exit_interval}")
+    if args.exit_duration_in_mins is not None and not args.exit_duration_in_mins > 0:
+        raise MegalongError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
+    if args.load_fallback and not args.load:
+        raise MegalongError("--load-fallback needs --load")
     if args.fp8_format and not _importable("transformer_engine"):
         raise MegalongError("--fp8-format needs Transformer Engine on a GPU, which is not installed")
     if args.use_distributed_optimizer and not _importable_cuda():

@@ -147,6 +147,7 @@ def init_distributed(
 
     if not use_cuda():
         adapt_megatron_to_cpu()
+    _checkpoint_writer_exits_with_us()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
@@ -171,8 +172,91 @@ def init_distributed(
         tensor_model_parallel_size=sizes.tensor,
         pipeline_model_parallel_size=sizes.pipeline,
         context_parallel_size=sizes.context,
+        # megatron's TP/PP/DP/CP groups: the same timeout as the world group (its default is 30).
+        distributed_timeout_minutes=timeout_s / 60.0,
     )
     seed_everything(seed)
+
+
+# ---------------------------------------------------------------- distributed hygiene
+
+
+def _checkpoint_writer_exits_with_us() -> None:
+    """dist_checkpointing collects its file writers' results through a multiprocessing manager,
+    a spawned server process that it starts at the first save and never stops. Started here the
+    same way, except that the server dies with this process: a rank killed by SIGKILL (OOM
+    killer, a failed node's neighbours) otherwise leaves it running forever, holding the job's
+    stdout/stderr open so a launcher or `| tee` waiting for them never finishes."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def write_results_queue():
+        if filesystem_async._results_queue is None:
+            import multiprocessing
+            from multiprocessing.managers import SyncManager
+
+            from megalong.child_processes import exit_with_parent
+
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager.start(initializer=exit_with_parent, initargs=(os.getpid(),))
+            filesystem_async._results_queue = manager.Queue()  # the proxy keeps manager alive
+        return filesystem_async._results_queue
+
+    filesystem_async._get_write_results_queue = write_results_queue
+
+
+def check_ranks_agree(settings: dict, what: str = "configuration") -> None:
+    """Collective: every rank must hold the same `settings` (e.g. the parsed flags), else every
+    rank raises the same error naming the first flags that differ. Costs one all-gather of a
+    64-bit hash; the full settings are gathered only when the hashes differ."""
+    import hashlib
+    import json
+
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    text = json.dumps(settings, sort_keys=True, default=repr)
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
+    mine = torch.tensor([digest], dtype=torch.int64, device=device())
+    hashes = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(hashes, mine)
+    if len({int(h.item()) for h in hashes}) == 1:
+        return
+    everyone = [None] * world
+    dist.all_gather_object(everyone, json.loads(text))
+    reference = everyone[0]
+    for rank, other in enumerate(everyone):
+        differing = sorted(k for k in set(reference) | set(other) if reference.get(k) != other.get(k))
+        if differing:
+            shown = "; ".join(f"--{k.replace('_', '-')} {reference.get(k)!r} on rank 0 but "
+                              f"{other.get(k)!r} on rank {rank}" for k in differing[:3])
+            more = f" (and {len(differing) - 3} more)" if len(differing) > 3 else ""
+            raise MegalongError(f"the ranks disagree on the {what}: {shown}{more}; launch every "
+                                "rank (every node) with the same flags")
+
+
+_DISTRIBUTED_FAILURE = ("timed out", "timeout", "connection closed", "connection reset",
+                        "broken pipe", "nccl", "gloo", "socket")
+
+
+@contextlib.contextmanager
+def distributed_failures_as_errors(timeout_minutes: float):
+    """A collective that fails because another rank died or hangs (gloo/NCCL errors, timeouts)
+    becomes one line naming the cause, instead of a traceback from deep inside torch; the
+    launcher (torchrun) then stops the remaining ranks. Other exceptions pass unchanged."""
+    try:
+        yield
+    except MegalongError:
+        raise
+    except RuntimeError as err:
+        first = " ".join(str(err).split())[:300]
+        if not (isinstance(err, dist.DistError)
+                or any(word in first.lower() for word in _DISTRIBUTED_FAILURE)):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        raise MegalongError(
+            f"rank {rank}: a collective operation failed ({first}): another rank died or stopped "
+            f"responding (its own log names the cause); collectives wait at most "
+            f"--distributed-timeout-minutes {timeout_minutes:g}") from err
 
 
 def seed_everything(seed: int) -> None:

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megalong import runtime
 from megalong.attention.context_parallel import HALO_COUNTER
 from megalong.errors import MegalongError
 from megalong.model.forward import run_microbatches
@@ -98,7 +99,13 @@ class _ExitRequests:
 
 
 def train(args) -> list[float]:
-    """Runs the training; returns the per-iteration training losses (on every rank)."""
+    """Runs the training; returns the per-iteration training losses (on every rank). A collective
+    that fails because another rank died or hangs ends this rank with a one-line error."""
+    with runtime.distributed_failures_as_errors(args.distributed_timeout_minutes):
+        return _train(args)
+
+
+def _train(args) -> list[float]:
     trainer = build_trainer(args)
     seq_length = trainer.metadata["seq_length"]
     progress = Progress(train_iters=args.train_iters, start_iteration=trainer.iteration,
@@ -115,6 +122,7 @@ def train(args) -> list[float]:
         loss, lr, grad_norm, updated = train_step(trainer, iteration)
         iteration += 1
         losses.append(loss)
+        faults.record_loss(iteration, loss)
         skipped_in_a_row = 0 if updated else skipped_in_a_row + 1
         if skipped_in_a_row > args.max_skipped_steps:
             if args.save:
@@ -129,6 +137,7 @@ def train(args) -> list[float]:
                 else None
             progress.step(iteration, loss=loss, lr=lr, grad_norm=grad_norm,
                           step_time=time.monotonic() - started, skipped=not updated, halo=halo)
+        faults.after_iteration(iteration)  # fault injection (tests only)
         if args.eval_interval and trainer.valid_data is not None and iteration % args.eval_interval == 0:
             progress.validation(iteration, evaluate(trainer))
         if args.save and args.save_interval and iteration % args.save_interval == 0:

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import sys
 
 from megalong import config
 from megalong.errors import MegalongError
@@ -23,9 +24,13 @@ def parse_and_validate(argv=None):
     """Parses and checks every flag (and the --load metadata) without importing torch."""
     args = build_parser().parse_args(argv)
     if args.load:
+        from megalong.checkpoint_manifest import select_iteration
         from megalong.checkpoint_meta import read_metadata
 
-        arch = LlamaArch(**read_metadata(args.load)["arch"])
+        # A missing or truncated file (sizes against the manifest) is caught here, before torch;
+        # load_checkpoint checks the CRC-32s. --load-fallback picks an older intact iteration.
+        args.load_iteration = select_iteration(args.load, fallback=args.load_fallback, log=_log)
+        arch = LlamaArch(**read_metadata(args.load, args.load_iteration)["arch"])
     elif args.model:
         arch = PRESETS[args.model]
     else:
@@ -35,6 +40,11 @@ def parse_and_validate(argv=None):
     config.validate_lora_args(args)
     check_tokenizer_fits(args, arch)
     return args
+
+
+def _log(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[megalong] {message}", file=sys.stderr, flush=True)
 
 
 def check_tokenizer_fits(args, arch) -> None:

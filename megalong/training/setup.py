@@ -56,6 +56,9 @@ def bring_up_runtime(args) -> None:
                               pipeline=args.pipeline_model_parallel_size,
                               context=args.context_parallel_size),
         seed=args.seed, timeout_s=args.distributed_timeout_minutes * 60)
+    # Nodes launched with different flags would train different things (or hang in mismatched
+    # collectives): every rank compares a hash of its parsed flags with the others'.
+    runtime.check_ranks_agree(vars(args))
 
 
 def resolve_architecture(args):
@@ -63,7 +66,7 @@ def resolve_architecture(args):
     from megalong.convert.layouts import padded_vocab_size
 
     if args.load:
-        source = read_metadata(args.load)
+        source = read_metadata(args.load, getattr(args, "load_iteration", None))
         arch = LlamaArch(**source["arch"])
         padded = source["padded_vocab_size"]
         recorded_factor = source.get("interpolation_factor")
@@ -187,10 +190,10 @@ def resume(trainer: Trainer, allow_missing) -> None:
     if not args.load:
         return
     iteration, common = load_checkpoint(
-        trainer.models, args.load,
+        trainer.models, args.load, getattr(args, "load_iteration", None),
         optimizer=None if args.finetune else trainer.optimizer,
         scheduler=None if args.finetune else trainer.scheduler,
-        allow_missing=allow_missing)
+        allow_missing=allow_missing, fallback=getattr(args, "load_fallback", False))
     if common:
         trainer.iteration, trainer.common = iteration, common
         log(f"resumed from {args.load} at iteration {iteration}")

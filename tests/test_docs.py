@@ -7,7 +7,9 @@ classified, or test_every_shell_block_is_classified fails:
 - ```bash cpu-test         executed (with `bash -euo pipefail`, from the repository root) in file
                            order, each block in its own shell; it must exit 0.
 - ```bash cpu-test exit=N  must exit N, and every line of the ```text block right after it must
-                           appear in its stderr (the variables below substituted).
+                           appear in its output (the variables below substituted).
+- ```bash cpu-test output  exits 0, and the ```text block right after it is its output (every
+                           line must appear): documented figures cannot go stale.
 - `<!-- gpu-only -->` on the line before a block: needs GPUs; not run.
 - `<!-- not-tested: REASON -->` on the line before a block: not run, for the stated reason (sets
   the reader's paths, starts a server, submits to a cluster, ...).
@@ -103,7 +105,7 @@ def parse_blocks(path: str) -> list[Block]:
         blocks.append(Block(path, i + 1, lang, info, body, marker.group(1) if marker else ""))
         i, previous = end + 1, ""
     for block, following in zip(blocks, blocks[1:]):
-        if block.exit_code and following.lang == "text":
+        if (block.exit_code or "output" in block.tags) and following.lang == "text":
             block.expect = [ln.strip() for ln in following.text.splitlines() if ln.strip()]
     return blocks
 
@@ -132,8 +134,8 @@ def test_every_shell_block_is_classified():
 
 def test_exit_blocks_are_followed_by_their_message():
     missing = [b.where for path in doc_files() for b in shell_blocks(path)
-               if b.runs and b.exit_code and not b.expect]
-    assert not missing, f"```bash cpu-test exit=N needs a ```text block with the message: {missing}"
+               if b.runs and (b.exit_code or "output" in b.tags) and not b.expect]
+    assert not missing, f"```bash cpu-test exit=N / output needs a ```text block after it: {missing}"
 
 
 def test_flags_doc_is_current():
@@ -310,9 +312,9 @@ def test_cpu_commands_in_docs_run(path, stand_ins, tmp_path):
         output = f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
         assert result.returncode == block.exit_code, (
             f"{block.where}: exit {result.returncode}, expected {block.exit_code}\n{block.text}\n{output}")
-        stderr = " ".join(result.stderr.split())
+        printed = " ".join((result.stdout + "\n" + result.stderr).split())
         for line in block.expect:
-            assert " ".join(_expand(line, env).split()) in stderr, \
+            assert " ".join(_expand(line, env).split()) in printed, \
                 f"{block.where}: the documented message is not what it prints:\n{line}\n{output}"
 
 

@@ -51,6 +51,14 @@ FALLBACK_HELP = {
     "--overlap-param-gather": "overlap the distributed optimizer's parameter all-gather with the "
                               "forward pass",
     "--max-new-tokens": "tokens to generate per prompt",
+    "--model": "architecture preset",
+    "--seq-length": "sequence length N in tokens",
+    "--sequence-parallel": "shard norm/dropout activations over the TP ranks (needs TP > 1)",
+    "--recompute": "activation recompute: full layers, selective (core attention) or none",
+    "--lora-rank": "LoRA rank r",
+    "--full-finetune": "train every parameter, no adapters",
+    "--attention": "s2 (shifted sparse attention while training) or full (dense)",
+    "--group-size-ratio": "S²-Attn group size as a fraction of the sequence length",
 }
 
 

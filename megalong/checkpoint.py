@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megalong.checkpoint_manifest import (candidate_iterations, check_checkpoint, damaged_message,
                                           file_entries, list_files, write_manifest)
@@ -82,7 +83,11 @@ def save_checkpoint(model_chunks, root: str, iteration: int, metadata: dict, *,
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
-    dist_checkpointing.save(_full_state(model_chunks, optimizer, scheduler, common, False), staging)
+    try:
+        dist_checkpointing.save(_full_state(model_chunks, optimizer, scheduler, common, False),
+                                staging)
+    except (Exception, CheckpointException) as err:  # e.g. a full disk; the old checkpoints stay
+        raise MegalongError(f"cannot save checkpoint {staging}: {_one_line(err)}") from err
     if rank == 0:
         _write_durably(os.path.join(staging, METADATA), json.dumps(
             {**metadata, "iteration": iteration, "world_size": world,
@@ -182,9 +187,8 @@ def load_checkpoint(model_chunks, root: str, iteration: int | None = None, *, op
         # "unexpected" = requested but absent from the checkpoint (returned, not raised).
         state, _, absent = dist_checkpointing.load(request, directory,
                                                    strict=StrictHandling.RETURN_UNEXPECTED)
-    except Exception as err:  # megatron raises many types; name the directory
-        detail = " ".join(str(err).split())  # one line, however megatron formats it
-        raise MegalongError(f"cannot load checkpoint {directory}: {detail[:600]}") from err
+    except (Exception, CheckpointException) as err:  # many types (torch's is a BaseException)
+        raise MegalongError(f"cannot load checkpoint {directory}: {_one_line(err)}") from err
     not_allowed = sorted(k for k in absent if not allow_missing(k))
     if not_allowed:
         raise MegalongError(f"checkpoint {directory} lacks {', '.join(not_allowed[:5])} "
@@ -202,6 +206,17 @@ def load_checkpoint(model_chunks, root: str, iteration: int | None = None, *, op
         if same_ranks:
             _set_rng_state(state["rng_state"])
     return iteration, (state.get("common") or {}) if load_training else {}
+
+
+def _one_line(err: BaseException) -> str:
+    """The cause in one line: torch's CheckpointException carries each rank's exception (and a
+    formatted traceback in its text); megatron's messages may span lines."""
+    if isinstance(err, CheckpointException) and err.failures:
+        causes = {f"{type(exc).__name__}: {exc}" for exc, _ in err.failures.values()}
+        text = "; ".join(sorted(causes))
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return " ".join(text.split())[:600]
 
 
 def model_parallel_description() -> dict:

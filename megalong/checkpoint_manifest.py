@@ -138,8 +138,8 @@ def damaged_message(root: str, iteration: int, problems: list[str], hint: bool =
     if not hint:
         hint = ""
     elif older:
-        hint = (f"; pass --load-fallback to load the newest intact older checkpoint (iteration "
-                f"{older[0]} is the next one)")
+        hint = (f"; iteration {older[0]} is the next older one (training with --load-fallback "
+                "resumes from the newest intact older checkpoint)")
     else:
         hint = "; no older checkpoint is left to fall back to"
     directory = iteration_dir(root, iteration)

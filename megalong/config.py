@@ -237,6 +237,8 @@ def validate_training_args(args, world_size: int) -> None:
                                         "(make it with tools/preprocess_data.py)")
     if args.sft_data and not os.path.isfile(args.sft_data):
         raise MegalongError(f"--sft-data {args.sft_data} does not exist")
+    if args.sft_data:
+        _check_sft_head(args.sft_data)
     if args.sft_data and not args.tokenizer:
         raise MegalongError("--sft-data needs --tokenizer")
     if args.tokenizer and not os.path.exists(args.tokenizer):
@@ -268,6 +270,18 @@ def validate_training_args(args, world_size: int) -> None:
         raise MegalongError("--fp8-format needs Transformer Engine on a GPU, which is not installed")
     if args.use_distributed_optimizer and not _importable_cuda():
         raise MegalongError("--use-distributed-optimizer runs on GPUs only; drop it on CPU")
+
+
+def _check_sft_head(path: str) -> None:
+    """Cheap and torch-free: an empty file or list, or text that is neither json nor jsonl.
+    (Every record is checked when the dataset is built.)"""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        head = "".join(handle.read(4096).split())
+    if head in ("", "[]"):
+        raise MegalongError(f"--sft-data {path} holds no records")
+    if head[0] not in "[{":
+        raise MegalongError(f"--sft-data {path} is not json or jsonl (LongAlpaca: a list of "
+                            "{instruction, input, output} records)")
 
 
 def _blend_prefixes(data_path):
@@ -332,6 +346,27 @@ def add_lora_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lora-b-lr-ratio", type=float, default=None,
                        help="learning rate of the B factors relative to --lr (LoRA+ optimiser "
                             "paper; default 1)")
+
+
+def check_lora_fits_checkpoint(args, metadata: dict, load: str) -> None:
+    """A checkpoint that carries LoRA adapters continues only with adapters of the same shape
+    (rank and adapted linears); torch-free, so the mismatch is named before start-up."""
+    saved = metadata.get("lora")
+    if not saved:
+        return
+    described = f"LoRA rank {saved['rank']} on {','.join(saved['parts'])}"
+    if args.full_finetune:
+        raise MegalongError(f"checkpoint {load} holds {described}; --full-finetune would drop the "
+                            "adapters: export it with --merge-lora and convert it back, or drop "
+                            "--full-finetune")
+    from megalong.lora.options import parts_for_targets
+
+    parts = list(parts_for_targets(args.lora_target_list))
+    if int(saved["rank"]) != args.lora_rank or list(saved["parts"]) != parts:
+        raise MegalongError(
+            f"checkpoint {load} holds {described} but the flags ask for rank {args.lora_rank} on "
+            f"{','.join(parts)}: the adapters would not fit; pass --lora-rank {saved['rank']} and "
+            f"matching --lora-targets to continue it")
 
 
 def _comma_list(value: str) -> list:

@@ -90,9 +90,9 @@ def validate(args) -> None:
             raise MegalongError(f"--{flag} {path} exists and is not a directory")
         if os.path.isdir(path) and os.listdir(path) and not args.overwrite:
             raise MegalongError(f"--{flag} {path} is not empty; pass --overwrite to replace it")
-        parent = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(parent) and not os.access(parent, os.W_OK):
-            raise MegalongError(f"cannot write to {parent}")
+        from megalong.data.files import check_writable_dir
+
+        check_writable_dir(os.path.dirname(os.path.abspath(path)), what=f"--{flag} {path}: directory")
     if args.command == "hf-to-megatron":
         for name in ("tp", "pp", "seq_length", "make_vocab_size_divisible_by"):
             positive(name.replace("_", "-"), getattr(args, name))
@@ -121,6 +121,9 @@ def validate(args) -> None:
         from megalong.checkpoint_meta import read_metadata
         from megalong.convert.checkpoint_conversion import check_lora_export
 
+        from megalong.checkpoint_manifest import select_iteration
+
+        select_iteration(args.load)  # a missing or truncated file is named before torch
         check_lora_export(read_metadata(args.load), args.load, out=args.out,
                           merge_lora=args.merge_lora, peft_adapter=args.peft_adapter)
         if args.max_shard_size_gb <= 0:

@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megalong.cli import run_cli  # noqa: E402  (torch-free)
+from megalong.errors import MegalongError  # noqa: E402
 from megalong.eval import loading  # noqa: E402
 
 
@@ -45,6 +46,12 @@ def main(argv=None) -> None:
     sampling = Sampling(args.temperature, args.top_p, args.seed).validate()
     source = loading.source_from_args(args)
     tokenizer = loading.tokenizer_path(source, args.tokenizer)
+    from megalong.data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(tokenizer).vocab_size
+    if vocab > source.arch.vocab_size:
+        raise MegalongError(f"tokenizer {tokenizer} has {vocab} tokens, more than the model's "
+                            f"vocabulary of {source.arch.vocab_size}: they do not belong together")
     prompts = read_prompts(args.prompt_file)
     loading.check_output_file("json", args.json)
     from megalong.eval.generate import generate_on_ranks

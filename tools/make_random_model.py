@@ -26,8 +26,15 @@ def main(argv=None):
         if args.vocab_size < 2:
             raise MegalongError(f"--vocab-size must be >= 2, got {args.vocab_size}")
         arch = arch.with_(vocab_size=args.vocab_size)
+    if not args.std > 0:
+        raise MegalongError(f"--std must be > 0, got {args.std}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise MegalongError(f"--out {args.out} exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise MegalongError(f"--out {args.out} is not empty; pass --overwrite to replace it")
+    from megalong.data.files import check_writable_dir
+
+    check_writable_dir(os.path.dirname(os.path.abspath(args.out)), what=f"--out {args.out}: directory")
     from megalong.convert.random_hf import write_random_hf_model
 
     write_random_hf_model(args.out, arch, seed=args.seed, std=args.std, overwrite=args.overwrite)

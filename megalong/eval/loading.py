@@ -72,9 +72,10 @@ def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = 
         raise MegalongError(f"--rotary-seq-len-interpolation-factor must be >= 1, got "
                             f"{interpolation_factor}")
     if load is not None:
+        from megalong.checkpoint_manifest import select_iteration
         from megalong.checkpoint_meta import TOKENIZER_SUBDIR, read_metadata
 
-        meta = read_metadata(load)
+        meta = read_metadata(load, select_iteration(load))  # a truncated file is named here
         arch = LlamaArch(**meta["arch"])
         validate_tp(arch, tp, pp)
         padded = int(meta["padded_vocab_size"])

@@ -30,7 +30,8 @@ def parse_and_validate(argv=None):
         # A missing or truncated file (sizes against the manifest) is caught here, before torch;
         # load_checkpoint checks the CRC-32s. --load-fallback picks an older intact iteration.
         args.load_iteration = select_iteration(args.load, fallback=args.load_fallback, log=_log)
-        arch = LlamaArch(**read_metadata(args.load, args.load_iteration)["arch"])
+        metadata = read_metadata(args.load, args.load_iteration)
+        arch = LlamaArch(**metadata["arch"])
     elif args.model:
         arch = PRESETS[args.model]
     else:
@@ -38,6 +39,8 @@ def parse_and_validate(argv=None):
     config.validate_model_args(args, arch)
     config.validate_training_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     config.validate_lora_args(args)
+    if args.load:
+        config.check_lora_fits_checkpoint(args, metadata, args.load)
     check_tokenizer_fits(args, arch)
     return args
 

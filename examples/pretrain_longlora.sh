@@ -51,15 +51,17 @@ recipe=()
 case "$MODEL:$SEQ_LEN" in
     llama2-7b:*)  # beyond 64k the activations need all 8 GPUs of the node
                   if (( SEQ_LEN > 65536 )); then default_tp=8; else default_tp=2; fi
-                  recipe=(--tensor-model-parallel-size "${TP:-$default_tp}" --sequence-parallel) ;;
-    llama2-13b:*) recipe=(--tensor-model-parallel-size "${TP:-4}" --sequence-parallel) ;;
-    llama2-70b:*) recipe=(--tensor-model-parallel-size "${TP:-8}" --sequence-parallel
+                  recipe=(--tensor-model-parallel-size "${TP:-$default_tp}") ;;
+    llama2-13b:*) recipe=(--tensor-model-parallel-size "${TP:-4}") ;;
+    llama2-70b:*) recipe=(--tensor-model-parallel-size "${TP:-8}"
                           --pipeline-model-parallel-size "${PP:-${NNODES:-1}}") ;;
     tiny:*)       recipe=(--tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}") ;;
     *) echo "error: unknown MODEL=$MODEL (llama2-7b, llama2-13b, llama2-70b, tiny)" >&2; exit 2 ;;
 esac
 if [[ "$MODEL" != tiny ]]; then
     recipe+=(--bf16 --recompute-granularity full --use-distributed-optimizer)
+    # Sequence parallel shards activations over the TP ranks; it needs more than one.
+    [[ "${recipe[1]}" != 1 ]] && recipe+=(--sequence-parallel)
 fi
 model_source=(--model "$MODEL")
 [[ -n "${LOAD:-}" ]] && model_source=(--load "$LOAD")

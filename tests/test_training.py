@@ -152,9 +152,10 @@ def test_launcher_two_nodes_equal_one_node(tiny_megatron_ckpt, corpus, sp_model,
     ("group size", "not a multiple of group size"),
     ("no iters", "--train-iters is required"),
     ("bad load", "latest_checkpointed_iteration.txt"),
+    ("data from another tokenizer", "tokenized with another tokenizer"),
 ])
 def test_bad_training_input_is_one_line(case, fragment, tiny_megatron_ckpt, corpus, sp_model,
-                                        tmp_path):
+                                        demo_jsonl, tmp_path):
     args = train_args(tiny_megatron_ckpt, corpus, sp_model)
     if case == "missing data":
         args[args.index("--data-path") + 1] = str(tmp_path / "nothing")
@@ -179,6 +180,14 @@ def test_bad_training_input_is_one_line(case, fragment, tiny_megatron_ckpt, corp
         del args[i:i + 2]
     elif case == "bad load":
         args[args.index("--load") + 1] = str(tmp_path)
+    elif case == "data from another tokenizer":
+        from megalong.data.demo_text import demo_documents
+        from megalong.data.preprocess import preprocess_to_indexed
+        from megalong.data.tokenizer import train_sentencepiece
+
+        big = train_sentencepiece(demo_documents("topics"), 2000, str(tmp_path / "tok"))
+        preprocess_to_indexed([demo_jsonl], str(tmp_path / "big"), big, progress=None)
+        args[args.index("--data-path") + 1] = str(tmp_path / "big")
     result = subprocess.run([sys.executable, ENTRY, *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, (case, result.stderr[-2000:])
     last = result.stderr.strip().splitlines()[-1]

@@ -3,6 +3,8 @@ exactly the batches an uninterrupted one would, whatever the data-parallel layou
 
 import torch
 
+from megalong.errors import MegalongError
+
 
 def rank_sample_indices(iteration: int, global_batch_size: int, num_samples: int,
                         dp_rank: int, dp_size: int) -> list[int]:
@@ -19,8 +21,15 @@ def collate(samples) -> dict:
 
 
 def microbatches(dataset, iteration: int, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int) -> list[dict]:
+                 dp_rank: int, dp_size: int, vocab_size: int) -> list[dict]:
     indices = rank_sample_indices(iteration, global_batch_size, len(dataset), dp_rank, dp_size)
     collate_fn = getattr(dataset, "collate", collate)  # SFT pads to the longest sample
-    return [collate_fn([dataset[i] for i in indices[start:start + micro_batch_size]])
-            for start in range(0, len(indices), micro_batch_size)]
+    batches = [collate_fn([dataset[i] for i in indices[start:start + micro_batch_size]])
+               for start in range(0, len(indices), micro_batch_size)]
+    largest = max(int(batch["tokens"].max()) for batch in batches)
+    if largest >= vocab_size:
+        raise MegalongError(
+            f"the data holds token id {largest} but the model's vocabulary has {vocab_size} "
+            "tokens: it was tokenized with another tokenizer (re-run tools/preprocess_data.py "
+            "with the model's tokenizer)")
+    return batches

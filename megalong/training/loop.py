@@ -35,7 +35,7 @@ def train_step(trainer: Trainer, iteration: int):
     args = trainer.args
     dp_rank, dp_size = data_parallel_rank_and_size()
     batches = microbatches(trainer.train_data, iteration, args.global_batch_size,
-                           args.micro_batch_size, dp_rank, dp_size)
+                           args.micro_batch_size, dp_rank, dp_size, trainer.arch.vocab_size)
     for model in trainer.ddp_models:
         model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
@@ -58,7 +58,7 @@ def evaluate(trainer: Trainer) -> float:
     with torch.no_grad():
         for index in range(args.eval_iters):
             batches = microbatches(trainer.valid_data, index, args.global_batch_size,
-                                   args.micro_batch_size, dp_rank, dp_size)
+                                   args.micro_batch_size, dp_rank, dp_size, trainer.arch.vocab_size)
             outputs += run_microbatches(trainer.ddp_models, batches, forward_only=True)
     for model in trainer.ddp_models:
         model.train()

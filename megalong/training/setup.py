@@ -210,7 +210,10 @@ def _carry_tokenizer(load: str, save: str) -> None:
     target = os.path.join(save, TOKENIZER_SUBDIR)
     if os.path.isdir(source) and not os.path.isdir(target) and os.path.abspath(load) != os.path.abspath(save):
         os.makedirs(save, exist_ok=True)
-        shutil.copytree(source, target)
+        staging = target + ".tmp"  # a crash mid-copy must not leave a partial tokenizer behind
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        os.replace(staging, target)
 
 
 def data_parallel_rank_and_size():

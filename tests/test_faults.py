@@ -167,13 +167,19 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tiny_megatron_ckpt, 
             seen.setdefault(iteration, []).extend(values)
         return job
 
+    def killed_after(job, iteration):
+        # The killed rank says so itself. (Rank 0, which records the losses, may be stopped by
+        # torchrun before it records the last step when rank 1 is the one killed.)
+        return (f"after iteration {iteration}\n" in job.stderr and "fault injection: SIGKILL"
+                in job.stderr and max(job.losses, default=0) <= iteration)
+
     def describe():
         return "; ".join(f"{name} {env} rc={job.returncode}" for name, env, job in jobs)
 
     # 1. SIGKILL after a step between two checkpoints.
     kill = rng.randint(INTERVAL + 1, 2 * INTERVAL)
     job = run("kill-1", {"MEGALONG_FAULT_KILL_AT_ITER": str(kill), "MEGALONG_FAULT_RANK": rank_choice()})
-    assert job.returncode != 0 and max(job.losses) == kill, (describe(), job.stderr[-3000:])
+    assert job.returncode != 0 and killed_after(job, kill), (describe(), job.stderr[-3000:])
     assert _tracker(run_dir) == (kill - 1) // INTERVAL * INTERVAL
 
     # 2. SIGKILL in the middle of writing a checkpoint: after k of its writes (its files, then
@@ -194,7 +200,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tiny_megatron_ckpt, 
     resumed = _tracker(run_dir)
     kill = rng.randint(resumed + 1, ITERS - 1)
     job = run("kill-2", {"MEGALONG_FAULT_KILL_AT_ITER": str(kill), "MEGALONG_FAULT_RANK": rank_choice()})
-    assert job.returncode != 0 and max(job.losses) == kill, (describe(), job.stderr[-3000:])
+    assert job.returncode != 0 and killed_after(job, kill), (describe(), job.stderr[-3000:])
 
     # 4. SIGTERM on one rank: every rank saves at that step and the job exits with 0.
     resumed = _tracker(run_dir)
@@ -241,14 +247,14 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tiny_megatron_ckpt, 
 def test_a_hung_rank_times_out_and_brings_the_job_down(tiny_megatron_ckpt, corpus, sp_model,
                                                        tmp_path):
     argv = [*train_args(tiny_megatron_ckpt, corpus, sp_model, iters=6),
-            "--distributed-timeout-minutes", "0.1"]
+            "--distributed-timeout-minutes", "0.25"]  # short, yet above start-up skews
     job = launch(argv, tmp_path, "hang", env={"MEGALONG_FAULT_HANG_AT_ITER": "2",
                                               "MEGALONG_FAULT_RANK": "1"})
     assert job.returncode != 0, job.stderr[-3000:]  # instead of waiting an hour for rank 1
     assert "rank 1 hangs after iteration 2" in job.stderr
     errors = [line for line in job.stderr.splitlines() if line.startswith("error: rank 0")]
     assert errors and "a collective operation failed" in errors[0], job.stderr[-3000:]
-    assert "--distributed-timeout-minutes 0.1" in errors[0]
+    assert "--distributed-timeout-minutes 0.25" in errors[0]
     assert max(job.losses) == 2
 
 

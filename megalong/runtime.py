@@ -156,8 +156,9 @@ def init_distributed(
         os.environ.setdefault("WORLD_SIZE", "1")
         if use_cuda():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # On GPUs, CPU tensors (loss sums, exit flags) still get collectives: gloo beside nccl.
         dist.init_process_group(
-            backend="nccl" if use_cuda() else "gloo",
+            backend="cpu:gloo,cuda:nccl" if use_cuda() else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     world = dist.get_world_size()

@@ -8,6 +8,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megalong import runtime
 from megalong.model.cp_layout import gather_sequence_over_cp, slice_batch_for_cp_rank
 
 
@@ -28,8 +29,15 @@ def _gathered_logits(logits):
     return logits.sum() * 0.0, {"logits": full.detach()}
 
 
+def _on_device(batch: dict) -> dict:
+    """Datasets yield CPU tensors; the model may live on a GPU."""
+    device = runtime.device()
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
+
+
 def _forward_step(mode, data_iterator, model):
-    batch = next(data_iterator)
+    batch = _on_device(next(data_iterator))
     if batch.get("position_ids") is None:
         batch = {**batch, "position_ids": position_ids_for(batch["tokens"])}
     # Context parallel: this rank's contiguous slice of every per-token field (labels were

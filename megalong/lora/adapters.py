@@ -39,7 +39,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megalong.errors import MegalongError
-from megalong.lora.merge import fuse_parts_last_dim, lora_scale
+from megalong.lora.merge import fuse_parts, lora_scale
 
 COLUMN_LINEARS = ("linear_qkv", "linear_fc1")
 ROW_LINEARS = ("linear_proj", "linear_fc2")
@@ -122,11 +122,17 @@ class LoRAAdapter(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The update to add to the base output; x is the base linear's input."""
-        if self.parallel == "row":
-            return self._row_forward(x)
-        return self._column_forward(x)
+        hidden, weight = self.low_rank(x)
+        return F.linear(hidden, weight)
 
-    def _column_forward(self, x):
+    def low_rank(self, x: torch.Tensor):
+        """(h, W) with update = h W^T: h `[s, b, parts*r]` the stacked A x (reduced over TP as the
+        base linear's layout needs), W `[out_local, parts*r]` every part's s·B in one matrix."""
+        if self.parallel == "row":
+            return self._row_low_rank(x)
+        return self._column_low_rank(x)
+
+    def _column_low_rank(self, x):
         x = self._dropout(x, replicated=not self.sequence_parallel)
         stacked_a = torch.cat([factors.A for _, factors in self.factors()])
         hidden = F.linear(x, stacked_a)  # [s(/tp), b, parts*r]
@@ -134,14 +140,19 @@ class LoRAAdapter(torch.nn.Module):
             hidden = gather_from_sequence_parallel_region(hidden, group=self.tp_group)
         else:
             hidden = copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
-        outputs = {
-            name: F.linear(part_hidden, factors.B)
-            for (name, factors), part_hidden in zip(self.factors(), hidden.split(self.rank, -1))
-        }
-        fused = fuse_parts_last_dim(self.fused, outputs, self.local_rows, **self.local_heads)
-        return self.scale * fused
+        return hidden, self.fused_b()
 
-    def _row_forward(self, x):
+    def fused_b(self) -> torch.Tensor:
+        """s·B of every part as one `[out_local, parts*r]` matrix in megatron's row order: part i's
+        rows hold its B in columns [i*r, (i+1)*r) and zeros elsewhere. One matmul with it gives
+        the parts' updates already interleaved (qkv) or stacked (fc1): no activation-sized
+        concatenation, scaling or per-part outputs (weight-sized work only)."""
+        count, r = len(self.part_names), self.rank
+        blocks = {name: F.pad(self.scale * factors.B, (i * r, (count - 1 - i) * r))
+                  for i, (name, factors) in enumerate(self.factors())}
+        return fuse_parts(self.fused, blocks, self.local_rows, **self.local_heads)
+
+    def _row_low_rank(self, x):
         ((_, factors),) = self.factors()
         x = self._dropout(x, replicated=self.tp_size == 1)
         partial = F.linear(x, factors.A)  # [s, b, r], this rank's input columns only
@@ -149,7 +160,7 @@ class LoRAAdapter(torch.nn.Module):
             hidden = reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group)
         else:
             hidden = reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
-        return self.scale * F.linear(hidden, factors.B)
+        return hidden, self.scale * factors.B
 
     def attach(self, base: torch.nn.Module) -> None:
         """Add this adapter's update to every output of `base`."""
@@ -161,7 +172,8 @@ class LoRAAdapter(torch.nn.Module):
             if self.base_kind == "te_layernorm":  # TE fuses the pre-norm into the linear
                 x = _te_input_norm(module, x)
             out, bias = output
-            return out + self(x).to(out.dtype), bias
+            hidden, weight = self.low_rank(x)
+            return _add_low_rank(out, hidden.to(out.dtype), weight.to(out.dtype)), bias
 
         self._hook = base.register_forward_hook(hook, with_kwargs=True)
 
@@ -187,6 +199,15 @@ class LoRAAdapter(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.parallel}, parts={self.part_names}, r={self.rank}, alpha={self.alpha}, "
                 f"dropout={self.dropout}, TP={self.tp_size}, SP={self.sequence_parallel}")
+
+
+def _add_low_rank(out, hidden, weight):
+    """out + hidden @ weight^T in one addmm (no separate update tensor, no extra add pass)."""
+    if not out.is_contiguous():
+        return out + F.linear(hidden, weight)
+    rows = out.shape[-1]
+    flat = torch.addmm(out.reshape(-1, rows), hidden.reshape(-1, hidden.shape[-1]), weight.t())
+    return flat.view(out.shape)
 
 
 def _te_input_norm(module, x):

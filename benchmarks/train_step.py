@@ -1,0 +1,284 @@
+"""Whole training steps: megalong (S²-Attn + LoRA+, dense + LoRA+, full fine-tuning) against the
+HF + PEFT reference (benchmarks/reference_hf.py), all in one run.
+
+    python benchmarks/train_step.py [--seq-lengths 4096,8192] [--arms megalong-s2,reference,...]
+                                    [--recompute full|selective|none] [--steps 6]
+                                    [--device cpu|cuda] [--bf16] [--json OUT]
+                                    [--hidden-size 512 --ffn-hidden-size 1408 --num-layers 8
+                                     --num-heads 8 --num-kv-heads 2 --vocab-size 32000]
+
+Each (arm, sequence length) trains in a fresh subprocess, batch 1, G = N/4:
+- tokens/s: N / the median step time of the steps after the first (a warm-up);
+- memory: CPU: the process's peak resident set (ru_maxrss) and the same minus the resident set
+  right after importing torch, megatron-core / transformers + peft (the "idle" baseline);
+  GPU: torch.cuda.max_memory_allocated over the whole process (weights included);
+- MFU (GPU): model FLOPs per step from megalong/plan.py's `step_flops` (2P forward + 2P input
+  gradient + 2P_trainable weight gradient over the matmul parameters P, plus attention FLOPs as
+  computed: causal pairs of dense or of S²-Attn's groups, forward + 2x for the backward;
+  recompute's extra forward is not counted) / step time / --peak-tflops (989 for H100 bf16);
+- attention share bound: the megalong-s2 and megalong-dense processes also time their attention
+  call alone (forward, and forward + backward, at the model's per-layer shapes) and scale it to a
+  step (layers x (fwd+bwd), plus layers x fwd with full recompute). If only attention differed,
+  S² would speed the dense step up by at most
+      bound = dense step / (dense step - dense attention + S² attention).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (ARMS, ROOT, add_shape_args, build_arm, current_rss_bytes,  # noqa: E402
+                     median, peak_rss_bytes, run_child, shape_from_args, time_steps)
+
+DEFAULT_ARMS = "megalong-s2,reference,megalong-dense,megalong-fft"
+
+
+def _attention_alone(shape, seq_length, attention, device, dtype, repeats=3):
+    """Seconds of one attention call forward, and forward + backward, at the layer's shapes."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from megalong.attention import dense_causal_attention, s2_attention
+
+    d = shape.hidden_size // shape.num_heads
+    gen = torch.Generator().manual_seed(1)
+
+    def make(heads):
+        return torch.randn(seq_length, 1, heads, d, generator=gen).to(device, dtype).requires_grad_()
+
+    q, k, v = make(shape.num_heads), make(shape.num_kv_heads), make(shape.num_kv_heads)
+    grad = torch.randn(seq_length, 1, shape.num_heads, d, generator=gen).to(device, dtype)
+    if attention == "s2":
+        def fn():
+            return s2_attention(q, k, v, seq_length // 4)
+    else:
+        def fn():
+            return dense_causal_attention(q, k, v)
+
+    def timed(backward):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if backward:
+            out.backward(grad)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(True)  # warm-up
+    fwd = median([timed(False) for _ in range(repeats)])
+    fwd_bwd = median([timed(True) for _ in range(repeats)])
+    return fwd, fwd_bwd
+
+
+def _tensor_peak_child(args) -> dict:
+    """Peak bytes of live torch tensors over the model's build and two steps (the second has
+    the optimizer state), from torch.profiler's allocation events: what megalong/plan.py models,
+    without the C allocator's slack that the resident set carries."""
+    from torch.profiler import ProfilerActivity, profile
+
+    arm, seq_length = args.child, int(args.seq_lengths)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step, _ = build_arm(arm, shape_from_args(args), seq_length, recompute=args.recompute,
+                           device="cpu", bf16=args.bf16)
+        losses = [step(0), step(1)]
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return {"arm": arm, "seq_length": seq_length, "tensor_peak": peak, "losses": losses,
+            "peak_rss": peak_rss_bytes()}
+
+
+def _child(args) -> dict:
+    import torch
+
+    if args.tensor_peak:
+        return _tensor_peak_child(args)
+
+    arm, seq_length = args.child, int(args.seq_lengths)
+    if arm.startswith("megalong"):
+        import megatron.core  # noqa: F401  (the idle baseline includes it)
+    else:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    idle_rss = current_rss_bytes()
+    shape = shape_from_args(args)
+    device = args.device
+    step, _ = build_arm(arm, shape, seq_length, recompute=args.recompute, device=device,
+                       bf16=args.bf16)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = time_steps(step, args.steps, device, budget_s=args.budget_s)
+    result = {"arm": arm, "seq_length": seq_length, "step_times": times,
+              "median_step_s": median(times[1:]), "losses": losses,
+              "threads": torch.get_num_threads(), "idle_rss": idle_rss,
+              "peak_rss": peak_rss_bytes()}
+    result["tokens_per_s"] = seq_length / result["median_step_s"]
+    if device == "cuda":
+        result["peak_allocated"] = torch.cuda.max_memory_allocated()
+    if args.profile_dir:
+        _profile(step, args, arm, seq_length)
+    if arm in ("megalong-s2", "megalong-dense"):
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        fwd, fwd_bwd = _attention_alone(shape, seq_length, arm.split("-")[1], device, dtype)
+        per_step = shape.num_layers * (fwd_bwd + (fwd if args.recompute == "full" else 0.0))
+        result.update(attention_fwd_s=fwd, attention_fwd_bwd_s=fwd_bwd,
+                      attention_per_step_s=per_step)
+    return result
+
+
+def _profile(step, args, arm, seq_length) -> None:
+    """One more step under torch.profiler; the op table (self time) goes to a text file."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(args.steps)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    os.makedirs(args.profile_dir, exist_ok=True)
+    with open(os.path.join(args.profile_dir, f"profile_{arm}_{seq_length}.txt"), "w") as fh:
+        fh.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
+
+
+def _flops(args, arm, seq_length):
+    sys.path.insert(0, ROOT)
+    from _common import arch_of
+
+    from megalong.plan import PlanConfig, step_flops
+
+    shape = shape_from_args(args)
+    cfg = PlanConfig(arch=arch_of(shape, seq_length), seq_length=seq_length,
+                     attention="full" if arm.endswith("dense") else "s2",
+                     full_finetune=arm == "megalong-fft", recompute=args.recompute,
+                     bf16=args.bf16)
+    return step_flops(cfg)
+
+
+def _mib(n):
+    return f"{n / 2**20:,.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq-lengths", default="4096,8192")
+    parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated of {ARMS}")
+    parser.add_argument("--recompute", choices=["full", "selective", "none"], default="full",
+                        help="activation recompute of every arm (the reference: full or none)")
+    parser.add_argument("--steps", type=int, default=6, help="steps per arm, the first a warm-up")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="stop an arm's timing after this many seconds (3 steps at least)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the device's dense bf16 peak for MFU (H100 SXM: 989)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--tensor-peak", action="store_true",
+                        help="CPU: instead of timing, the peak of live torch tensors (profiler)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if any arm failed")
+    parser.add_argument("--profile-dir", help="also profile one extra step of each arm (op table)")
+    parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
+    add_shape_args(parser)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(args)))
+        return
+
+    arms = args.arms.split(",")
+    forwarded = [a for a in sys.argv[1:]]
+    rows = []
+    for seq_length in [int(s) for s in args.seq_lengths.split(",")]:
+        for arm in arms:
+            argv = [a for a in forwarded]
+            argv = _replace(argv, "--seq-lengths", str(seq_length))
+            argv = _replace(argv, "--arms", arm)
+            res = run_child("train_step.py", argv + ["--child", arm])
+            res.setdefault("arm", arm)
+            res.setdefault("seq_length", seq_length)
+            if "error" not in res and args.device == "cuda":
+                flops = _flops(args, arm, seq_length)
+                res["model_flops"] = flops["model"]
+                res["mfu"] = flops["model"] / res["median_step_s"] / (args.peak_tflops * 1e12)
+            rows.append(res)
+            summary = res.get("error") or (f"{res['tokens_per_s']:.0f} tok/s, median "
+                                           f"{res['median_step_s']:.2f}s of {res['step_times']}")
+            print(f"  {arm} N={seq_length}: {summary}", file=sys.stderr, flush=True)
+            if "error" in res:
+                print(res["stderr_tail"], file=sys.stderr)
+    print(_table(rows, args))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    if args.strict and any("error" in r for r in rows):
+        sys.exit(1)
+
+
+def _replace(argv, flag, value):
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = True
+            continue
+        if a.startswith(flag + "="):
+            continue
+        out.append(a)
+    return out + [flag, value]
+
+
+def _table(rows, args) -> str:
+    gpu = args.device == "cuda"
+    mem = "peak alloc (MiB)" if gpu else "peak RSS (MiB) | RSS over idle (MiB)"
+    lines = [f"| N | arm | tokens/s | median step (s) | vs reference (tok/s) | {mem} "
+             f"| mem vs reference |{' MFU |' if gpu else ''}",
+             "|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if not gpu else "") + ("---:|" if gpu else "")]
+    by_n = {}
+    for r in rows:
+        by_n.setdefault(r["seq_length"], {})[r["arm"]] = r
+    for n, arms in by_n.items():
+        ref = arms.get("reference")
+        ref_ok = ref is not None and "error" not in ref
+        for arm, r in arms.items():
+            if "error" in r:
+                lines.append(f"| {n} | {arm} | failed: {r['error']} |")
+                continue
+            speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref_ok else "–"
+            if gpu:
+                memory = _mib(r["peak_allocated"])
+                mem_ratio = (f"{r['peak_allocated'] / ref['peak_allocated']:.2f}×" if ref_ok
+                             else "–")
+            else:
+                memory = f"{_mib(r['peak_rss'])} | {_mib(r['peak_rss'] - r['idle_rss'])}"
+                mem_ratio = (f"{(r['peak_rss'] - r['idle_rss']) / (ref['peak_rss'] - ref['idle_rss']):.2f}×"
+                             if ref_ok else "–")
+            line = (f"| {n} | {arm} | {r['tokens_per_s']:.1f} | {r['median_step_s']:.2f} "
+                    f"| {speed} | {memory} | {mem_ratio} |")
+            if gpu:
+                line += f" {100 * r['mfu']:.1f}% |"
+            lines.append(line)
+        s2, dense = arms.get("megalong-s2"), arms.get("megalong-dense")
+        if s2 and dense and "error" not in s2 and "error" not in dense:
+            whole = dense["median_step_s"] / s2["median_step_s"]
+            a_dense, a_s2 = dense["attention_per_step_s"], s2["attention_per_step_s"]
+            bound = dense["median_step_s"] / (dense["median_step_s"] - a_dense + a_s2)
+            lines.append(
+                f"\nN={n}: megalong S² vs dense, whole step: {whole:.2f}×; attention alone per "
+                f"step: dense {a_dense:.2f}s ({100 * a_dense / dense['median_step_s']:.0f}% of "
+                f"the dense step), S² {a_s2:.2f}s; bound if only attention changed: "
+                f"{bound:.2f}×\n")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

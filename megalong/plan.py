@@ -1,0 +1,304 @@
+"""Memory and FLOPs of one training step before launching it (torch-free; tools/plan.py).
+
+Counts are per GPU (one tensor/context/pipeline-parallel rank) for megalong's own layout:
+megatron-core local or TE layers, LoRA+ adapters (DESIGN.md §7) or full fine-tuning, megatron
+DDP with fp32 gradient buffers, megatron's Adam, S²-Attn or dense attention through a flash-style
+kernel (no N x N matrix is ever stored). See docs/PERF.md for how close it comes to measured
+peaks.
+"""
+
+from dataclasses import dataclass
+from typing import Dict
+
+from megalong.errors import MegalongError
+from megalong.model.arch import LlamaArch
+
+RECOMPUTE = ("full", "selective", "none")
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    arch: LlamaArch
+    seq_length: int
+    micro_batch_size: int = 1
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    recompute: str = "full"  # full | selective | none
+    lora_rank: int = 8
+    lora_parts: tuple = ("q", "k", "v", "o")
+    trainable_extras: tuple = ("embed", "norm")
+    full_finetune: bool = False
+    bf16: bool = True
+    attention: str = "s2"  # s2 | full
+    group_size_ratio: float = 0.25
+    sequence_parallel: bool = False
+    vocab_divisible_by: int = 128
+    # A GPU run: torch's fused RMSNorm and megatron's fused SwiGLU (megalong uses them on GPUs),
+    # and the GPU attention kernels' contiguous copies of S²-Attn's folded q/k/v.
+    gpu: bool = True
+    # Override for the fused kernels (None: as gpu); False for runs before megalong fused them.
+    fused_kernels: bool = None
+
+    def __post_init__(self):
+        arch, tp = self.arch, self.tp
+        if self.recompute not in RECOMPUTE:
+            raise MegalongError(f"recompute must be one of {', '.join(RECOMPUTE)}, "
+                                f"got {self.recompute!r}")
+        if self.attention not in ("s2", "full"):
+            raise MegalongError(f"attention must be s2 or full, got {self.attention!r}")
+        for name in ("tp", "cp", "pp", "micro_batch_size", "seq_length"):
+            if getattr(self, name) < 1:
+                raise MegalongError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if arch.num_attention_heads % tp or arch.num_kv_heads % tp:
+            raise MegalongError(f"tp {tp} must divide the {arch.num_attention_heads} query heads "
+                                f"and {arch.num_kv_heads} kv heads")
+        if arch.num_layers % self.pp:
+            raise MegalongError(f"pp {self.pp} must divide the {arch.num_layers} layers")
+        if self.seq_length % self.cp:
+            raise MegalongError(f"cp {self.cp} must divide seq-length {self.seq_length}")
+        if not self.full_finetune and self.lora_rank < 1:
+            raise MegalongError(f"lora rank must be >= 1, got {self.lora_rank}")
+
+    @property
+    def fused(self) -> bool:
+        return self.gpu if self.fused_kernels is None else self.fused_kernels
+
+    @property
+    def group_size(self) -> int:
+        return int(round(self.seq_length * self.group_size_ratio))
+
+    @property
+    def param_bytes(self) -> int:
+        return 2 if self.bf16 else 4
+
+    @property
+    def padded_vocab(self) -> int:
+        multiple = self.vocab_divisible_by * self.tp
+        return -(-self.arch.vocab_size // multiple) * multiple
+
+
+# ------------------------------------------------------------------- parameters
+
+
+def layer_linear_params(arch: LlamaArch) -> Dict[str, int]:
+    """Weights of one layer's linears (whole, not TP shards): qkv, proj, fc1 (gate+up), fc2."""
+    H, F, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    nh, ng = arch.num_attention_heads, arch.num_kv_heads
+    return {"qkv": H * (nh + 2 * ng) * d, "proj": nh * d * H, "fc1": 2 * H * F, "fc2": F * H}
+
+
+def lora_part_params(arch: LlamaArch, rank: int) -> Dict[str, tuple]:
+    """(A params, B params, whether A is TP-split, whether B is TP-split) per HF part.
+    Column-parallel bases split B, row-parallel bases split A (DESIGN.md §7)."""
+    H, F, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    nh, ng = arch.num_attention_heads, arch.num_kv_heads
+    r = rank
+    return {
+        "q": (r * H, nh * d * r, False, True),
+        "k": (r * H, ng * d * r, False, True),
+        "v": (r * H, ng * d * r, False, True),
+        "o": (r * nh * d, H * r, True, False),
+        "gate": (r * H, F * r, False, True),
+        "up": (r * H, F * r, False, True),
+        "down": (r * F, H * r, True, False),
+    }
+
+
+def adapter_params(cfg: PlanConfig, *, per_rank: bool) -> int:
+    """LoRA parameters of one layer (this TP rank's shard when per_rank)."""
+    if cfg.full_finetune:
+        return 0
+    total = 0
+    for part in cfg.lora_parts:
+        a, b, a_split, b_split = lora_part_params(cfg.arch, cfg.lora_rank)[part]
+        div_a = cfg.tp if per_rank and a_split else 1
+        div_b = cfg.tp if per_rank and b_split else 1
+        total += a // div_a + b // div_b
+    return total
+
+
+def parameter_counts(cfg: PlanConfig) -> Dict[str, int]:
+    """Parameters held by the busiest rank (first pipeline stage with the embedding, last with
+    the lm_head; with pp = 1 both), split by kind, and what trains."""
+    arch, tp = cfg.arch, cfg.tp
+    H = arch.hidden_size
+    layers = arch.num_layers // cfg.pp
+    linear = sum(layer_linear_params(arch).values()) // tp
+    norms = 2 * H
+    vocab_rows = cfg.padded_vocab // tp
+    embedding = vocab_rows * H
+    lm_head = 0 if arch.tie_word_embeddings else vocab_rows * H
+    stages = []
+    for stage in range(cfg.pp):
+        first, last = stage == 0, stage == cfg.pp - 1
+        base = layers * (linear + norms) + (embedding if first else 0) \
+            + ((lm_head + H) if last else 0)
+        if arch.tie_word_embeddings and last and not first:
+            base += embedding  # megatron keeps a copy of the tied weight on the last stage
+        adapters = layers * adapter_params(cfg, per_rank=True)
+        if cfg.full_finetune:
+            trainable = base
+        else:
+            trainable = adapters
+            if "norm" in cfg.trainable_extras:
+                trainable += layers * norms + (H if last else 0)
+            if "embed" in cfg.trainable_extras and (first or arch.tie_word_embeddings and last):
+                trainable += embedding
+        stages.append({"base": base, "adapters": adapters, "trainable": trainable})
+    return max(stages, key=lambda s: s["base"] + s["adapters"])
+
+
+# ------------------------------------------------------------------- FLOPs
+
+
+def attention_pairs(seq_length: int, group_size: int, attention: str) -> Dict[str, float]:
+    """Causal (query, key) pairs one head computes: dense N(N+1)/2; S²-Attn's unshifted heads
+    N/G groups of G(G+1)/2, shifted heads N/G - 1 whole groups plus two half groups."""
+    N, G = seq_length, group_size
+    if attention == "full":
+        dense = N * (N + 1) / 2
+        return {"unshifted": dense, "shifted": dense}
+    whole = G * (G + 1) / 2
+    half = (G // 2) * (G // 2 + 1) / 2
+    return {"unshifted": (N // G) * whole, "shifted": (N // G - 1) * whole + 2 * half}
+
+
+def step_flops(cfg: PlanConfig) -> Dict[str, float]:
+    """FLOPs of one micro-batch's forward + backward over the whole model (all ranks):
+    model = 2P forward + 2P input gradient + 2P_trainable weight gradient per token, P the
+    matmul parameters (linears, adapters, lm_head; not the embedding lookup), plus attention:
+    4 d per (query, key) pair and head forward (QK^T and PV), twice that backward.
+    hardware adds what recompute repeats (full: the forward; selective: attention's forward)."""
+    arch = cfg.arch
+    tokens = cfg.seq_length * cfg.micro_batch_size
+    linears = arch.num_layers * sum(layer_linear_params(arch).values())
+    lm_head = cfg.padded_vocab * arch.hidden_size
+    adapters = arch.num_layers * adapter_params(cfg, per_rank=False)
+    matmul = linears + lm_head + adapters
+    trainable_matmul = matmul if cfg.full_finetune else adapters
+    pairs = attention_pairs(cfg.seq_length, cfg.group_size, cfg.attention)
+    nh = arch.num_attention_heads
+    unshifted = nh // 2 if cfg.attention == "s2" else nh
+    head_pairs = unshifted * pairs["unshifted"] + (nh - unshifted) * pairs["shifted"]
+    attn_fwd = 4 * arch.head_dim * head_pairs * arch.num_layers * cfg.micro_batch_size
+    dense_fwd = 2 * matmul * tokens
+    model = dense_fwd + 2 * matmul * tokens + 2 * trainable_matmul * tokens + 3 * attn_fwd
+    repeat = {"full": dense_fwd + attn_fwd, "selective": attn_fwd, "none": 0.0}[cfg.recompute]
+    return {"model": float(model), "hardware": float(model + repeat),
+            "attention": float(3 * attn_fwd), "matmul_params": matmul,
+            "trainable_matmul_params": trainable_matmul,
+            "per_gpu_model": float(model) / (cfg.tp * cfg.cp * cfg.pp)}
+
+
+# ------------------------------------------------------------------- memory
+
+
+def _widths(cfg: PlanConfig) -> Dict[str, float]:
+    """Per-token widths (elements) of this rank's tensors."""
+    arch, tp = cfg.arch, cfg.tp
+    d = arch.head_dim
+    return {
+        "hidden": arch.hidden_size / tp if cfg.sequence_parallel else arch.hidden_size,
+        "hidden_full": arch.hidden_size,
+        "q": arch.num_attention_heads * d / tp,
+        "kv": arch.num_kv_heads * d / tp,
+        "qkv": (arch.num_attention_heads + 2 * arch.num_kv_heads) * d / tp,
+        "ffn": arch.ffn_hidden_size / tp,
+        "vocab": cfg.padded_vocab / tp,
+    }
+
+
+def _norm_saved(cfg: PlanConfig) -> int:
+    """Bytes per element an RMSNorm keeps: torch's fused kernel (GPU) its input; the plain path
+    (CPU) its float32 input (a copy in bf16; the input itself in fp32) and the normalised value."""
+    a = cfg.param_bytes
+    if cfg.fused:
+        return a
+    return 4 + a
+
+
+def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
+    """Bytes one layer keeps for its backward (no recompute), by tensor, for this rank's
+    tokens T = N/cp x micro-batch. What megalong's local layer saves (local spec, our RMSNorm,
+    megatron's SelfAttention and MLP, S2CoreAttention, LoRA hooks):
+    - each RMSNorm: its float32 input (the input itself in fp32) and the normalised value, or
+      with torch's fused kernel (GPUs) the input alone;
+    - the norm output, when a weight gradient needs it (LoRA A on qkv, or full fine-tuning);
+    - the qkv output (V is a view of it), RoPE'd q and k, the attention kernel's output and the
+      [s, b, heads*d] output megatron's proj consumes (saved when proj or its adapter trains);
+    - S²-Attn: the shifted half's end groups copied into one piece (G tokens), and on GPUs the
+      kernels' contiguous copies of the folded q, k, v;
+    - SwiGLU: fc1's output, plus silu's output unless fused; fc2's input when fc2 trains.
+    Frozen linears save no input (megatron's frozen-weight path)."""
+    a, T = cfg.param_bytes, cfg.seq_length // cfg.cp * cfg.micro_batch_size
+    w = _widths(cfg)
+    parts = set() if cfg.full_finetune else set(cfg.lora_parts)
+    trains = (lambda *names: cfg.full_finetune or bool(parts & set(names)))
+    out = {
+        "norms": 2 * _norm_saved(cfg) * T * w["hidden"],
+        "qkv_input": a * T * w["hidden"] if trains("q", "k", "v") else 0.0,
+        "qkv_output": a * T * w["qkv"],
+        "rope_qk": a * T * (w["q"] + w["kv"]),
+        "attention_output": a * T * w["q"] * (2 if trains("o") else 1),
+        "mlp_input": a * T * w["hidden"] if trains("gate", "up") else 0.0,
+        "swiglu": a * T * w["ffn"] * (2 if cfg.fused else 3),
+        "fc2_input": a * T * w["ffn"] if trains("down") else 0.0,
+    }
+    if cfg.attention == "s2":
+        shifted_heads = (w["q"] / 2 + w["kv"])  # the shifted half's q, k and v
+        out["s2_end_groups"] = a * cfg.group_size * cfg.micro_batch_size * shifted_heads \
+            if cfg.cp == 1 else 0.0
+        if cfg.gpu:  # cuDNN/flash SDPA saves contiguous copies of the strided group views
+            out["s2_kernel_inputs"] = a * T * (w["q"] + 2 * w["kv"])
+    return out
+
+
+def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
+    """Peak bytes on the busiest rank, by kind. Activations follow the recompute choice:
+    none keeps every layer's tensors; selective recomputes core attention (the kernel output is
+    not kept); full keeps each layer's input and re-runs one layer at a time in the backward.
+    The peak is the larger of two moments of the step: the loss (logits, and their float32
+    copy in bf16, with every checkpoint alive) and a layer's backward (its saved tensors plus
+    the gradients in flight)."""
+    a, T = cfg.param_bytes, cfg.seq_length // cfg.cp * cfg.micro_batch_size
+    w = _widths(cfg)
+    counts = parameter_counts(cfg)
+    layers = cfg.arch.num_layers // cfg.pp
+    # 1F1B: the first stage holds the activations of up to pp micro-batches.
+    in_flight = cfg.pp
+    weights = counts["base"] * cfg.param_bytes
+    adapters = counts["adapters"] * cfg.param_bytes
+    gradients = counts["trainable"] * 4  # megatron DDP's float32 gradient buffer
+    optimizer = counts["trainable"] * (8 + (4 if cfg.bf16 else 0))  # Adam moments (+ fp32 master)
+
+    per_layer = layer_activation_bytes(cfg)
+    saved = sum(per_layer.values())
+    if cfg.recompute == "selective":
+        saved -= a * T * w["q"]  # the kernel's output is recomputed
+    # Gradients in flight inside a layer's backward: the residual stream's gradient twice, fc1's
+    # output gradient, the attention kernel's q/k/v gradients and their unfolded copies.
+    layer_backward = a * T * (2 * w["hidden"] + 2 * w["ffn"] + 2 * (w["q"] + 2 * w["kv"]))
+    logits = a * T * w["vocab"] + (4 * T * w["vocab"] if a != 4 else 0.0)
+    final_norm = _norm_saved(cfg) * T * w["hidden"]
+    if cfg.recompute == "full":
+        kept = layers * a * T * w["hidden"] * in_flight  # each layer's input
+        loss_moment = kept + final_norm + logits
+        layer_moment = kept + saved + layer_backward
+        activations = max(loss_moment, layer_moment)
+    else:
+        kept = layers * saved * in_flight
+        activations = kept + max(final_norm + logits, layer_backward)
+    # Of the activations: what the attention kernels add beyond q/k/v (their outputs, S²'s copied
+    # end groups), for the layer in flight.
+    attention_workspace = (per_layer.get("s2_end_groups", 0.0) + per_layer["attention_output"]
+                           + per_layer.get("s2_kernel_inputs", 0.0))
+    return {"weights": weights, "adapters": adapters, "gradients": gradients,
+            "optimizer": optimizer, "activations": activations,
+            "attention_workspace": attention_workspace,
+            "total": weights + adapters + gradients + optimizer + activations}
+
+
+def fits(cfg: PlanConfig, gpu_bytes: float) -> bool:
+    return memory_breakdown(cfg)["total"] <= gpu_bytes

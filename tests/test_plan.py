@@ -1,0 +1,146 @@
+"""megalong/plan.py and tools/plan.py: hand-computed counts, FLOPs and memory terms, clear errors,
+and the estimate against the measured peak of live torch tensors of real CPU training steps."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megalong.errors import MegalongError
+from megalong.model.arch import PRESETS, LlamaArch
+from megalong.plan import (PlanConfig, adapter_params, attention_pairs, layer_activation_bytes,
+                           memory_breakdown, parameter_counts, step_flops)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# H=64, 2 layers, 4 heads of d=16, 2 kv heads, ffn 160, vocab 1000 (padded to 1024).
+SMALL = LlamaArch(64, 2, 4, 2, 160, 1000)
+
+
+def test_parameter_counts_by_hand():
+    cfg = PlanConfig(arch=SMALL, seq_length=256, bf16=False)
+    # Per layer: qkv 64*(4+2*2)*16 = 8192, proj 64*64 = 4096, fc1 2*64*160 = 20480,
+    # fc2 160*64 = 10240 -> 43008; norms 2*64. Embedding and lm_head 1024*64 each; final norm 64.
+    counts = parameter_counts(cfg)
+    assert counts["base"] == 2 * (43008 + 128) + 2 * 65536 + 64
+    # LoRA r=8 on q,k,v,o: q 8*64 + 64*8, k and v 8*64 + 32*8 each, o 8*64 + 64*8 -> 3584 a layer.
+    assert adapter_params(cfg, per_rank=False) == 3584
+    assert counts["adapters"] == 2 * 3584
+    # Trainable: adapters, norms (2 per layer + the final one) and the embedding; not lm_head.
+    assert counts["trainable"] == 2 * 3584 + 2 * 128 + 64 + 65536
+    # TP=2: column B and row A halve; vocab padded to 128*2 = 256 multiples, split in two.
+    tp2 = PlanConfig(arch=SMALL, seq_length=256, tp=2, bf16=False)
+    assert adapter_params(tp2, per_rank=True) == 3 * 512 + (256 + 128 + 128) + (256 + 512)
+    assert parameter_counts(tp2)["base"] == 2 * (43008 // 2 + 128) + 2 * 512 * 64 + 64
+    full = PlanConfig(arch=SMALL, seq_length=256, full_finetune=True, bf16=False)
+    assert parameter_counts(full)["trainable"] == parameter_counts(full)["base"]
+
+
+def test_attention_pairs_by_hand():
+    assert attention_pairs(8, 4, "full") == {"unshifted": 36, "shifted": 36}
+    # G=4: unshifted groups [0,4) [4,8): 2 * 10; shifted [0,2) [2,6) [6,8): 3 + 10 + 3.
+    assert attention_pairs(8, 4, "s2") == {"unshifted": 20, "shifted": 16}
+
+
+def test_step_flops_by_hand():
+    arch = LlamaArch(64, 1, 4, 4, 128, 1000)  # d = 16, MHA
+    cfg = PlanConfig(arch=arch, seq_length=8, group_size_ratio=0.5, recompute="none")
+    linears = 64 * 12 * 16 + 64 * 64 + 3 * 64 * 128
+    lm_head = 1024 * 64
+    adapters = 4 * (8 * 64 + 64 * 8)
+    matmul = linears + lm_head + adapters
+    # 4 heads: 2 unshifted (20 pairs each), 2 shifted (16 each) -> 72 pairs; 4*d flops each.
+    attn_fwd = 4 * 16 * 72
+    expected = 8 * (2 * matmul + 2 * matmul + 2 * adapters) + 3 * attn_fwd
+    flops = step_flops(cfg)
+    assert flops["model"] == expected
+    assert flops["attention"] == 3 * attn_fwd
+    assert flops["hardware"] == expected
+    full = step_flops(PlanConfig(arch=arch, seq_length=8, group_size_ratio=0.5))
+    assert full["hardware"] == expected + 8 * 2 * matmul + attn_fwd  # one more forward
+    dense = step_flops(PlanConfig(arch=arch, seq_length=8, attention="full", recompute="none"))
+    assert dense["attention"] == 3 * 4 * 16 * 4 * 36
+
+
+def test_memory_terms_by_hand():
+    cfg = PlanConfig(arch=SMALL, seq_length=256, bf16=False, recompute="full", gpu=False)
+    mem = memory_breakdown(cfg)
+    counts = parameter_counts(cfg)
+    assert mem["weights"] == 4 * counts["base"]
+    assert mem["gradients"] == 4 * counts["trainable"]
+    assert mem["optimizer"] == 8 * counts["trainable"]
+    bf16 = memory_breakdown(PlanConfig(arch=SMALL, seq_length=256, bf16=True))
+    assert bf16["weights"] == 2 * counts["base"]
+    assert bf16["optimizer"] == 12 * counts["trainable"]  # + float32 master weights
+    # One layer, fp32, LoRA q,k,v,o, unfused SwiGLU, T = 256 tokens: norms 2 x (input + normed),
+    # norm output for A, qkv output (128 wide), q and k after RoPE (64 + 32), kernel output and
+    # proj's input (2 x 64), fc1 output (320) and silu's (160), the shifted end groups
+    # (G = 64 tokens of 32 + 32 widths).
+    layer = layer_activation_bytes(cfg)
+    assert sum(layer.values()) == 4 * 256 * (4 * 64 + 64 + 128 + 96 + 128 + 480) + 4 * 64 * 64
+    # Full recompute: every layer's input, then the larger of the loss moment (final norm's two
+    # tensors, 1024-wide float32 logits) and one layer's backward (its saved tensors plus the
+    # gradients in flight: 2 x 64 + 2 x 160 + 2 x (64 + 2 x 32) wide).
+    checkpoints = 2 * 4 * 256 * 64
+    loss = 2 * 4 * 256 * 64 + 4 * 256 * 1024
+    layer_backward = sum(layer.values()) + 4 * 256 * (128 + 320 + 256)
+    assert mem["activations"] == checkpoints + max(loss, layer_backward)
+    assert layer_backward > loss  # a small vocabulary: the layer's moment is the peak
+
+
+def test_recompute_orders_memory_and_sequence_parallel_shrinks_it():
+    arch = PRESETS["llama2-7b"]
+    totals = {r: memory_breakdown(PlanConfig(arch=arch, seq_length=32768, recompute=r))["total"]
+              for r in ("none", "selective", "full")}
+    assert totals["none"] > totals["selective"] > totals["full"]
+    tp = PlanConfig(arch=PRESETS["llama2-70b"], seq_length=32768, tp=8)
+    sp = PlanConfig(arch=PRESETS["llama2-70b"], seq_length=32768, tp=8, sequence_parallel=True)
+    assert memory_breakdown(sp)["activations"] < memory_breakdown(tp)["activations"] / 4
+
+
+def test_bad_configs_raise_clear_errors():
+    with pytest.raises(MegalongError, match="tp 3 must divide"):
+        PlanConfig(arch=PRESETS["llama2-70b"], seq_length=4096, tp=3)
+    with pytest.raises(MegalongError, match="recompute must be one of"):
+        PlanConfig(arch=SMALL, seq_length=256, recompute="some")
+
+
+def test_cli_table_and_errors():
+    tool = os.path.join(ROOT, "tools", "plan.py")
+    done = subprocess.run([sys.executable, tool, "--model", "llama2-70b", "--seq-length", "32768",
+                           "--tp", "8", "--cp", "1", "--pp", "1", "--bf16"],
+                          capture_output=True, text=True, check=True)
+    assert "total per GPU" in done.stdout and "fits in 80 GiB" in done.stdout
+    bad = subprocess.run([sys.executable, tool, "--model", "llama2-70b", "--seq-length", "32768",
+                          "--tp", "3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: tp 3 must divide")
+    table = subprocess.run([sys.executable, tool, "--table"], capture_output=True, text=True,
+                           check=True)
+    assert table.stdout.count("| llama2-") == 9
+
+
+# Measured on CPU: the peak of live torch tensors over building the model and two training
+# steps (benchmarks/train_step.py --tensor-peak, torch.profiler's allocation events), against
+# plan's total. docs/PERF.md has the same comparison at the benchmark's 4k/8k shapes.
+MEASURED_SHAPE = ["--hidden-size", "256", "--ffn-hidden-size", "704", "--num-layers", "4",
+                  "--num-heads", "4", "--num-kv-heads", "2", "--vocab-size", "8000"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm,recompute", [("megalong-s2", "full"), ("megalong-fft", "full"),
+                                           ("megalong-s2", "none")])
+def test_estimate_within_15_percent_of_measured_peak(arm, recompute):
+    seq_length = 2048
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--child", arm,
+         "--recompute", recompute, "--seq-lengths", str(seq_length), "--tensor-peak",
+         *MEASURED_SHAPE],
+        capture_output=True, text=True, timeout=280, env={**os.environ, "MEGALONG_DEVICE": "cpu",
+                                                          "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])["tensor_peak"]
+    cfg = PlanConfig(arch=LlamaArch(256, 4, 4, 2, 704, 8000), seq_length=seq_length, bf16=False,
+                     recompute=recompute, full_finetune=arm == "megalong-fft", gpu=False)
+    estimate = memory_breakdown(cfg)["total"]
+    assert abs(estimate - measured) <= 0.15 * measured, (estimate, measured)

@@ -143,7 +143,17 @@ def verified_iteration(root: str, start: int | None = None, *, fallback: bool = 
     against the manifest (sizes and CRC-32; the ranks split the reading). A damaged checkpoint
     is an error naming the file, unless `fallback`: then the newest intact older one is used."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    candidates = candidate_iterations(root, fallback=fallback, start=start)
+    # Rank 0 lists the candidates for everyone (one view of a shared file system, one decision).
+    listing = [None]
+    if rank == 0:
+        try:
+            listing = [candidate_iterations(root, fallback=fallback, start=start)]
+        except MegalongError as err:
+            listing = [str(err)]
+    dist.broadcast_object_list(listing, src=0)
+    if isinstance(listing[0], str):
+        raise MegalongError(listing[0])
+    candidates = listing[0]
     for iteration in candidates:
         mine = check_checkpoint(iteration_dir(root, iteration), deep=True, share=(rank, world))
         gathered = [None] * world

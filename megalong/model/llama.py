@@ -156,7 +156,29 @@ def mask_padded_vocab(output_layer: torch.nn.Module, vocab_size: int) -> None:
         first = 0 if gathered else tp_rank * local_vocab
         if first + local_vocab <= vocab_size:
             return output
-        column = torch.arange(first, first + local_vocab, device=logits.device)
-        return logits.masked_fill(column >= vocab_size, float("-inf")), bias
+        padded = torch.arange(first, first + local_vocab, device=logits.device) >= vocab_size
+        if logits._base is not None or not torch.is_grad_enabled():  # inference; gathered views
+            return logits.masked_fill(padded, float("-inf")), bias
+        return _MaskPaddedLogits.apply(logits, padded), bias
 
     output_layer.register_forward_hook(hook)
+
+
+class _MaskPaddedLogits(torch.autograd.Function):
+    """logits with the padded columns at -inf, in place both ways: masked_fill would hold a
+    second copy of the logits (the largest activation at long context) in the forward, and its
+    backward another one. The output layer's backward needs its weight and input, not this
+    tensor; the incoming gradient is the loss's own fresh buffer."""
+
+    @staticmethod
+    def forward(ctx, logits, padded):
+        ctx.save_for_backward(padded)
+        ctx.mark_dirty(logits)
+        return logits.masked_fill_(padded, float("-inf"))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (padded,) = ctx.saved_tensors
+        if not grad.is_contiguous():  # e.g. an expanded gradient of a sum: do not write into it
+            return grad.masked_fill(padded, 0.0), None
+        return grad.masked_fill_(padded, 0.0), None

@@ -268,6 +268,9 @@ def validate_training_args(args, world_size: int) -> None:
         raise MegalongError("--load-fallback needs --load")
     if args.fp8_format and not _importable("transformer_engine"):
         raise MegalongError("--fp8-format needs Transformer Engine on a GPU, which is not installed")
+    if args.fp8_format and args.transformer_impl != "transformer_engine":
+        raise MegalongError("--fp8-format runs through Transformer Engine's linears: add "
+                            "--transformer-impl transformer_engine")
     if args.use_distributed_optimizer and not _importable_cuda():
         raise MegalongError("--use-distributed-optimizer runs on GPUs only; drop it on CPU")
 

@@ -33,6 +33,7 @@ class ModelOptions:
     recompute_num_layers: int = 1
     # False when weights are loaded right after building (conversion, eval): skips random init.
     initialize: bool = True
+    fp8_format: Optional[str] = None  # "hybrid" | "e4m3": FP8 GEMMs through Transformer Engine
 
 
 def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig:
@@ -77,6 +78,7 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         recompute_num_layers=opts.recompute_num_layers if opts.recompute_granularity == "full" else None,
         init_method_std=0.02,
         perform_initialization=opts.initialize,
+        fp8=opts.fp8_format,
     )
 
 

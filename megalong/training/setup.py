@@ -114,6 +114,7 @@ def build_model_chunks(args, arch, metadata) -> list:
         recompute_granularity=args.recompute_granularity,
         recompute_num_layers=args.recompute_num_layers,
         initialize=not args.load,
+        fp8_format=args.fp8_format,
     )
     model = build_llama(arch, opts)
     if runtime.use_cuda():

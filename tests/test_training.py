@@ -207,3 +207,19 @@ def _write_empty_index(path):
         handle.write(np.array([0], dtype=np.uint64).tobytes())
         handle.write(np.array([1], dtype=np.uint64).tobytes())
         handle.write(np.array([0], dtype=np.int64).tobytes())
+
+
+@pytest.mark.slow
+def test_sft_data_trains_end_to_end(tiny_megatron_ckpt, sp_model, tmp_path):
+    import json
+    import math
+
+    records = [{"instruction": f"Repeat the word number {i}.", "input": "",
+                "output": f"word {i} " * 6} for i in range(8)]
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps(records))
+    args = train_args(tiny_megatron_ckpt, "unused", sp_model, "--attention", "s2", iters=3)
+    i = args.index("--data-path")
+    args[i:i + 2] = ["--sft-data", str(data)]
+    (losses,), = run_on_ranks(train_layouts, 1, [args])
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

@@ -69,8 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args) -> None:
     """Everything that can be checked without torch."""
-    import json
-
     def positive(name, value):
         if value is not None and value < 1:
             raise MegalongError(f"--{name} must be >= 1, got {value}")
@@ -99,18 +97,9 @@ def validate(args) -> None:
         factor = args.rotary_seq_len_interpolation_factor
         if factor is not None and factor < 1:
             raise MegalongError(f"--rotary-seq-len-interpolation-factor must be >= 1, got {factor}")
-        from megalong.convert.hf_config import arch_from_hf_config, validate_tp
+        from megalong.convert.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
 
-        config_path = os.path.join(args.hf_dir, "config.json")
-        if not os.path.isdir(args.hf_dir):
-            raise MegalongError(f"--hf-dir {args.hf_dir} does not exist")
-        try:
-            with open(config_path) as handle:
-                config = json.load(handle)
-        except FileNotFoundError:
-            raise MegalongError(f"{config_path} not found: --hf-dir must be an HF model directory") from None
-        except (OSError, ValueError) as err:
-            raise MegalongError(f"cannot read {config_path}: {err}") from None
+        config, config_path = read_hf_dir_config(args.hf_dir)
         arch, _ = arch_from_hf_config(config, config_path)
         validate_tp(arch, args.tp, args.pp)
         if args.peft_adapter:

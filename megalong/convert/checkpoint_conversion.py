@@ -14,7 +14,7 @@ import tempfile
 
 from megalong.checkpoint_meta import TOKENIZER_SUBDIR, read_metadata
 from megalong.config import default_interpolation_factor
-from megalong.convert.hf_config import arch_from_hf_config, validate_tp
+from megalong.convert.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
 
@@ -71,13 +71,10 @@ def _convert_rank(hf_dir, staging, tp, pp, metadata, peft_adapter=None):
 
 def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_factor=None,
                    vocab_divisible_by=128, overwrite=False, timeout_s=3600.0, peft_adapter=None):
-    from megalong.convert.hf_checkpoint import TOKENIZER_FILES, _read_json
+    from megalong.convert.hf_checkpoint import TOKENIZER_FILES
     from megalong.convert.layouts import padded_vocab_size
 
-    config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.isdir(hf_dir):
-        raise MegalongError(f"HF checkpoint directory {hf_dir} does not exist")
-    hf_config = _read_json(config_path, "an HF checkpoint directory needs a config.json")
+    hf_config, config_path = read_hf_dir_config(hf_dir)
     arch, recorded_factor = arch_from_hf_config(hf_config, config_path)
     validate_tp(arch, tp, pp)
     _check_out_dir(out, overwrite)

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megalong.convert.hf_config import arch_from_hf_config
+from megalong.convert.hf_config import arch_from_hf_config, read_json_object
 from megalong.errors import MegalongError
 
 # Weight layouts in the order we look for them: (index file, single file).
@@ -29,19 +29,6 @@ TOKENIZER_FILES = (
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
-def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise MegalongError(f"{path} not found; {what}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MegalongError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise MegalongError(f"{path} does not hold a JSON object")
-    return data
-
-
 class HFCheckpointReader:
     """Tensors of an HF checkpoint directory, read one at a time (a 70B model is never in RAM at once).
 
@@ -54,7 +41,7 @@ class HFCheckpointReader:
         if not os.path.isdir(self.path):
             raise MegalongError(f"HF checkpoint directory {self.path} does not exist")
         self.config_path = os.path.join(self.path, "config.json")
-        self.config = _read_json(self.config_path, "an HF checkpoint directory needs a config.json")
+        self.config = read_json_object(self.config_path, "an HF checkpoint directory needs a config.json")
         self._handles = {}  # file name -> safe_open handle or a (mmapped) state dict
         self._file_of = self._find_weights()  # tensor name -> file name in self.path
 
@@ -62,7 +49,7 @@ class HFCheckpointReader:
         for index_name, single_name in _LAYOUTS:
             index_path = os.path.join(self.path, index_name)
             if os.path.exists(index_path):
-                weight_map = _read_json(index_path, "").get("weight_map")
+                weight_map = read_json_object(index_path, "").get("weight_map")
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise MegalongError(f"{index_path} has no weight_map")
                 for file in dict.fromkeys(weight_map.values()):

@@ -1,6 +1,8 @@
 """HF config.json <-> LlamaArch, and parallel-size checks. Torch-free: CLIs run this before heavy work."""
 
+import json
 import math
+import os
 from typing import Optional
 
 from megalong.errors import MegalongError
@@ -180,3 +182,25 @@ def validate_tp(arch: LlamaArch, tp: int, pp: int) -> None:
         raise MegalongError(
             f"pipeline-model-parallel-size {pp} does not divide num_hidden_layers {arch.num_layers}; use one of {valid}"
         )
+
+
+def read_json_object(path: str, what: str) -> dict:
+    """A JSON object from `path`, or a MegalongError naming the file (`what` says what it is for)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise MegalongError(f"{path} not found; {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MegalongError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise MegalongError(f"{path} does not hold a JSON object")
+    return data
+
+
+def read_hf_dir_config(hf_dir: str, flag: str = "--hf-dir") -> tuple[dict, str]:
+    """(config.json of an HF model directory, its path), with the error naming the flag."""
+    if not os.path.isdir(hf_dir):
+        raise MegalongError(f"{flag} {hf_dir} does not exist")
+    path = os.path.join(hf_dir, "config.json")
+    return read_json_object(path, f"{flag} must be an HF model directory"), path

@@ -10,7 +10,6 @@ parallel); otherwise tp*pp local gloo ranks are spawned (one rank runs in this p
 """
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -64,7 +63,7 @@ def source_from_args(args) -> ModelSource:
 def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = None, tp: int = 1,
                          pp: int = 1, interpolation_factor: Optional[float] = None) -> ModelSource:
     """Everything about the model that can be checked without torch."""
-    from megalong.convert.hf_config import arch_from_hf_config, validate_tp
+    from megalong.convert.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
 
     if (load is None) == (hf_dir is None):
         raise MegalongError("give exactly one of --load (a megalong checkpoint) or --hf-dir")
@@ -86,16 +85,7 @@ def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = 
         return ModelSource("checkpoint", load, arch,
                            interpolation_factor or meta.get("interpolation_factor"), tp, pp, padded,
                            meta.get("lora") or None, tokenizer if _has_tokenizer(tokenizer) else None)
-    config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.isdir(hf_dir):
-        raise MegalongError(f"--hf-dir {hf_dir} does not exist")
-    try:
-        with open(config_path) as handle:
-            config = json.load(handle)
-    except FileNotFoundError:
-        raise MegalongError(f"{config_path} not found: --hf-dir must be an HF model directory") from None
-    except (OSError, ValueError) as err:
-        raise MegalongError(f"cannot read {config_path}: {err}") from None
+    config, config_path = read_hf_dir_config(hf_dir)
     arch, recorded = arch_from_hf_config(config, config_path)
     validate_tp(arch, tp, pp)
     return ModelSource("hf", hf_dir, arch, interpolation_factor or recorded, tp, pp,

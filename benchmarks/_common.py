@@ -165,22 +165,24 @@ def build_arm(arm: str, shape: Shape, seq_length: int, *, recompute: str, device
 
 
 def time_steps(step, steps: int, device: str, budget_s: float = float("inf")):
-    """Wall-clock seconds of each step; the first is the warm-up. Stops early (after 2 timed
-    steps at least) once budget_s is spent."""
+    """Wall-clock and process CPU seconds (all threads) of each step; the first is the warm-up.
+    Stops early (after 2 timed steps at least) once budget_s is spent. On a shared CPU the wall
+    clock grows with other jobs' load; the CPU time this process spends does much less."""
     import torch
 
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i in range(steps):
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         losses.append(step(i))
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         if len(times) >= 3 and sum(times) > budget_s:
             break
-    return times, losses
+    return times, cpu_times, losses
 
 
 def median(values):

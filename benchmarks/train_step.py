@@ -8,7 +8,9 @@ HF + PEFT reference (benchmarks/reference_hf.py), all in one run.
                                      --num-heads 8 --num-kv-heads 2 --vocab-size 32000]
 
 Each (arm, sequence length) trains in a fresh subprocess, batch 1, G = N/4:
-- tokens/s: N / the median step time of the steps after the first (a warm-up);
+- tokens/s: N / the median step time of the steps after the first (a warm-up); on CPU also
+  tokens per CPU-second (process time of all its threads: what the step costs, much less
+  sensitive than the wall clock to other jobs on a shared machine);
 - memory: CPU: the process's peak resident set (ru_maxrss) and the same minus the resident set
   right after importing torch, megatron-core / transformers + peft (the "idle" baseline);
   GPU: torch.cuda.max_memory_allocated over the whole process (weights included);
@@ -36,7 +38,8 @@ DEFAULT_ARMS = "megalong-s2,reference,megalong-dense,megalong-fft"
 
 
 def _attention_alone(shape, seq_length, attention, device, dtype, repeats=3):
-    """Seconds of one attention call forward, and forward + backward, at the layer's shapes."""
+    """Seconds of one attention call forward, and forward + backward, at the layer's shapes:
+    GPU wall clock, CPU process time (comparable with the steps' CPU time)."""
     import time
 
     import torch
@@ -59,16 +62,18 @@ def _attention_alone(shape, seq_length, attention, device, dtype, repeats=3):
         def fn():
             return dense_causal_attention(q, k, v)
 
+    clock = time.perf_counter if device == "cuda" else time.process_time
+
     def timed(backward):
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         out = fn()
         if backward:
             out.backward(grad)
         if device == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return clock() - start
 
     timed(True)  # warm-up
     fwd = median([timed(False) for _ in range(repeats)])
@@ -115,9 +120,10 @@ def _child(args) -> dict:
                        bf16=args.bf16)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, losses = time_steps(step, args.steps, device, budget_s=args.budget_s)
+    times, cpu_times, losses = time_steps(step, args.steps, device, budget_s=args.budget_s)
     result = {"arm": arm, "seq_length": seq_length, "step_times": times,
-              "median_step_s": median(times[1:]), "losses": losses,
+              "median_step_s": median(times[1:]), "step_cpu_times": cpu_times,
+              "median_step_cpu_s": median(cpu_times[1:]), "losses": losses,
               "threads": torch.get_num_threads(), "idle_rss": idle_rss,
               "peak_rss": peak_rss_bytes()}
     result["tokens_per_s"] = seq_length / result["median_step_s"]
@@ -209,8 +215,10 @@ def main() -> None:
                 res["model_flops"] = flops["model"]
                 res["mfu"] = flops["model"] / res["median_step_s"] / (args.peak_tflops * 1e12)
             rows.append(res)
-            summary = res.get("error") or (f"{res['tokens_per_s']:.0f} tok/s, median "
-                                           f"{res['median_step_s']:.2f}s of {res['step_times']}")
+            summary = res.get("error") or (
+                f"{res['tokens_per_s']:.0f} tok/s, median {res['median_step_s']:.2f}s wall, "
+                f"{res['median_step_cpu_s']:.2f}s CPU; steps (wall) "
+                f"{[round(t, 2) for t in res['step_times']]}, load {os.getloadavg()[0]:.1f}")
             print(f"  {arm} N={seq_length}: {summary}", file=sys.stderr, flush=True)
             if "error" in res:
                 print(res["stderr_tail"], file=sys.stderr)
@@ -238,45 +246,58 @@ def _replace(argv, flag, value):
 
 
 def _table(rows, args) -> str:
+    """GPU: wall clock, peak allocated, MFU. CPU: wall clock and process CPU time (the step's
+    work, less sensitive to other jobs on a shared machine), peak resident set; the attention
+    bound on CPU uses CPU times throughout."""
     gpu = args.device == "cuda"
-    mem = "peak alloc (MiB)" if gpu else "peak RSS (MiB) | RSS over idle (MiB)"
-    lines = [f"| N | arm | tokens/s | median step (s) | vs reference (tok/s) | {mem} "
-             f"| mem vs reference |{' MFU |' if gpu else ''}",
-             "|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if not gpu else "") + ("---:|" if gpu else "")]
+    if gpu:
+        lines = ["| N | arm | tokens/s | median step (s) | vs reference | peak alloc (MiB) "
+                 "| mem vs reference | MFU |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines = ["| N | arm | tokens/s (wall) | vs reference | tokens per CPU-second "
+                 "| vs reference | median step wall / CPU (s) | peak RSS (MiB) "
+                 "| RSS over idle (MiB) | vs reference |",
+                 "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by_n = {}
     for r in rows:
         by_n.setdefault(r["seq_length"], {})[r["arm"]] = r
     for n, arms in by_n.items():
         ref = arms.get("reference")
-        ref_ok = ref is not None and "error" not in ref
+        ok = ref is not None and "error" not in ref
+        ratio = (lambda a, b: f"{a / b:.2f}×" if ok else "–")
         for arm, r in arms.items():
             if "error" in r:
                 lines.append(f"| {n} | {arm} | failed: {r['error']} |")
                 continue
-            speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref_ok else "–"
             if gpu:
-                memory = _mib(r["peak_allocated"])
-                mem_ratio = (f"{r['peak_allocated'] / ref['peak_allocated']:.2f}×" if ref_ok
-                             else "–")
-            else:
-                memory = f"{_mib(r['peak_rss'])} | {_mib(r['peak_rss'] - r['idle_rss'])}"
-                mem_ratio = (f"{(r['peak_rss'] - r['idle_rss']) / (ref['peak_rss'] - ref['idle_rss']):.2f}×"
-                             if ref_ok else "–")
-            line = (f"| {n} | {arm} | {r['tokens_per_s']:.1f} | {r['median_step_s']:.2f} "
-                    f"| {speed} | {memory} | {mem_ratio} |")
-            if gpu:
-                line += f" {100 * r['mfu']:.1f}% |"
-            lines.append(line)
+                lines.append(
+                    f"| {n} | {arm} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.3f} "
+                    f"| {ratio(r['tokens_per_s'], ref['tokens_per_s']) if ok else '–'} "
+                    f"| {_mib(r['peak_allocated'])} "
+                    f"| {ratio(r['peak_allocated'], ref['peak_allocated']) if ok else '–'} "
+                    f"| {100 * r['mfu']:.1f}% |")
+                continue
+            per_cpu = n / r["median_step_cpu_s"]
+            over_idle = r["peak_rss"] - r["idle_rss"]
+            lines.append(
+                f"| {n} | {arm} | {r['tokens_per_s']:.1f} "
+                f"| {ratio(r['tokens_per_s'], ref['tokens_per_s']) if ok else '–'} "
+                f"| {per_cpu:.1f} "
+                f"| {ratio(per_cpu, n / ref['median_step_cpu_s']) if ok else '–'} "
+                f"| {r['median_step_s']:.2f} / {r['median_step_cpu_s']:.2f} "
+                f"| {_mib(r['peak_rss'])} | {_mib(over_idle)} "
+                f"| {ratio(over_idle, ref['peak_rss'] - ref['idle_rss']) if ok else '–'} |")
         s2, dense = arms.get("megalong-s2"), arms.get("megalong-dense")
         if s2 and dense and "error" not in s2 and "error" not in dense:
-            whole = dense["median_step_s"] / s2["median_step_s"]
+            key = "median_step_s" if gpu else "median_step_cpu_s"
+            clock = "wall clock" if gpu else "CPU time"
+            whole = dense[key] / s2[key]
             a_dense, a_s2 = dense["attention_per_step_s"], s2["attention_per_step_s"]
-            bound = dense["median_step_s"] / (dense["median_step_s"] - a_dense + a_s2)
+            bound = dense[key] / (dense[key] - a_dense + a_s2)
             lines.append(
-                f"\nN={n}: megalong S² vs dense, whole step: {whole:.2f}×; attention alone per "
-                f"step: dense {a_dense:.2f}s ({100 * a_dense / dense['median_step_s']:.0f}% of "
-                f"the dense step), S² {a_s2:.2f}s; bound if only attention changed: "
-                f"{bound:.2f}×\n")
+                f"\nN={n} ({clock}): megalong S² vs dense, whole step: {whole:.2f}×; attention "
+                f"alone per step: dense {a_dense:.2f}s ({100 * a_dense / dense[key]:.0f}% of the "
+                f"dense step), S² {a_s2:.2f}s; bound if only attention changed: {bound:.2f}×\n")
     return "\n".join(lines)
 
 

@@ -71,7 +71,7 @@ def _convert_rank(hf_dir, staging, tp, pp, metadata, peft_adapter=None):
 
 def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_factor=None,
                    vocab_divisible_by=128, overwrite=False, timeout_s=3600.0, peft_adapter=None):
-    from megalong.convert.hf_checkpoint import TOKENIZER_FILES
+    from megalong.convert.hf_checkpoint import copy_tokenizer_files, move_into_place
     from megalong.convert.layouts import padded_vocab_size
 
     hf_config, config_path = read_hf_dir_config(hf_dir)
@@ -109,10 +109,8 @@ def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_fa
                          timeout_s=timeout_s)
         tokenizer_dir = os.path.join(staging, TOKENIZER_SUBDIR)
         os.makedirs(tokenizer_dir)
-        for name in ("generation_config.json", *TOKENIZER_FILES):
-            if os.path.isfile(os.path.join(hf_dir, name)):
-                shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tokenizer_dir, name))
-        _replace_dir(staging, out)
+        copy_tokenizer_files(hf_dir, tokenizer_dir)
+        move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -153,16 +151,6 @@ def check_lora_export(metadata: dict, load: str, *, out, merge_lora: bool, peft_
                             "adapter)")
     if not out and not peft_adapter:
         raise MegalongError("megatron-to-hf needs --out (an HF model) or --peft-adapter DIR")
-
-
-def _replace_dir(staging: str, out: str) -> None:
-    if os.path.exists(out):
-        old = out + ".old"
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
 
 
 def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="float32",

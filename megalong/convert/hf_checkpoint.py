@@ -159,10 +159,8 @@ def write_hf_checkpoint(
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
         if copy_from is not None:
-            for name in ("generation_config.json", *TOKENIZER_FILES):
-                if os.path.isfile(os.path.join(copy_from, name)):
-                    shutil.copyfile(os.path.join(copy_from, name), os.path.join(tmp, name))
-        _move_into_place(tmp, out_dir)
+            copy_tokenizer_files(copy_from, tmp)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -217,7 +215,14 @@ def _write_shards(dir_: str, tensors, max_shard_bytes: int, progress) -> None:
             f.write("\n")
 
 
-def _move_into_place(tmp: str, out_dir: str) -> None:
+def copy_tokenizer_files(source: str, target: str) -> None:
+    """generation_config.json and the tokenizer files present in `source`, into `target`."""
+    for name in ("generation_config.json", *TOKENIZER_FILES):
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+
+
+def move_into_place(tmp: str, out_dir: str) -> None:
     """Rename tmp to out_dir; an existing out_dir is replaced only once tmp is complete."""
     if not os.path.exists(out_dir):
         os.rename(tmp, out_dir)

@@ -344,13 +344,9 @@ def write_peft_adapter(out: str, tensors, config: dict, *, overwrite: bool = Fal
         save_file(state, os.path.join(staging, WEIGHT_FILES[0]), metadata={"format": "pt"})
         with open(os.path.join(staging, CONFIG_FILE), "w") as handle:
             json.dump(config, handle, indent=2)
-        if os.path.exists(out):
-            old = out + ".old"
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        from megalong.convert.hf_checkpoint import move_into_place
+
+        move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

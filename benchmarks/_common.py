@@ -13,6 +13,7 @@ Arms (what one subprocess trains):
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -71,7 +72,8 @@ def current_rss_bytes() -> int:
 
 
 def megalong_trainer(shape: Shape, seq_length: int, *, attention="s2", recompute="full",
-                     full_finetune=False, bf16=False, micro_batch_size=1, lr=2e-5):
+                     full_finetune=False, bf16=False, micro_batch_size=1, lr=2e-5,
+                     extra_argv=()):
     """megalong's Trainer, assembled from training/setup.py's steps in build_trainer's order,
     for an architecture given by shape (no preset) and synthetic data."""
     sys.path.insert(0, ROOT)
@@ -89,7 +91,7 @@ def megalong_trainer(shape: Shape, seq_length: int, *, attention="s2", recompute
         argv += ["--full-finetune"]
     if bf16:
         argv += ["--bf16"]
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv + list(extra_argv))
     arch = arch_of(shape, seq_length)
     config.validate_model_args(args, arch)
     config.validate_lora_args(args)
@@ -140,14 +142,15 @@ def megalong_step(trainer, iteration: int) -> float:
 
 
 def build_arm(arm: str, shape: Shape, seq_length: int, *, recompute: str, device: str,
-              bf16: bool):
+              bf16: bool, megalong_args: str = ""):
     """(step function of the iteration, what it trains) for an arm, built in this process."""
     if arm.startswith("megalong"):
         if device == "cpu":
             os.environ["MEGALONG_DEVICE"] = "cpu"
         trainer = megalong_trainer(shape, seq_length, recompute=recompute, bf16=bf16,
                                    attention="dense" if arm == "megalong-dense" else "s2",
-                                   full_finetune=arm == "megalong-fft")
+                                   full_finetune=arm == "megalong-fft",
+                                   extra_argv=shlex.split(megalong_args))
         return (lambda i: megalong_step(trainer, i)), trainer
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import torch

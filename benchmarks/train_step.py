@@ -90,7 +90,7 @@ def _tensor_peak_child(args) -> dict:
     arm, seq_length = args.child, int(args.seq_lengths)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step, _ = build_arm(arm, shape_from_args(args), seq_length, recompute=args.recompute,
-                           device="cpu", bf16=args.bf16)
+                           device="cpu", bf16=args.bf16, megalong_args=args.megalong_args)
         losses = [step(0), step(1)]
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
@@ -117,7 +117,7 @@ def _child(args) -> dict:
     shape = shape_from_args(args)
     device = args.device
     step, _ = build_arm(arm, shape, seq_length, recompute=args.recompute, device=device,
-                       bf16=args.bf16)
+                       bf16=args.bf16, megalong_args=args.megalong_args)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, cpu_times, losses = time_steps(step, args.steps, device, budget_s=args.budget_s)
@@ -192,6 +192,9 @@ def main() -> None:
                         help="CPU: instead of timing, the peak of live torch tensors (profiler)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any arm failed")
     parser.add_argument("--profile-dir", help="also profile one extra step of each arm (op table)")
+    parser.add_argument("--megalong-args", default="",
+                        help="extra pretrain_longlora flags for the megalong arms, written "
+                             "with '=': --megalong-args='--loss-chunk-tokens 0'")
     parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     add_shape_args(parser)
     args = parser.parse_args()

@@ -180,7 +180,17 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="FP8 through Transformer Engine (GPU with TE only)")
     train.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
                        help="activation recompute: full layers or selective (core attention)")
-    train.add_argument("--recompute-num-layers", type=int, default=1)
+    train.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform",
+                       help="with --recompute-granularity full: 'uniform' recomputes every layer "
+                            "(checkpointing --recompute-num-layers at a time); 'block' recomputes "
+                            "only the first --recompute-num-layers layers of each pipeline stage "
+                            "and keeps the others' activations (faster, more memory)")
+    train.add_argument("--recompute-num-layers", type=int, default=1,
+                       help="layers per checkpoint (uniform) or layers recomputed (block)")
+    train.add_argument("--loss-chunk-tokens", type=int, default=2048,
+                       help="compute the lm_head and cross entropy this many tokens at a time, so "
+                            "the [tokens, vocabulary] logits are never whole in memory; 0: "
+                            "megatron's loss on the whole logits (default 2048)")
     train.add_argument("--use-distributed-optimizer", action="store_true",
                        help="shard optimizer state over data-parallel ranks (megatron's)")
     train.add_argument("--overlap-grad-reduce", action="store_true")
@@ -255,6 +265,10 @@ def validate_training_args(args, world_size: int) -> None:
             raise MegalongError(f"--save {args.save}: cannot write to {parent}")
     if args.save_interval is not None and (args.save_interval < 1 or not args.save):
         raise MegalongError("--save-interval needs --save and must be >= 1")
+    if args.loss_chunk_tokens < 0:
+        raise MegalongError(f"--loss-chunk-tokens must be >= 0, got {args.loss_chunk_tokens}")
+    if args.recompute_method == "block" and args.recompute_granularity != "full":
+        raise MegalongError("--recompute-method block needs --recompute-granularity full")
     if args.max_skipped_steps < 0:
         raise MegalongError(f"--max-skipped-steps must be >= 0, got {args.max_skipped_steps}")
     if not args.distributed_timeout_minutes > 0:

@@ -35,6 +35,8 @@ class PlanConfig:
     group_size_ratio: float = 0.25
     sequence_parallel: bool = False
     vocab_divisible_by: int = 128
+    # The loss's lm_head + cross entropy over this many tokens at a time (0: whole logits).
+    loss_chunk_tokens: int = 2048
     # A GPU run: torch's fused RMSNorm and megatron's fused SwiGLU (megalong uses them on GPUs),
     # and the GPU attention kernels' contiguous copies of S²-Attn's folded q/k/v.
     gpu: bool = True
@@ -255,6 +257,15 @@ def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
     return out
 
 
+def _loss_bytes(cfg: PlanConfig, T: int, w: Dict[str, float]) -> float:
+    """The loss's own tensors: the logits (and their float32 copy in bf16) of the whole sequence
+    or of one chunk; a chunked loss also holds the input gradient it forms in the forward."""
+    a = cfg.param_bytes
+    rows = min(T, cfg.loss_chunk_tokens) if cfg.loss_chunk_tokens else T
+    logits = a * rows * w["vocab"] + (4 * rows * w["vocab"] if a != 4 else 0.0)
+    return logits + (a * T * w["hidden_full"] if cfg.loss_chunk_tokens else 0.0)
+
+
 def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     """Peak bytes on the busiest rank, by kind. Activations follow the recompute choice:
     none keeps every layer's tensors; selective recomputes core attention (the kernel output is
@@ -280,7 +291,7 @@ def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     # Gradients in flight inside a layer's backward: the residual stream's gradient twice, fc1's
     # output gradient, the attention kernel's q/k/v gradients and their unfolded copies.
     layer_backward = a * T * (2 * w["hidden"] + 2 * w["ffn"] + 2 * (w["q"] + 2 * w["kv"]))
-    logits = a * T * w["vocab"] + (4 * T * w["vocab"] if a != 4 else 0.0)
+    logits = _loss_bytes(cfg, T, w)
     final_norm = _norm_saved(cfg) * T * w["hidden"]
     if cfg.recompute == "full":
         kept = layers * a * T * w["hidden"] * in_flight  # each layer's input

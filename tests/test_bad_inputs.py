@@ -156,6 +156,10 @@ def _cases(w) -> dict:
             "--lora-dropout must be in [0, 1)"),
         "train: negative --max-skipped-steps": Case(TRAIN, _train(w, "--max-skipped-steps", "-1"),
             "--max-skipped-steps must be >= 0"),
+        "train: negative --loss-chunk-tokens": Case(TRAIN, _train(w, "--loss-chunk-tokens", "-5"),
+            "--loss-chunk-tokens must be >= 0"),
+        "train: block recompute without full": Case(TRAIN, _train(w, "--recompute-method", "block"),
+            "--recompute-method block needs --recompute-granularity full"),
         "train: zero collective timeout": Case(TRAIN, _train(
             w, "--distributed-timeout-minutes", "0"), "--distributed-timeout-minutes must be > 0"),
         "train: --load-fallback without --load": Case(TRAIN, [

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights and activations")
     parser.add_argument("--attention", choices=["s2", "full"], default="s2")
     parser.add_argument("--group-size-ratio", type=float, default=0.25)
+    parser.add_argument("--loss-chunk-tokens", type=int, default=2048,
+                        help="as pretrain_longlora's flag: tokens per lm_head + loss chunk "
+                             "(0: whole logits)")
     parser.add_argument("--cpu", action="store_true",
                         help="a CPU run (no fused SwiGLU / cross entropy, as megalong on CPU)")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0,
@@ -65,7 +68,8 @@ def config_from_args(args, **changes) -> PlanConfig:
                   recompute=args.recompute, lora_rank=args.lora_rank,
                   full_finetune=args.full_finetune, bf16=args.bf16, attention=args.attention,
                   group_size_ratio=args.group_size_ratio,
-                  sequence_parallel=args.sequence_parallel, gpu=not args.cpu)
+                  sequence_parallel=args.sequence_parallel,
+                  loss_chunk_tokens=args.loss_chunk_tokens, gpu=not args.cpu)
     values.update(changes)
     return PlanConfig(**values)
 

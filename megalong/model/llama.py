@@ -12,6 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
+from megalong.model.chunked_loss import chunked_cross_entropy
 from megalong.model.cp_layout import use_contiguous_rope
 from megalong.model.spec import llama_block_spec
 
@@ -30,10 +31,14 @@ class ModelOptions:
     params_dtype: torch.dtype = torch.float32
     sequence_parallel: bool = False
     recompute_granularity: Optional[str] = None  # None | "full" | "selective"
+    recompute_method: str = "uniform"  # "uniform" | "block" (only the first N layers of a stage)
     recompute_num_layers: int = 1
     # False when weights are loaded right after building (conversion, eval): skips random init.
     initialize: bool = True
     fp8_format: Optional[str] = None  # "hybrid" | "e4m3": FP8 GEMMs through Transformer Engine
+    # Training/eval loss over this many tokens at a time (chunked_loss.py); 0: megatron's loss
+    # on the whole [s, b, vocab] logits.
+    loss_chunk_tokens: int = 2048
 
 
 def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig:
@@ -74,7 +79,7 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         sequence_parallel=opts.sequence_parallel,
         calculate_per_token_loss=True,
         recompute_granularity=opts.recompute_granularity,
-        recompute_method="uniform" if opts.recompute_granularity == "full" else None,
+        recompute_method=opts.recompute_method if opts.recompute_granularity == "full" else None,
         recompute_num_layers=opts.recompute_num_layers if opts.recompute_granularity == "full" else None,
         init_method_std=0.02,
         perform_initialization=opts.initialize,
@@ -105,7 +110,7 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
             f"llama3 rope scaling {llama3} is not supported: megatron-core implements only "
             "low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192"
         )
-    model = GPTModel(
+    model = LlamaModel(
         config=config,
         transformer_layer_spec=block_spec,
         vocab_size=opts.padded_vocab_size,
@@ -120,6 +125,8 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
         rope_scaling_factor=float(llama3["factor"]) if llama3 else 8.0,
         seq_len_interpolation_factor=opts.interpolation_factor,
     )
+    model.loss_chunk_tokens = opts.loss_chunk_tokens
+    model.real_vocab_size = arch.vocab_size
     if not opts.initialize:
         tag_tensor_parallel_weights(model)
     if model.post_process and opts.padded_vocab_size > arch.vocab_size:
@@ -127,6 +134,47 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
     if config.context_parallel_size > 1:
         use_contiguous_rope(model)  # contiguous CP slices, not megatron's zig-zag (cp_layout.py)
     return model
+
+
+class LlamaModel(GPTModel):
+    """megatron-core's GPTModel, except that a loss with labels is computed from the final hidden
+    states in token chunks (chunked_loss.py) instead of from the whole logits tensor. Logits
+    (no labels), inference and multi-token prediction take GPTModel's own path."""
+
+    loss_chunk_tokens: int = 0
+    real_vocab_size: Optional[int] = None
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        if (labels is None or not self.post_process or not self.loss_chunk_tokens
+                or self.mtp_process or kwargs.get("inference_context") is not None):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels,
+                                        *args, **kwargs)
+        return self._chunked_loss(hidden_states, labels)
+
+    def _chunked_loss(self, hidden_states, labels):
+        from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
+                                                   gather_from_sequence_parallel_region)
+
+        weight = (self.shared_embedding_or_output_weight()
+                  if self.share_embeddings_and_output_weights else self.output_layer.weight)
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        # The output layer's own input handling: all-gather the sequence (SP) or enter the TP
+        # region, whose backward reduces the vocab shards' partial input gradients.
+        if self.output_layer.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden_states,
+                                                          tensor_parallel_output_grad=True)
+        elif tp_size > 1:
+            hidden = copy_to_tensor_model_parallel_region(hidden_states)
+        else:
+            hidden = hidden_states
+        loss = chunked_cross_entropy(
+            hidden, weight, labels.transpose(0, 1),  # [s, b, h] and [s, b]
+            vocab_start=parallel_state.get_tensor_model_parallel_rank() * weight.shape[0],
+            vocab_size=self.real_vocab_size or self.vocab_size,
+            chunk_tokens=self.loss_chunk_tokens,
+            group=parallel_state.get_tensor_model_parallel_group() if tp_size > 1 else None,
+        )
+        return loss.transpose(0, 1).contiguous()  # [b, s], as GPTModel's loss
 
 
 def tag_tensor_parallel_weights(model) -> None:

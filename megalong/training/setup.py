@@ -112,7 +112,9 @@ def build_model_chunks(args, arch, metadata) -> list:
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         sequence_parallel=args.sequence_parallel,
         recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
+        loss_chunk_tokens=args.loss_chunk_tokens,
         initialize=not args.load,
         fp8_format=args.fp8_format,
     )

@@ -106,6 +106,8 @@ def _child(args) -> dict:
 
     if args.tensor_peak:
         return _tensor_peak_child(args)
+    if args.attention_alone:
+        return _attention_child(args)
 
     arm, seq_length = args.child, int(args.seq_lengths)
     if arm.startswith("megalong"):
@@ -131,13 +133,22 @@ def _child(args) -> dict:
         result["peak_allocated"] = torch.cuda.max_memory_allocated()
     if args.profile_dir:
         _profile(step, args, arm, seq_length)
-    if arm in ("megalong-s2", "megalong-dense"):
-        dtype = torch.bfloat16 if args.bf16 else torch.float32
-        fwd, fwd_bwd = _attention_alone(shape, seq_length, arm.split("-")[1], device, dtype)
-        per_step = shape.num_layers * (fwd_bwd + (fwd if args.recompute == "full" else 0.0))
-        result.update(attention_fwd_s=fwd, attention_fwd_bwd_s=fwd_bwd,
-                      attention_per_step_s=per_step)
     return result
+
+
+def _attention_child(args) -> dict:
+    """The attention call alone, in a fresh process: timed after a training run in the same
+    process, CPU attention came out up to 1.5x slower than in a clean one (the allocator's state
+    after the steps), which overstated the attention share."""
+    import torch
+
+    arm, seq_length = args.child, int(args.seq_lengths)
+    shape = shape_from_args(args)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    fwd, fwd_bwd = _attention_alone(shape, seq_length, arm.split("-")[1], args.device, dtype)
+    per_step = shape.num_layers * (fwd_bwd + (fwd if args.recompute == "full" else 0.0))
+    return {"attention_fwd_s": fwd, "attention_fwd_bwd_s": fwd_bwd,
+            "attention_per_step_s": per_step}
 
 
 def _profile(step, args, arm, seq_length) -> None:
@@ -196,6 +207,7 @@ def main() -> None:
                         help="extra pretrain_longlora flags for the megalong arms, written "
                              "with '=': --megalong-args='--loss-chunk-tokens 0'")
     parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--attention-alone", action="store_true", help=argparse.SUPPRESS)
     add_shape_args(parser)
     args = parser.parse_args()
     if args.child:
@@ -213,6 +225,10 @@ def main() -> None:
             res = run_child("train_step.py", argv + ["--child", arm])
             res.setdefault("arm", arm)
             res.setdefault("seq_length", seq_length)
+            if "error" not in res and arm in ("megalong-s2", "megalong-dense") \
+                    and not args.tensor_peak:
+                res.update(run_child("train_step.py",
+                                     argv + ["--child", arm, "--attention-alone"]))
             if "error" not in res and args.device == "cuda":
                 flops = _flops(args, arm, seq_length)
                 res["model_flops"] = flops["model"]

@@ -8,10 +8,16 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # so spawned ranks can import test modules
 
 
-def make_hf_llama(path, *, vocab=1001, layers=2, heads=8, kv_heads=2, hidden=64, ffn=160,
-                  tie=False, rope_scaling=None, seed=0, dtype="float32"):
-    """A random LlamaForCausalLM saved with save_pretrained. Weights are scaled up from HF's
-    0.02 init so logits differ clearly between tokens and layouts (a bug cannot hide in noise)."""
+def make_hf_llama(path, **kwargs):
+    """random_hf_llama(**kwargs) saved with save_pretrained (safetensors) to path."""
+    random_hf_llama(**kwargs).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def random_hf_llama(*, vocab=1001, layers=2, heads=8, kv_heads=2, hidden=64, ffn=160,
+                    tie=False, rope_scaling=None, seed=0):
+    """A random LlamaForCausalLM (GQA by default). Weights are scaled up from HF's 0.02 init so
+    logits differ clearly between tokens and layouts (a bug cannot hide in noise)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -32,8 +38,7 @@ def make_hf_llama(path, *, vocab=1001, layers=2, heads=8, kv_heads=2, hidden=64,
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
             else:
                 param.normal_(0.0, 0.08)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -118,23 +118,10 @@ def test_te_key_mapping():
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def tiny_llama(request):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import random_hf_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=1001,
-        tie_word_embeddings=request.param,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # norms start at 1; make every tensor distinct
-        for p in model.parameters():
-            p.normal_()
-    arch, interpolation = arch_from_hf_config(config.to_dict(), "tiny")
+    model = random_hf_llama(tie=request.param)
+    arch, interpolation = arch_from_hf_config(model.config.to_dict(), "tiny")
     assert interpolation is None and arch.tie_word_embeddings == request.param
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if arch.tie_word_embeddings:

@@ -24,23 +24,9 @@ TOKENIZER_STUBS = {
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def base_model(request, tmp_path_factory):
     """A random tiny Llama saved by transformers, with stub tokenizer files beside it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import random_hf_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=1001,
-        max_position_embeddings=128,
-        tie_word_embeddings=request.param,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_()
+    model = random_hf_llama(tie=request.param)
     path = tmp_path_factory.mktemp("base")
     model.save_pretrained(path)
     for name, text in TOKENIZER_STUBS.items():

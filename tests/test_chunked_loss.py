@@ -132,3 +132,23 @@ def test_uniform_and_block_recompute_equal_no_recompute(tiny_hf_dir):
             for name in grads0:
                 torch.testing.assert_close(grads5[name], grads0[name], rtol=1e-4, atol=2e-5,
                                            msg=f"{layout}: {name}")
+
+
+def test_bfloat16_inputs_follow_the_float32_softmax():
+    """bf16 hidden and weight (GPU training): logits are cast to float32 for the softmax, and the
+    gradients come back in bf16, within bf16's precision of the float64 result."""
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(50, 32, generator=generator, dtype=torch.float64)
+    weight = 0.3 * torch.randn(70, 32, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 64, (50,), generator=generator)
+    reference = hidden.clone().requires_grad_()
+    expected = F.cross_entropy(reference @ weight[:64].t(), labels, reduction="none")
+    expected.sum().backward()
+    for trainable in (False, True):
+        got = hidden.to(torch.bfloat16).requires_grad_()
+        w = weight.to(torch.bfloat16).requires_grad_(trainable)
+        loss = chunked_cross_entropy(got, w, labels, vocab_start=0, vocab_size=64, chunk_tokens=16)
+        loss.sum().backward()
+        assert loss.dtype == torch.float32 and got.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(loss.double(), expected.detach(), rtol=0.02, atol=0.05)
+        torch.testing.assert_close(got.grad.double(), reference.grad, rtol=0.05, atol=0.02)

@@ -263,3 +263,41 @@ def test_bad_inputs_fail_in_one_line_and_leave_nothing(lora_ckpt, exported, tiny
         assert "Traceback" not in result.stderr, (name, result.stderr)
         assert sorted(os.listdir(tmp_path)) == before, name
     assert (busy / "keep.txt").read_text() == "user data"
+
+
+@pytest.mark.slow
+def test_bfloat16_export_matches_the_float32_export_rounded(lora_ckpt, exported, tiny_hf_dir,
+                                                           tmp_path):
+    """--dtype bfloat16 builds the exporting model in bf16 (half the RAM): every tensor equals the
+    float32 export rounded to bf16 — exactly where no adapter was merged, within one bf16 step
+    where one was (the adapters were rounded to bf16 before the float32 merge)."""
+    from megalong.convert.hf_checkpoint import HFCheckpointReader
+
+    root, _ = lora_ckpt
+    merged32, adapter32 = exported
+    merged16, adapter16 = tmp_path / "merged16", tmp_path / "adapter16"
+    result = convert("megatron-to-hf", "--load", root, "--out", merged16, "--merge-lora",
+                     "--peft-adapter", adapter16, "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    targets = json.loads((adapter32 / "adapter_config.json").read_text())["target_modules"]
+    full, half = HFCheckpointReader(merged32), HFCheckpointReader(merged16)
+    base = HFCheckpointReader(tiny_hf_dir)
+    assert json.loads((merged16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert sorted(full._file_of) == sorted(half._file_of)
+    for name in full._file_of:
+        got, want = half.get(name), full.get(name).to(torch.bfloat16)
+        assert got.dtype == torch.bfloat16, name
+        if any(f".{module}." in name for module in targets):
+            # a float32 checkpoint: base weights and adapters rounded to bf16 before the merge,
+            # the sum rounded again — a few bf16 steps of the tensor's scale, far below the update
+            scale = want.float().abs().max().item()
+            torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7 * scale)
+            update = (want.float() - base.get(name)).abs().max().item()
+            assert update > 16 * 2**-7 * scale, name  # the tolerance cannot hide a missing merge
+        else:
+            assert torch.equal(got, want), name
+    adapter_full = load_file(adapter32 / "adapter_model.safetensors")
+    adapter_half = load_file(adapter16 / "adapter_model.safetensors")
+    assert adapter_full.keys() == adapter_half.keys()
+    for name, tensor in adapter_full.items():
+        assert torch.equal(adapter_half[name], tensor.to(torch.bfloat16)), name

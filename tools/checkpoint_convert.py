@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(embedding and norms as modules_to_save), loadable with "
                             "peft.PeftModel.from_pretrained on the base HF model")
     to_hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                       help="dtype of the exported weights (default float32)")
+                       help="dtype of the exported weights (default float32). The whole model "
+                            "is held in memory once: bfloat16 builds it in bf16, half the RAM "
+                            "(exact for bf16-trained checkpoints; a float32 checkpoint merged "
+                            "with --merge-lora is then rounded twice, within a few bf16 steps)")
     to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0,
                        help="largest safetensors shard in GiB (default 5)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

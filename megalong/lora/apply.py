@@ -128,14 +128,15 @@ def merge_lora(model) -> int:
     merged = 0
     for _, linear, parent, adapter in list(iter_adapters(model)):
         base = getattr(parent, linear)
+        # float32 factors: in a bf16 model B·A would otherwise be rounded before the add.
         if adapter.parallel == "column":
             delta = column_delta(
-                adapter.fused, {p: f.A for p, f in adapter.factors()},
-                {p: f.B for p, f in adapter.factors()}, adapter.scale, adapter.local_rows,
-                **adapter.local_heads)
+                adapter.fused, {p: f.A.float() for p, f in adapter.factors()},
+                {p: f.B.float() for p, f in adapter.factors()}, adapter.scale,
+                adapter.local_rows, **adapter.local_heads)
         else:
             ((_, factors),) = adapter.factors()
-            delta = row_delta(factors.A, factors.B, adapter.scale)
+            delta = row_delta(factors.A.float(), factors.B.float(), adapter.scale)
         add_in_place(base.weight, delta)
         adapter.detach()
         delattr(parent, linear + ADAPTER_SUFFIX)

@@ -8,7 +8,7 @@ peaks.
 """
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
@@ -26,6 +26,9 @@ class PlanConfig:
     cp: int = 1
     pp: int = 1
     recompute: str = "full"  # full | selective | none
+    # With recompute "full": recompute only the first K layers of each stage (megatron's block
+    # method, --recompute-method block --recompute-num-layers K); None: every layer (uniform).
+    recompute_layers: Optional[int] = None
     lora_rank: int = 8
     lora_parts: tuple = ("q", "k", "v", "o")
     trainable_extras: tuple = ("embed", "norm")
@@ -60,8 +63,28 @@ class PlanConfig:
             raise MegalongError(f"pp {self.pp} must divide the {arch.num_layers} layers")
         if self.seq_length % self.cp:
             raise MegalongError(f"cp {self.cp} must divide seq-length {self.seq_length}")
+        if self.recompute_layers is not None and (
+                self.recompute != "full"
+                or not 0 < self.recompute_layers <= arch.num_layers // self.pp):
+            raise MegalongError(
+                f"recompute_layers needs recompute full and 1..{arch.num_layers // self.pp} "
+                f"(the layers of a stage), got {self.recompute_layers}")
         if not self.full_finetune and self.lora_rank < 1:
             raise MegalongError(f"lora rank must be >= 1, got {self.lora_rank}")
+
+    @property
+    def recomputed_layers(self) -> int:
+        """Layers per stage whose forward runs again in the backward (full recompute)."""
+        if self.recompute != "full":
+            return 0
+        layers = self.arch.num_layers // self.pp
+        return layers if self.recompute_layers is None else self.recompute_layers
+
+    @property
+    def recompute_label(self) -> str:
+        if self.recompute == "full" and self.recompute_layers is not None:
+            return f"block {self.recompute_layers}"
+        return self.recompute
 
     @property
     def fused(self) -> bool:
@@ -187,7 +210,9 @@ def step_flops(cfg: PlanConfig) -> Dict[str, float]:
     attn_fwd = 4 * arch.head_dim * head_pairs * arch.num_layers * cfg.micro_batch_size
     dense_fwd = 2 * matmul * tokens
     model = dense_fwd + 2 * matmul * tokens + 2 * trainable_matmul * tokens + 3 * attn_fwd
-    repeat = {"full": dense_fwd + attn_fwd, "selective": attn_fwd, "none": 0.0}[cfg.recompute]
+    share = cfg.recomputed_layers / (arch.num_layers // cfg.pp)  # block: some layers only
+    repeat = {"full": share * (dense_fwd + attn_fwd), "selective": attn_fwd,
+              "none": 0.0}[cfg.recompute]
     return {"model": float(model), "hardware": float(model + repeat),
             "attention": float(3 * attn_fwd), "matmul_params": matmul,
             "trainable_matmul_params": trainable_matmul,
@@ -293,14 +318,13 @@ def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     layer_backward = a * T * (2 * w["hidden"] + 2 * w["ffn"] + 2 * (w["q"] + 2 * w["kv"]))
     logits = _loss_bytes(cfg, T, w)
     final_norm = _norm_saved(cfg) * T * w["hidden"]
-    if cfg.recompute == "full":
-        kept = layers * a * T * w["hidden"] * in_flight  # each layer's input
-        loss_moment = kept + final_norm + logits
-        layer_moment = kept + saved + layer_backward
-        activations = max(loss_moment, layer_moment)
-    else:
-        kept = layers * saved * in_flight
-        activations = kept + max(final_norm + logits, layer_backward)
+    # Recomputed layers keep their input; the others (all of them without full recompute) keep
+    # their saved tensors. The backward of a recomputed layer holds its saved tensors again.
+    recomputed = cfg.recomputed_layers
+    kept = (recomputed * a * T * w["hidden"] + (layers - recomputed) * saved) * in_flight
+    loss_moment = kept + final_norm + logits
+    layer_moment = kept + (saved if recomputed else 0.0) + layer_backward
+    activations = max(loss_moment, layer_moment)
     # Of the activations: what the attention kernels add beyond q/k/v (their outputs, S²'s copied
     # end groups), for the layer in flight.
     attention_workspace = (per_layer.get("s2_end_groups", 0.0) + per_layer["attention_output"]

@@ -100,6 +100,32 @@ def test_recompute_orders_memory_and_sequence_parallel_shrinks_it():
     assert memory_breakdown(sp)["activations"] < memory_breakdown(tp)["activations"] / 4
 
 
+def test_block_recompute_sits_between_none_and_full():
+    """Block recompute of K of a stage's L layers: K layers keep their input, L - K everything;
+    the recompute FLOPs are K/L of full's."""
+    arch = PRESETS["llama2-7b"]
+    base = dict(arch=arch, seq_length=32768, tp=8, sequence_parallel=True)
+    full = PlanConfig(**base, recompute="full")
+    none = PlanConfig(**base, recompute="none")
+    assert memory_breakdown(PlanConfig(**base, recompute="full", recompute_layers=32)) == \
+        memory_breakdown(full)
+    repeat = (lambda c: step_flops(c)["hardware"] - step_flops(c)["model"])
+    totals = [memory_breakdown(PlanConfig(**base, recompute="full", recompute_layers=k))["total"]
+              for k in (8, 16, 24)]
+    assert memory_breakdown(none)["total"] > totals[0] > totals[1] > totals[2] > \
+        memory_breakdown(full)["total"]
+    # Each recomputed layer trades its saved tensors for its input.
+    layer = sum(layer_activation_bytes(full).values())
+    checkpoint = 2 * 32768 * 4096 / 8
+    assert totals[0] - totals[1] == pytest.approx(8 * (layer - checkpoint))
+    block = PlanConfig(**base, recompute="full", recompute_layers=8)
+    assert repeat(block) == pytest.approx(repeat(full) / 4)
+    with pytest.raises(MegalongError, match="recompute_layers needs recompute full"):
+        PlanConfig(**base, recompute="none", recompute_layers=4)
+    with pytest.raises(MegalongError, match="recompute_layers needs"):
+        PlanConfig(**base, recompute="full", recompute_layers=33)
+
+
 def test_bad_configs_raise_clear_errors():
     with pytest.raises(MegalongError, match="tp 3 must divide"):
         PlanConfig(arch=PRESETS["llama2-70b"], seq_length=4096, tp=3)
@@ -116,6 +142,13 @@ def test_cli_table_and_errors():
     bad = subprocess.run([sys.executable, tool, "--model", "llama2-70b", "--seq-length", "32768",
                           "--tp", "3"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: tp 3 must divide")
+    headroom = subprocess.run([sys.executable, tool, "--model", "llama2-7b", "--seq-length", "8192",
+                               "--headroom", "1.5"], capture_output=True, text=True)
+    assert headroom.returncode == 2 and "--headroom must be in [0, 1)" in headroom.stderr
+    search = subprocess.run([sys.executable, tool, "--model", "llama2-70b", "--seq-length",
+                             "32768", "--bf16", "--search", "8"], capture_output=True, text=True,
+                            check=True).stdout
+    assert "at most 72.00 GiB planned" in search and "| block " in search
     table = subprocess.run([sys.executable, tool, "--table"], capture_output=True, text=True,
                            check=True)
     assert table.stdout.count("| llama2-") == 9
@@ -129,21 +162,23 @@ MEASURED_SHAPE = ["--hidden-size", "256", "--ffn-hidden-size", "704", "--num-lay
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arm,recompute,chunk", [
-    ("megalong-s2", "full", 2048), ("megalong-fft", "full", 2048), ("megalong-s2", "none", 2048),
-    ("megalong-s2", "full", 0), ("megalong-fft", "full", 256)])
-def test_estimate_within_15_percent_of_measured_peak(arm, recompute, chunk):
+@pytest.mark.parametrize("arm,recompute,chunk,block", [
+    ("megalong-s2", "full", 2048, None), ("megalong-fft", "full", 2048, None),
+    ("megalong-s2", "none", 2048, None), ("megalong-s2", "full", 0, None),
+    ("megalong-fft", "full", 256, None), ("megalong-s2", "full", 2048, 2)])
+def test_estimate_within_15_percent_of_measured_peak(arm, recompute, chunk, block):
     seq_length = 2048
+    extra = f" --recompute-method block --recompute-num-layers {block}" if block else ""
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--child", arm,
          "--recompute", recompute, "--seq-lengths", str(seq_length), "--tensor-peak",
-         f"--megalong-args=--loss-chunk-tokens {chunk}", *MEASURED_SHAPE],
+         f"--megalong-args=--loss-chunk-tokens {chunk}{extra}", *MEASURED_SHAPE],
         capture_output=True, text=True, timeout=280, env={**os.environ, "MEGALONG_DEVICE": "cpu",
                                                           "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])["tensor_peak"]
     cfg = PlanConfig(arch=LlamaArch(256, 4, 4, 2, 704, 8000), seq_length=seq_length, bf16=False,
                      recompute=recompute, full_finetune=arm == "megalong-fft", gpu=False,
-                     loss_chunk_tokens=chunk)
+                     loss_chunk_tokens=chunk, recompute_layers=block)
     estimate = memory_breakdown(cfg)["total"]
     assert abs(estimate - measured) <= 0.15 * measured, (estimate, measured)

@@ -9,6 +9,10 @@ import os
 from megalong.errors import MegalongError
 from megalong.model.arch import PRESETS, LlamaArch
 
+# Tokens per lm_head + cross-entropy chunk (model/chunked_loss.py): the training default, and what
+# ModelOptions and the planner assume.
+LOSS_CHUNK_TOKENS = 2048
+
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
@@ -187,10 +191,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "and keeps the others' activations (faster, more memory)")
     train.add_argument("--recompute-num-layers", type=int, default=1,
                        help="layers per checkpoint (uniform) or layers recomputed (block)")
-    train.add_argument("--loss-chunk-tokens", type=int, default=2048,
+    train.add_argument("--loss-chunk-tokens", type=int, default=LOSS_CHUNK_TOKENS,
                        help="compute the lm_head and cross entropy this many tokens at a time, so "
                             "the [tokens, vocabulary] logits are never whole in memory; 0: "
-                            "megatron's loss on the whole logits (default 2048)")
+                            f"megatron's loss on the whole logits (default {LOSS_CHUNK_TOKENS})")
     train.add_argument("--use-distributed-optimizer", action="store_true",
                        help="shard optimizer state over data-parallel ranks (megatron's)")
     train.add_argument("--overlap-grad-reduce", action="store_true")

@@ -10,6 +10,7 @@ peaks.
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from megalong.config import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
 
@@ -39,7 +40,7 @@ class PlanConfig:
     sequence_parallel: bool = False
     vocab_divisible_by: int = 128
     # The loss's lm_head + cross entropy over this many tokens at a time (0: whole logits).
-    loss_chunk_tokens: int = 2048
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
     # A GPU run: torch's fused RMSNorm and megatron's fused SwiGLU (megalong uses them on GPUs),
     # and the GPU attention kernels' contiguous copies of S²-Attn's folded q/k/v.
     gpu: bool = True
@@ -64,21 +65,23 @@ class PlanConfig:
         if self.seq_length % self.cp:
             raise MegalongError(f"cp {self.cp} must divide seq-length {self.seq_length}")
         if self.recompute_layers is not None and (
-                self.recompute != "full"
-                or not 0 < self.recompute_layers <= arch.num_layers // self.pp):
+                self.recompute != "full" or not 0 < self.recompute_layers <= self.stage_layers):
             raise MegalongError(
-                f"recompute_layers needs recompute full and 1..{arch.num_layers // self.pp} "
+                f"recompute_layers needs recompute full and 1..{self.stage_layers} "
                 f"(the layers of a stage), got {self.recompute_layers}")
         if not self.full_finetune and self.lora_rank < 1:
             raise MegalongError(f"lora rank must be >= 1, got {self.lora_rank}")
+
+    @property
+    def stage_layers(self) -> int:
+        return self.arch.num_layers // self.pp
 
     @property
     def recomputed_layers(self) -> int:
         """Layers per stage whose forward runs again in the backward (full recompute)."""
         if self.recompute != "full":
             return 0
-        layers = self.arch.num_layers // self.pp
-        return layers if self.recompute_layers is None else self.recompute_layers
+        return self.stage_layers if self.recompute_layers is None else self.recompute_layers
 
     @property
     def recompute_label(self) -> str:
@@ -149,7 +152,7 @@ def parameter_counts(cfg: PlanConfig) -> Dict[str, int]:
     the lm_head; with pp = 1 both), split by kind, and what trains."""
     arch, tp = cfg.arch, cfg.tp
     H = arch.hidden_size
-    layers = arch.num_layers // cfg.pp
+    layers = cfg.stage_layers
     linear = sum(layer_linear_params(arch).values()) // tp
     norms = 2 * H
     vocab_rows = cfg.padded_vocab // tp
@@ -210,7 +213,7 @@ def step_flops(cfg: PlanConfig) -> Dict[str, float]:
     attn_fwd = 4 * arch.head_dim * head_pairs * arch.num_layers * cfg.micro_batch_size
     dense_fwd = 2 * matmul * tokens
     model = dense_fwd + 2 * matmul * tokens + 2 * trainable_matmul * tokens + 3 * attn_fwd
-    share = cfg.recomputed_layers / (arch.num_layers // cfg.pp)  # block: some layers only
+    share = cfg.recomputed_layers / cfg.stage_layers  # block: some layers only
     repeat = {"full": share * (dense_fwd + attn_fwd), "selective": attn_fwd,
               "none": 0.0}[cfg.recompute]
     return {"model": float(model), "hardware": float(model + repeat),
@@ -301,7 +304,7 @@ def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     a, T = cfg.param_bytes, cfg.seq_length // cfg.cp * cfg.micro_batch_size
     w = _widths(cfg)
     counts = parameter_counts(cfg)
-    layers = cfg.arch.num_layers // cfg.pp
+    layers = cfg.stage_layers
     # 1F1B: the first stage holds the activations of up to pp micro-batches.
     in_flight = cfg.pp
     weights = counts["base"] * cfg.param_bytes

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from megalong.model.chunked_loss import chunked_cross_entropy
 from megalong.spawn import run_on_ranks
+from test_model import VOCAB, hf_logits
 
 
 @pytest.mark.parametrize("trainable_weight", [False, True])
@@ -95,8 +96,6 @@ def model_loss_and_grads(hf_dir, tokens, layouts):
 
 @pytest.mark.slow
 def test_model_loss_and_grads_equal_megatron_loss_at_tp1_tp2_sp(tiny_hf_dir):
-    from tests.test_model import VOCAB, hf_logits
-
     tokens = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(2))
 
     layouts = [(1, False, False, None), (1, False, True, None), (2, False, False, None),
@@ -121,7 +120,7 @@ def test_model_loss_and_grads_equal_megatron_loss_at_tp1_tp2_sp(tiny_hf_dir):
 @pytest.mark.slow
 def test_uniform_and_block_recompute_equal_no_recompute(tiny_hf_dir):
     """Block recomputes layer 0 of 2 and keeps layer 1's activations; uniform recomputes both."""
-    tokens = torch.randint(0, 1001, (2, 33), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(4))
     layouts = [(1, False, False, "uniform"), (1, False, False, "block"), (2, True, True, "block")]
     # (ModelOptions.recompute_num_layers is 1: uniform checkpoints one layer at a time)
     per_rank = run_on_ranks(model_loss_and_grads, 2, tiny_hf_dir, tokens, layouts)

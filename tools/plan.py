@@ -23,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megalong.cli import run_cli  # noqa: E402  (torch-free)
+from megalong.config import LOSS_CHUNK_TOKENS  # noqa: E402
 from megalong.errors import MegalongError  # noqa: E402
 from megalong.model.arch import PRESETS  # noqa: E402
 from megalong.plan import (GIB, RECOMPUTE, PlanConfig, memory_breakdown,  # noqa: E402
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights and activations")
     parser.add_argument("--attention", choices=["s2", "full"], default="s2")
     parser.add_argument("--group-size-ratio", type=float, default=0.25)
-    parser.add_argument("--loss-chunk-tokens", type=int, default=2048,
+    parser.add_argument("--loss-chunk-tokens", type=int, default=LOSS_CHUNK_TOKENS,
                         help="as pretrain_longlora's flag: tokens per lm_head + loss chunk "
                              "(0: whole logits)")
     parser.add_argument("--cpu", action="store_true",

@@ -10,6 +10,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megalong.config import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
 from megalong.model.chunked_loss import chunked_cross_entropy
@@ -38,7 +39,7 @@ class ModelOptions:
     fp8_format: Optional[str] = None  # "hybrid" | "e4m3": FP8 GEMMs through Transformer Engine
     # Training/eval loss over this many tokens at a time (chunked_loss.py); 0: megatron's loss
     # on the whole [s, b, vocab] logits.
-    loss_chunk_tokens: int = 2048
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
 
 
 def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig:

@@ -11,6 +11,7 @@ setup(
         # the range here only admits what is already there.
         "torch>=2.6",
         "megatron-core>=0.16,<0.17",
+        "psutil",  # megatron-core's checkpoint writer processes need it (not a declared dependency)
         "numpy",
         "sentencepiece",
         "tokenizers",

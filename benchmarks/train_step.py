@@ -23,6 +23,11 @@ Each (arm, sequence length) trains in a fresh subprocess, batch 1, G = N/4:
   step (layers x (fwd+bwd), plus layers x fwd with full recompute). If only attention differed,
   S² would speed the dense step up by at most
       bound = dense step / (dense step - dense attention + S² attention).
+
+On CPU megalong keeps freed memory for reuse (runtime.keep_freed_memory, glibc mallopt); the
+reference runs with glibc's defaults, as a user's script would, unless
+--reference-allocator keep-freed gives it the same setting (GLIBC_TUNABLES), which isolates
+what the allocator alone is worth.
 """
 
 import argparse
@@ -35,6 +40,8 @@ from _common import (ARMS, ROOT, add_shape_args, build_arm, current_rss_bytes,  
                      median, peak_rss_bytes, run_child, shape_from_args, time_steps)
 
 DEFAULT_ARMS = "megalong-s2,reference,megalong-dense,megalong-fft"
+# The glibc tunables equivalent of megalong.runtime.keep_freed_memory().
+KEEP_FREED_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
 
 
 def _attention_alone(shape, seq_length, attention, device, dtype, repeats=3):
@@ -208,6 +215,10 @@ def main() -> None:
     parser.add_argument("--megalong-args", default="",
                         help="extra pretrain_longlora flags for the megalong arms, written "
                              "with '=': --megalong-args='--loss-chunk-tokens 0'")
+    parser.add_argument("--reference-allocator", choices=["default", "keep-freed"],
+                        default="default",
+                        help="CPU: glibc's default malloc for the reference arms (as users run "
+                             "them), or megalong's keep-freed-memory setting")
     parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--attention-alone", action="store_true", help=argparse.SUPPRESS)
     add_shape_args(parser)
@@ -224,7 +235,10 @@ def main() -> None:
             argv = [a for a in forwarded]
             argv = _replace(argv, "--seq-lengths", str(seq_length))
             argv = _replace(argv, "--arms", arm)
-            res = run_child("train_step.py", argv + ["--child", arm])
+            env = ({"GLIBC_TUNABLES": KEEP_FREED_TUNABLES}
+                   if arm.startswith("reference") and args.reference_allocator == "keep-freed"
+                   else None)
+            res = run_child("train_step.py", argv + ["--child", arm], env=env)
             res.setdefault("arm", arm)
             res.setdefault("seq_length", seq_length)
             if "error" not in res and arm in ("megalong-s2", "megalong-dense") \

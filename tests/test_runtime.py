@@ -1,0 +1,27 @@
+"""CPU runtime details that no other test reaches."""
+
+import resource
+
+import torch
+
+from megalong import runtime
+
+
+def _faults_to_fill(num_bytes: int) -> int:
+    """Minor page faults taken by allocating, touching and freeing num_bytes."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.empty(num_bytes // 4, dtype=torch.float32)
+    block.fill_(1.0)
+    del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_freed_blocks_are_reused_without_page_faults():
+    # Blocks over glibc's largest mmap threshold (32 MiB) are by default fresh mappings that
+    # fault in every page again. Each block here fits in the one freed before it (the same
+    # size may not: posix_memalign asks for a little more than it last got back).
+    assert runtime.keep_freed_memory()
+    _faults_to_fill(64 << 20)  # the first one grows the heap
+    pages = (40 << 20) // resource.getpagesize()
+    again = [_faults_to_fill(mib << 20) for mib in (56, 48, 40)]
+    assert max(again) < pages // 10, (again, pages)

@@ -8,8 +8,7 @@ GPU, `adapt_megatron_to_cpu()` meets them once per process:
 - `torch.cuda.synchronize` becomes a no-op (dist_checkpointing preload, PP p2p);
 - megatron's RNG tracker and the recompute RNG save/restore use the CPU generator.
 With a GPU none of this is installed and megatron-core runs as shipped.
-It also keeps freed memory in the process (`keep_freed_memory`), the CPU counterpart of CUDA's
-caching allocator.
+`keep_freed_memory()` is the CPU counterpart of CUDA's caching allocator, for training loops.
 """
 
 import contextlib
@@ -124,7 +123,6 @@ def adapt_megatron_to_cpu() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     # The mode stays pushed for the life of the process, covering every later megatron call.
     _CudaToCpu().__enter__()
-    keep_freed_memory()
     _CPU_ADAPTED = True
 
 
@@ -140,7 +138,9 @@ def keep_freed_memory() -> bool:
     for every 4 KiB it touches again: measured at 8k tokens, ~27 s of system time per 4 steps
     and ~9 % of the wall clock (docs/PERF.md). Serving big blocks from the heap and never
     trimming it reuses them, as CUDA's caching allocator does on GPUs; the resident set stays
-    at its high-water mark. False where the C library is not glibc (the default stays)."""
+    at its high-water mark. For loops that reallocate the same tensors (training), not one-pass
+    work such as conversion, where a heap fragmented by thousands of differently sized weights
+    could raise the peak. False where the C library is not glibc (the default stays)."""
     import ctypes
     import ctypes.util
 

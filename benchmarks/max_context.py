@@ -4,6 +4,7 @@ reference (benchmarks/reference_hf.py), S²-Attn vs dense.
     python benchmarks/max_context.py [--budget-gib 4] [--arms megalong-s2,reference,...]
                                      [--recompute full|none] [--granularity 1024]
                                      [--start 2048] [--max 262144] [--json OUT]
+                                     [--megalong-args='--cpu-malloc release']
                                      [--hidden-size 512 ... (benchmarks/train_step.py's shape)]
 
 A probe trains one step (batch 1, G = N/4) at one length in a fresh subprocess; it fits when it
@@ -31,7 +32,7 @@ GIB = 2**30
 def _child(args) -> dict:
     os.environ["MEGALONG_DEVICE"] = "cpu"
     step, _ = build_arm(args.child, shape_from_args(args), args.probe, recompute=args.recompute,
-                        device="cpu", bf16=False)
+                        device="cpu", bf16=False, megalong_args=args.megalong_args)
     loss = step(0)
     return {"arm": args.child, "seq_length": args.probe, "loss": loss,
             "peak_rss": peak_rss_bytes()}
@@ -125,6 +126,9 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=2048)
     parser.add_argument("--max", type=int, default=262144)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--megalong-args", default="",
+                        help="extra pretrain_longlora flags for the megalong arms, written "
+                             "with '=': --megalong-args='--cpu-malloc release'")
     parser.add_argument("--child", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--probe", type=int, help=argparse.SUPPRESS)
     add_shape_args(parser)

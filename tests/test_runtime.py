@@ -25,3 +25,19 @@ def test_freed_blocks_are_reused_without_page_faults():
     pages = (40 << 20) // resource.getpagesize()
     again = [_faults_to_fill(mib << 20) for mib in (56, 48, 40)]
     assert max(again) < pages // 10, (again, pages)
+
+
+def test_training_keeps_freed_memory_only_with_cpu_malloc_reuse(monkeypatch):
+    from megalong.training import setup
+    from megalong.training.pretrain import build_parser
+
+    calls = []
+    monkeypatch.setattr(runtime, "init_distributed", lambda *a, **k: None)
+    monkeypatch.setattr(runtime, "check_ranks_agree", lambda *a, **k: None)
+    monkeypatch.setattr(runtime, "use_cuda", lambda: False)
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
+    parser = build_parser()
+    for flags, expected in (([], 1), (["--cpu-malloc", "release"], 0), (["--cpu-malloc", "reuse"], 1)):
+        calls.clear()
+        setup.bring_up_runtime(parser.parse_args(flags))
+        assert len(calls) == expected, flags

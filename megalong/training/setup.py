@@ -56,7 +56,7 @@ def bring_up_runtime(args) -> None:
                               pipeline=args.pipeline_model_parallel_size,
                               context=args.context_parallel_size),
         seed=args.seed, timeout_s=args.distributed_timeout_minutes * 60)
-    if not runtime.use_cuda():
+    if not runtime.use_cuda() and args.cpu_malloc == "reuse":
         runtime.keep_freed_memory()  # every step reallocates the same activations
     # Nodes launched with different flags would train different things (or hang in mismatched
     # collectives): every rank compares a hash of its parsed flags with the others'.

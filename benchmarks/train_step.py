@@ -201,6 +201,10 @@ def main() -> None:
     parser.add_argument("--recompute", choices=["full", "selective", "none"], default="full",
                         help="activation recompute of every arm (the reference: full or none)")
     parser.add_argument("--steps", type=int, default=6, help="steps per arm, the first a warm-up")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the arms this many times in turn (fresh processes) and pool "
+                             "their steps: this machine's speed drifts by 15–20 %% between "
+                             "minutes, and alternating spreads a slow spell over every arm")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop an arm's timing after this many seconds (3 steps at least)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -228,41 +232,70 @@ def main() -> None:
         return
 
     arms = args.arms.split(",")
-    forwarded = [a for a in sys.argv[1:]]
+    forwarded = _replace([a for a in sys.argv[1:]], "--rounds", "1")
     rows = []
     for seq_length in [int(s) for s in args.seq_lengths.split(",")]:
-        for arm in arms:
-            argv = [a for a in forwarded]
-            argv = _replace(argv, "--seq-lengths", str(seq_length))
-            argv = _replace(argv, "--arms", arm)
-            env = ({"GLIBC_TUNABLES": KEEP_FREED_TUNABLES}
-                   if arm.startswith("reference") and args.reference_allocator == "keep-freed"
-                   else None)
-            res = run_child("train_step.py", argv + ["--child", arm], env=env)
-            res.setdefault("arm", arm)
-            res.setdefault("seq_length", seq_length)
-            if "error" not in res and arm in ("megalong-s2", "megalong-dense") \
-                    and args.device == "cpu" and not args.tensor_peak:
-                res.update(run_child("train_step.py",
-                                     argv + ["--child", arm, "--attention-alone"]))
-            if "error" not in res and args.device == "cuda":
-                flops = _flops(args, arm, seq_length)
-                res["model_flops"] = flops["model"]
-                res["mfu"] = flops["model"] / res["median_step_s"] / (args.peak_tflops * 1e12)
-            rows.append(res)
-            summary = res.get("error") or (
-                f"{res['tokens_per_s']:.0f} tok/s, median {res['median_step_s']:.2f}s wall, "
-                f"{res['median_step_cpu_s']:.2f}s CPU; steps (wall) "
-                f"{[round(t, 2) for t in res['step_times']]}, load {os.getloadavg()[0]:.1f}")
-            print(f"  {arm} N={seq_length}: {summary}", file=sys.stderr, flush=True)
-            if "error" in res:
-                print(res["stderr_tail"], file=sys.stderr)
+        runs = {arm: [] for arm in arms}
+        for round_ in range(args.rounds):  # arms alternate, so a slow spell hits all of them
+            for arm in arms:
+                res = _run_arm(arm, seq_length, args, forwarded)
+                runs[arm].append(res)
+                summary = res.get("error") or (
+                    f"{res['tokens_per_s']:.0f} tok/s, median {res['median_step_s']:.2f}s wall, "
+                    f"{res['median_step_cpu_s']:.2f}s CPU; steps (wall) "
+                    f"{[round(t, 2) for t in res['step_times']]}, load {os.getloadavg()[0]:.1f}")
+                tag = f" round {round_ + 1}/{args.rounds}" if args.rounds > 1 else ""
+                print(f"  {arm} N={seq_length}{tag}: {summary}", file=sys.stderr, flush=True)
+                if "error" in res:
+                    print(res["stderr_tail"], file=sys.stderr)
+        rows.extend(_pool(runs[arm], seq_length, args.peak_tflops * 1e12) for arm in arms)
     print(_table(rows, args))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
     if args.strict and any("error" in r for r in rows):
         sys.exit(1)
+
+
+def _run_arm(arm, seq_length, args, forwarded) -> dict:
+    argv = _replace(_replace(forwarded, "--seq-lengths", str(seq_length)), "--arms", arm)
+    env = ({"GLIBC_TUNABLES": KEEP_FREED_TUNABLES}
+           if arm.startswith("reference") and args.reference_allocator == "keep-freed" else None)
+    res = run_child("train_step.py", argv + ["--child", arm], env=env)
+    res.setdefault("arm", arm)
+    res.setdefault("seq_length", seq_length)
+    if "error" not in res and arm in ("megalong-s2", "megalong-dense") \
+            and args.device == "cpu" and not args.tensor_peak:
+        res.update(run_child("train_step.py", argv + ["--child", arm, "--attention-alone"]))
+    if "error" not in res and args.device == "cuda":
+        flops = _flops(args, arm, seq_length)
+        res["model_flops"] = flops["model"]
+        res["mfu"] = flops["model"] / res["median_step_s"] / (args.peak_tflops * 1e12)
+    return res
+
+
+def _pool(runs: list, seq_length: int, peak_flops: float) -> dict:
+    """One arm's rounds as one row: medians over every round's steps after its warm-up, the
+    largest memory, the median attention-alone time."""
+    if len(runs) == 1 or any("error" in r for r in runs):
+        return next((r for r in runs if "error" in r), runs[0])
+    row = dict(runs[0])
+    timed = [t for r in runs for t in r["step_times"][1:]]
+    cpu = [t for r in runs for t in r["step_cpu_times"][1:]]
+    row.update(median_step_s=median(timed), median_step_cpu_s=median(cpu),
+               tokens_per_s=seq_length / median(timed), rounds=len(runs),
+               step_times=[r["step_times"] for r in runs],
+               step_cpu_times=[r["step_cpu_times"] for r in runs])
+    for key in ("peak_rss", "peak_allocated"):
+        if key in row:
+            row[key] = max(r[key] for r in runs)
+    row["idle_rss"] = min(r["idle_rss"] for r in runs) if "idle_rss" in row else None
+    for key in ("attention_fwd_s", "attention_fwd_bwd_s", "attention_per_step_s"):
+        if key in row:
+            row[key] = median([r[key] for r in runs])
+    if "mfu" in row:
+        row["mfu"] = row["model_flops"] / row["median_step_s"] / peak_flops
+    return row
 
 
 def _replace(argv, flag, value):

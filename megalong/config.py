@@ -197,11 +197,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             f"megatron's loss on the whole logits (default {LOSS_CHUNK_TOKENS})")
     train.add_argument("--cpu-malloc", choices=["reuse", "release"], default="reuse",
                        help="CPU runs only: 'reuse' keeps freed memory in the process for the "
-                            "next step (glibc serves big blocks from its heap and never trims it: "
-                            "no page faults re-touching each step's activations, ~20 %% faster "
-                            "8k steps, but the resident set stays at a fragmented high-water "
-                            "mark); 'release' returns big blocks to the kernel as glibc does by "
-                            "default (least resident memory: the longest context in a budget)")
+                            "next step (glibc serves big blocks from its heap and never trims "
+                            "it, so steps do not page-fault their activations in again: 10-20 %% "
+                            "faster at 8k in docs/PERF.md, but the resident set stays at a "
+                            "fragmented high-water mark); 'release' returns big blocks to the "
+                            "kernel, glibc's default (least resident memory: the longest context "
+                            "in a budget)")
     train.add_argument("--use-distributed-optimizer", action="store_true",
                        help="shard optimizer state over data-parallel ranks (megatron's)")
     train.add_argument("--overlap-grad-reduce", action="store_true")

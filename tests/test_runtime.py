@@ -1,7 +1,9 @@
 """CPU runtime details that no other test reaches."""
 
+import platform
 import resource
 
+import pytest
 import torch
 
 from megalong import runtime
@@ -16,6 +18,7 @@ def _faults_to_fill(num_bytes: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's")
 def test_freed_blocks_are_reused_without_page_faults():
     # Blocks over glibc's largest mmap threshold (32 MiB) are by default fresh mappings that
     # fault in every page again. Each block here fits in the one freed before it (the same

@@ -276,7 +276,8 @@ def _run_arm(arm, seq_length, args, forwarded) -> dict:
 
 def _pool(runs: list, seq_length: int, peak_flops: float) -> dict:
     """One arm's rounds as one row: medians over every round's steps after its warm-up, the
-    largest memory, the median attention-alone time."""
+    largest memory, the median attention-alone time. The per-round step times stay in the JSON
+    only (rounds x steps)."""
     if len(runs) == 1 or any("error" in r for r in runs):
         return next((r for r in runs if "error" in r), runs[0])
     row = dict(runs[0])
@@ -286,10 +287,11 @@ def _pool(runs: list, seq_length: int, peak_flops: float) -> dict:
                tokens_per_s=seq_length / median(timed), rounds=len(runs),
                step_times=[r["step_times"] for r in runs],
                step_cpu_times=[r["step_cpu_times"] for r in runs])
-    for key in ("peak_rss", "peak_allocated"):
-        if key in row:
-            row[key] = max(r[key] for r in runs)
-    row["idle_rss"] = min(r["idle_rss"] for r in runs) if "idle_rss" in row else None
+    if "peak_rss" in row:  # the round that grew most above its idle resident set
+        worst = max(runs, key=lambda r: r["peak_rss"] - r["idle_rss"])
+        row.update(peak_rss=worst["peak_rss"], idle_rss=worst["idle_rss"])
+    if "peak_allocated" in row:
+        row["peak_allocated"] = max(r["peak_allocated"] for r in runs)
     for key in ("attention_fwd_s", "attention_fwd_bwd_s", "attention_per_step_s"):
         if key in row:
             row[key] = median([r[key] for r in runs])

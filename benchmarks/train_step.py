@@ -40,8 +40,6 @@ from _common import (ARMS, ROOT, add_shape_args, build_arm, current_rss_bytes,  
                      median, peak_rss_bytes, run_child, shape_from_args, time_steps)
 
 DEFAULT_ARMS = "megalong-s2,reference,megalong-dense,megalong-fft"
-# The glibc tunables equivalent of megalong.runtime.keep_freed_memory().
-KEEP_FREED_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
 
 
 def _attention_alone(shape, seq_length, attention, device, dtype, repeats=3):
@@ -232,7 +230,7 @@ def main() -> None:
         return
 
     arms = args.arms.split(",")
-    forwarded = _replace([a for a in sys.argv[1:]], "--rounds", "1")
+    forwarded = _replace(sys.argv[1:], "--rounds", "1")
     rows = []
     for seq_length in [int(s) for s in args.seq_lengths.split(",")]:
         runs = {arm: [] for arm in arms}
@@ -259,8 +257,12 @@ def main() -> None:
 
 def _run_arm(arm, seq_length, args, forwarded) -> dict:
     argv = _replace(_replace(forwarded, "--seq-lengths", str(seq_length)), "--arms", arm)
-    env = ({"GLIBC_TUNABLES": KEEP_FREED_TUNABLES}
-           if arm.startswith("reference") and args.reference_allocator == "keep-freed" else None)
+    env = None
+    if arm.startswith("reference") and args.reference_allocator == "keep-freed":
+        sys.path.insert(0, ROOT)
+        from megalong.runtime import KEEP_FREED_GLIBC_TUNABLES
+
+        env = {"GLIBC_TUNABLES": KEEP_FREED_GLIBC_TUNABLES}
     res = run_child("train_step.py", argv + ["--child", arm], env=env)
     res.setdefault("arm", arm)
     res.setdefault("seq_length", seq_length)

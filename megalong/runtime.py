@@ -126,8 +126,12 @@ def adapt_megatron_to_cpu() -> None:
     _CPU_ADAPTED = True
 
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# glibc malloc settings that keep freed memory: tunable name -> (mallopt parameter from malloc.h,
+# value). The trim threshold is a C int for mallopt, so 2 GiB - 1 is its ceiling.
+_KEEP_FREED = {"mmap_max": (-4, 0), "trim_threshold": (-1, 2**31 - 1)}
+# The same settings for a process started with GLIBC_TUNABLES (benchmarks/train_step.py).
+KEEP_FREED_GLIBC_TUNABLES = ":".join(
+    f"glibc.malloc.{name}={value}" for name, (_, value) in _KEEP_FREED.items())
 
 
 def keep_freed_memory() -> bool:
@@ -150,8 +154,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    # mallopt returns 1 on success; the trim threshold is an int, so 2 GiB - 1 is its ceiling.
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(mallopt(param, value) == 1 for param, value in _KEEP_FREED.values())
 
 
 # ---------------------------------------------------------------- distributed bring-up

@@ -145,6 +145,9 @@ def test_cli_table_and_errors():
     headroom = subprocess.run([sys.executable, tool, "--model", "llama2-7b", "--seq-length", "8192",
                                "--headroom", "1.5"], capture_output=True, text=True)
     assert headroom.returncode == 2 and "--headroom must be in [0, 1)" in headroom.stderr
+    headroom = subprocess.run([sys.executable, tool, "--table", "--headroom", "-0.1"],
+                              capture_output=True, text=True)
+    assert headroom.returncode == 2 and "--headroom must be in [0, 1)" in headroom.stderr
     search = subprocess.run([sys.executable, tool, "--model", "llama2-70b", "--seq-length",
                              "32768", "--bf16", "--search", "8"], capture_output=True, text=True,
                             check=True).stdout

@@ -40,7 +40,8 @@ def test_training_keeps_freed_memory_only_with_cpu_malloc_reuse(monkeypatch):
     monkeypatch.setattr(runtime, "use_cuda", lambda: False)
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
     parser = build_parser()
-    for flags, expected in (([], 1), (["--cpu-malloc", "release"], 0), (["--cpu-malloc", "reuse"], 1)):
+    cases = (([], 1), (["--cpu-malloc", "release"], 0), (["--cpu-malloc", "reuse"], 1))
+    for flags, expected in cases:
         calls.clear()
         setup.bring_up_runtime(parser.parse_args(flags))
         assert len(calls) == expected, flags

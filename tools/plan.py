@@ -16,6 +16,7 @@ repeats). The model is megalong/plan.py; docs/PERF.md says how close it comes to
 """
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -131,24 +132,21 @@ def layouts(args, gpus: int):
     """(config, memory) for every tp x cp x pp = gpus and recompute choice that validates:
     none, selective, full, and block recompute of a quarter, half and three quarters of a
     stage's layers."""
-    arch = PRESETS[args.model]
     found = []
     for tp, cp, pp in itertools.product(_divisors(gpus), repeat=3):
         if tp * cp * pp != gpus:
             continue
-        stage = arch.num_layers // pp if arch.num_layers % pp == 0 else 0
-        blocks = sorted({stage * q // 4 for q in (1, 2, 3)} - {0})
+        try:  # PlanConfig refuses a tp, cp or pp that does not divide the model
+            base = config_from_args(args, tp=tp, cp=cp, pp=pp, recompute="none",
+                                    recompute_layers=None, sequence_parallel=tp > 1)
+        except MegalongError:
+            continue
+        if base.attention == "s2" and (base.seq_length // cp) % (base.group_size // 2):
+            continue  # a CP slice must be a multiple of G/2 (DESIGN.md §6)
+        blocks = sorted({base.stage_layers * q // 4 for q in (1, 2, 3)} - {0})
         choices = [(r, None) for r in RECOMPUTE] + [("full", k) for k in blocks]
         for recompute, block in choices:
-            try:
-                cfg = config_from_args(args, tp=tp, cp=cp, pp=pp, recompute=recompute,
-                                       recompute_layers=block, sequence_parallel=tp > 1)
-            except MegalongError:
-                continue
-            if cfg.attention == "s2" and (cfg.seq_length // cp) % (cfg.group_size // 2):
-                continue  # a CP slice must be a multiple of G/2 (DESIGN.md §6)
-            if arch.num_layers % pp:
-                continue
+            cfg = dataclasses.replace(base, recompute=recompute, recompute_layers=block)
             found.append((cfg, memory_breakdown(cfg)["total"]))
     return found
 
@@ -168,8 +166,9 @@ def search(args, gpus: int) -> str:
     limit = usable_bytes(args)
     rows.sort(key=lambda r: (r[1] > limit, _recompute_flops(r[0]), r[0].pp, r[1]))
     lines = [f"{args.model}, N = {args.seq_length}, {gpus} GPUs of {args.gpu_memory_gib:g} GiB, "
-             f"at most {_gib(limit)} GiB planned (SP with TP > 1; cheapest first: least recompute FLOPs, then fewer pipeline "
-             f"stages, then memory)", "", "| TP | CP | PP | recompute | GiB per GPU | fits |",
+             f"at most {_gib(limit)} GiB planned (SP with TP > 1; cheapest first: least "
+             f"recompute FLOPs, then fewer pipeline stages, then memory)", "",
+             "| TP | CP | PP | recompute | GiB per GPU | fits |",
              "|---:|---:|---:|---|---:|---|"]
     for cfg, total in rows:
         lines.append(f"| {cfg.tp} | {cfg.cp} | {cfg.pp} | {cfg.recompute_label} | {_gib(total)} "
@@ -201,12 +200,12 @@ def table(args) -> str:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if not 0 <= args.headroom < 1:  # --table plans with it too
+        raise MegalongError(f"--headroom must be in [0, 1), got {args.headroom}")
     if args.table:
         args.bf16 = True
         print(table(args))
         return
-    if not 0 <= args.headroom < 1:
-        raise MegalongError(f"--headroom must be in [0, 1), got {args.headroom}")
     if args.model is None or args.seq_length is None:
         raise MegalongError("give --model and --seq-length (or --table)")
     if args.search:

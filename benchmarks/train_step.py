@@ -164,7 +164,7 @@ def _profile(step, args, arm, seq_length) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         step(args.steps)
         if args.device == "cuda":
             torch.cuda.synchronize()
@@ -172,6 +172,9 @@ def _profile(step, args, arm, seq_length) -> None:
     os.makedirs(args.profile_dir, exist_ok=True)
     with open(os.path.join(args.profile_dir, f"profile_{arm}_{seq_length}.txt"), "w") as fh:
         fh.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
+        fh.write("\n\nBy input shape:\n")
+        fh.write(prof.key_averages(group_by_input_shape=True).table(
+            sort_by=key, row_limit=40, max_name_column_width=60, max_shapes_column_width=80))
 
 
 def _flops(args, arm, seq_length):

@@ -66,7 +66,9 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         # runs their plain-torch paths.
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        # TE's fused RoPE kernel (megatron-LM's default) when TE is in use; the unfused path
+        # concatenates twice per q/k. Checked against the local spec in test_lora's TE test.
+        apply_rope_fusion=opts.transformer_impl == "transformer_engine",
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,

@@ -4,11 +4,16 @@
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]            (OUT_DIR defaults to ./runs/gpu)
 #
-# For a machine without megatron-core (the lent H100: Python 3.12, torch 2.11), put the wheel in
-# .whl/ first (see docs/PERF.md) and the script installs it into /tmp/site.
+# For a machine without megatron-core (the lent GPU: Python 3.12, torch 2.11), put the wheel in
+# .whl/ first and the script installs it into /tmp/site:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl megatron-core==0.16.1
 # Environment: RUNS (layers:lengths pairs, default "8:8192,16384 4:32768": fewer layers than 7B's
 # 32 so that no recompute is needed and the run stays short), ARMS, STEPS (default 7: 1 warm-up
 # + 6 timed), DEEP=1 also runs all 32 layers with full recompute at 16k.
+# TARGETS=1 runs only issue 8's two GPU acceptance measurements, megalong alone (a few minutes):
+# S² MFU with 8 layers at 16k, and S² vs dense with 8 layers at 32k (the reference's float32
+# logits are what limit its 32k run to 4 layers; megalong's chunked loss does not need that).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-runs/gpu}}
@@ -31,6 +36,17 @@ SHAPE="--hidden-size 4096 --ffn-hidden-size 11008 --num-heads 32 --num-kv-heads 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, megatron.core, transformers, peft; print('torch', torch.__version__, \
 'megatron-core', megatron.core.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+
+if [ "${TARGETS:-0}" = 1 ]; then
+    for run in 8:16384:megalong-s2 8:32768:megalong-s2,megalong-dense; do
+        IFS=: read -r layers seq arms <<< "$run"
+        echo "== $layers Llama-2-7B-shaped layers, no recompute, N = $seq, $arms"
+        $PY benchmarks/train_step.py --device cuda --bf16 --recompute none --steps "$STEPS" \
+            --seq-lengths "$seq" --arms "$arms" --num-layers "$layers" $SHAPE --strict \
+            --json "$OUT_DIR/targets_${layers}x${seq}.json" || exit 1
+    done
+    exit 0
+fi
 
 echo "== smoke: tiny shapes, every arm"
 $PY benchmarks/train_step.py --device cuda --bf16 --recompute none --steps 2 --seq-lengths 1024 \

@@ -8,10 +8,11 @@
 # .whl/ first and the script installs it into /tmp/site:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl megatron-core==0.16.1
-# Environment: RUNS (layers:lengths pairs, default "8:8192,16384 4:32768": fewer layers than 7B's
-# 32 so that no recompute is needed and the run stays short), ARMS, STEPS (default 7: 1 warm-up
-# + 6 timed), DEEP=1 also runs all 32 layers with full recompute at 16k.
-# TARGETS=1 runs only issue 8's two GPU acceptance measurements, megalong alone (a few minutes):
+# Environment: RUNS (layers:lengths[:arms] entries, default "8:8192,16384 4:32768": fewer layers
+# than 7B's 32 so that no recompute is needed and the run stays short), ARMS (of entries without
+# their own), STEPS (default 7: 1 warm-up + 6 timed), DEEP=1 also runs all 32 layers with full
+# recompute at 16k.
+# TARGETS=1 measures only issue 8's two GPU acceptance targets, megalong alone (a few minutes):
 # S² MFU with 8 layers at 16k, and S² vs dense with 8 layers at 32k (the reference's float32
 # logits are what limit its 32k run to 4 layers; megalong's chunked loss does not need that).
 set -uo pipefail
@@ -26,8 +27,11 @@ if ! $PY -c "import megatron.core" 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-# LAYERS:SEQS pairs. 8 layers at 32k without recompute does not fit beside the reference's
-# fp32 logits, so 32k runs with 4 layers.
+# LAYERS:SEQS[:ARMS] entries. 8 layers at 32k without recompute does not fit beside the
+# reference's fp32 logits, so 32k runs with 4 layers.
+if [ "${TARGETS:-0}" = 1 ]; then
+    RUNS=${RUNS:-"8:16384:megalong-s2 8:32768:megalong-s2,megalong-dense"}
+fi
 RUNS=${RUNS:-"8:8192,16384 4:32768"}
 ARMS=${ARMS:-megalong-s2,megalong-dense,reference}
 STEPS=${STEPS:-7}
@@ -37,28 +41,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, megatron.core, transformers, peft; print('torch', torch.__version__, \
 'megatron-core', megatron.core.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 
-if [ "${TARGETS:-0}" = 1 ]; then
-    for run in 8:16384:megalong-s2 8:32768:megalong-s2,megalong-dense; do
-        IFS=: read -r layers seq arms <<< "$run"
-        echo "== $layers Llama-2-7B-shaped layers, no recompute, N = $seq, $arms"
-        $PY benchmarks/train_step.py --device cuda --bf16 --recompute none --steps "$STEPS" \
-            --seq-lengths "$seq" --arms "$arms" --num-layers "$layers" $SHAPE --strict \
-            --json "$OUT_DIR/targets_${layers}x${seq}.json" || exit 1
-    done
-    exit 0
-fi
-
 echo "== smoke: tiny shapes, every arm"
 $PY benchmarks/train_step.py --device cuda --bf16 --recompute none --steps 2 --seq-lengths 1024 \
     --arms megalong-s2,megalong-dense,reference --hidden-size 256 --ffn-hidden-size 512 \
     --num-layers 2 --num-heads 4 --num-kv-heads 4 --vocab-size 1000 --strict || exit 1
 
 for run in $RUNS; do
-    layers=${run%%:*} seqs=${run#*:}
-    echo "== $layers Llama-2-7B-shaped layers, no recompute, N = $seqs"
+    IFS=: read -r layers seqs arms <<< "$run"
+    arms=${arms:-$ARMS}
+    echo "== $layers Llama-2-7B-shaped layers, no recompute, N = $seqs, $arms"
     $PY benchmarks/train_step.py --device cuda --bf16 --recompute none --steps "$STEPS" \
-        --seq-lengths "$seqs" --arms "$ARMS" --num-layers "$layers" $SHAPE \
-        --json "$OUT_DIR/gpu_layers${layers}.json" --profile-dir "$OUT_DIR/profiles"
+        --seq-lengths "$seqs" --arms "$arms" --num-layers "$layers" $SHAPE \
+        --json "$OUT_DIR/gpu_layers${layers}_${seqs//,/_}.json" --profile-dir "$OUT_DIR/profiles"
 done
 # One file of op tables (self CUDA time), one section per arm and length.
 for f in "$OUT_DIR"/profiles/*.txt; do echo "### $(basename "$f" .txt)"; cat "$f"; done \

@@ -273,34 +273,33 @@ def _run_arm(arm, seq_length, args, forwarded) -> dict:
             and args.device == "cpu" and not args.tensor_peak:
         res.update(run_child("train_step.py", argv + ["--child", arm, "--attention-alone"]))
     if "error" not in res and args.device == "cuda":
-        flops = _flops(args, arm, seq_length)
-        res["model_flops"] = flops["model"]
-        res["mfu"] = flops["model"] / res["median_step_s"] / (args.peak_tflops * 1e12)
+        res["model_flops"] = _flops(args, arm, seq_length)["model"]  # MFU: in _pool
     return res
 
 
 def _pool(runs: list, seq_length: int, peak_flops: float) -> dict:
     """One arm's rounds as one row: medians over every round's steps after its warm-up, the
-    largest memory, the median attention-alone time. The per-round step times stay in the JSON
-    only (rounds x steps)."""
-    if len(runs) == 1 or any("error" in r for r in runs):
-        return next((r for r in runs if "error" in r), runs[0])
+    largest memory, the median attention-alone time, MFU from the median step. The per-round
+    step times stay in the JSON only (rounds x steps)."""
+    if any("error" in r for r in runs):
+        return next(r for r in runs if "error" in r)
     row = dict(runs[0])
-    timed = [t for r in runs for t in r["step_times"][1:]]
-    cpu = [t for r in runs for t in r["step_cpu_times"][1:]]
-    row.update(median_step_s=median(timed), median_step_cpu_s=median(cpu),
-               tokens_per_s=seq_length / median(timed), rounds=len(runs),
-               step_times=[r["step_times"] for r in runs],
-               step_cpu_times=[r["step_cpu_times"] for r in runs])
-    if "peak_rss" in row:  # the round that grew most above its idle resident set
-        worst = max(runs, key=lambda r: r["peak_rss"] - r["idle_rss"])
-        row.update(peak_rss=worst["peak_rss"], idle_rss=worst["idle_rss"])
-    if "peak_allocated" in row:
-        row["peak_allocated"] = max(r["peak_allocated"] for r in runs)
-    for key in ("attention_fwd_s", "attention_fwd_bwd_s", "attention_per_step_s"):
-        if key in row:
-            row[key] = median([r[key] for r in runs])
-    if "mfu" in row:
+    if len(runs) > 1:
+        timed = [t for r in runs for t in r["step_times"][1:]]
+        cpu = [t for r in runs for t in r["step_cpu_times"][1:]]
+        row.update(median_step_s=median(timed), median_step_cpu_s=median(cpu),
+                   tokens_per_s=seq_length / median(timed), rounds=len(runs),
+                   step_times=[r["step_times"] for r in runs],
+                   step_cpu_times=[r["step_cpu_times"] for r in runs])
+        if "peak_rss" in row:  # the round that grew most above its idle resident set
+            worst = max(runs, key=lambda r: r["peak_rss"] - r["idle_rss"])
+            row.update(peak_rss=worst["peak_rss"], idle_rss=worst["idle_rss"])
+        if "peak_allocated" in row:
+            row["peak_allocated"] = max(r["peak_allocated"] for r in runs)
+        for key in ("attention_fwd_s", "attention_fwd_bwd_s", "attention_per_step_s"):
+            if key in row:
+                row[key] = median([r[key] for r in runs])
+    if "model_flops" in row:
         row["mfu"] = row["model_flops"] / row["median_step_s"] / peak_flops
     return row
 

@@ -8,8 +8,9 @@ from megalong.spawn import run_on_ranks
 VOCAB = 1001
 
 
-def hf_logits(hf_dir, tokens, rope_factor=None):
-    """HF transformers' logits, optionally re-loaded with linear rope scaling `rope_factor`."""
+def hf_logits(hf_dir, tokens, rope_factor=None, dtype=torch.float32):
+    """HF transformers' logits (float32), optionally re-loaded with linear rope scaling
+    `rope_factor`, computed in `dtype`."""
     from transformers import LlamaForCausalLM
 
     kwargs = {}
@@ -20,13 +21,14 @@ def hf_logits(hf_dir, tokens, rope_factor=None):
         config.rope_parameters = {"rope_type": "linear", "factor": rope_factor,
                                   "rope_theta": 10000.0}
         kwargs["config"] = config
-    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, **kwargs).eval()
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=dtype, **kwargs).eval()
     with torch.no_grad():
-        return model(tokens).logits
+        return model(tokens).logits.float()
 
 
 def megatron_logits_for_layouts(hf_dir, tokens, layouts):
-    """On every rank: for each (tp, pp, sp, factor) build, load HF weights, return logits."""
+    """On every rank: for each (tp, pp, sp, factor[, params dtype]) build, load HF weights,
+    return float32 logits."""
     from megalong import runtime
     from megalong.convert.hf_checkpoint import HFCheckpointReader
     from megalong.convert.hf_config import arch_from_hf_config
@@ -36,35 +38,42 @@ def megatron_logits_for_layouts(hf_dir, tokens, layouts):
     from megalong.model.llama import ModelOptions, build_llama
 
     results = []
-    for tp, pp, sp, factor in layouts:
+    for tp, pp, sp, factor, *dtype in layouts:
         runtime.init_distributed(runtime.ParallelSizes(tensor=tp, pipeline=pp))
         reader = HFCheckpointReader(hf_dir)
         arch, _ = arch_from_hf_config(reader.config, hf_dir)
         padded = padded_vocab_size(arch.vocab_size, 128, tp)
         opts = ModelOptions(seq_length=tokens.shape[1], padded_vocab_size=padded, attention="full",
-                            sequence_parallel=sp, interpolation_factor=factor, initialize=False)
+                            sequence_parallel=sp, interpolation_factor=factor, initialize=False,
+                            params_dtype=dtype[0] if dtype else torch.float32)
         model = build_llama(arch, opts)
         load_hf_weights(model, reader.get, arch, padded)
         model.eval()
         logits = full_logits(model, tokens)
         if logits is not None:
             assert torch.isinf(logits[..., VOCAB:]).all(), "padded vocab must be masked"
-            logits = logits[..., :VOCAB]
+            logits = logits[..., :VOCAB].float()
         results.append(logits)
     return results
 
 
 @pytest.mark.slow
-def test_tp1_matches_hf_with_and_without_interpolation(tiny_hf_dir, tiny_tokens):
-    (plain, interpolated), = run_on_ranks(
-        megatron_logits_for_layouts, 1, tiny_hf_dir, tiny_tokens, [(1, 1, False, None), (1, 1, False, 4.0)]
-    )
+def test_tp1_matches_hf_with_and_without_interpolation_and_in_bf16(tiny_hf_dir, tiny_tokens):
+    (plain, interpolated, bf16), = run_on_ranks(
+        megatron_logits_for_layouts, 1, tiny_hf_dir, tiny_tokens,
+        [(1, 1, False, None), (1, 1, False, 4.0), (1, 1, False, None, torch.bfloat16)])
     reference = hf_logits(tiny_hf_dir, tiny_tokens)
     assert (plain - reference).abs().max() <= 1e-4
     reference4 = hf_logits(tiny_hf_dir, tiny_tokens, rope_factor=4.0)
     assert (interpolated - reference4).abs().max() <= 1e-4
     # The factor must matter, or the test above proves nothing about interpolation.
     assert (reference4 - reference).abs().max() > 1e-2
+    # bf16 (how the benchmarks and GPU runs train): no further from the float32 logits than HF's
+    # own bf16 forward is, so no part of the model silently runs at a lower precision than HF's.
+    hf_bf16_error = (hf_logits(tiny_hf_dir, tiny_tokens, dtype=torch.bfloat16) - reference).abs()
+    error = (bf16 - reference).abs()
+    assert 0 < hf_bf16_error.max() and 0 < error.max()
+    assert error.max() <= 2 * hf_bf16_error.max() and error.mean() <= 2 * hf_bf16_error.mean()
 
 
 @pytest.mark.slow

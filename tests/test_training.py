@@ -1,5 +1,6 @@
-"""The trainer: every parallel layout trains to the single-rank losses, exact resume, the
-preprocess -> train -> export -> HF loop, the torchrun launcher, and bad input."""
+"""The trainer: every parallel layout trains to the single-rank losses, bf16 follows float32,
+exact resume, the preprocess -> train -> export -> HF loop, the torchrun launcher, and bad
+input."""
 
 import os
 import re
@@ -223,3 +224,20 @@ def test_sft_data_trains_end_to_end(tiny_megatron_ckpt, sp_model, tmp_path):
     args[i:i + 2] = ["--sft-data", str(data)]
     (losses,), = run_on_ranks(train_layouts, 1, [args])
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+
+@pytest.mark.slow
+def test_bf16_trains_like_float32(tiny_megatron_ckpt, corpus, sp_model):
+    # --bf16 (GPU runs, and the CPU benchmarks on CPUs with bf16 GEMMs): bf16 weights and
+    # activations, float32 main weights in the optimizer. Its losses must follow float32's far
+    # more closely than a run that barely updates does, or bf16 updates are being lost.
+    base = train_args(tiny_megatron_ckpt, corpus, sp_model, "--attention", "s2",
+                      "--lr", "2e-3", "--min-lr", "2e-4")
+    (fp32, bf16, frozen), = run_on_ranks(train_layouts, 1, [
+        base, base + ["--bf16"], base + ["--bf16", "--lr", "1e-12", "--min-lr", "0"]])
+    assert bf16 != fp32, "bf16 must round somewhere"
+    # Iterations 1-2 see at most one update; from 3 on the updates show.
+    bf16_drift = sum(abs(a - b) for a, b in zip(bf16[2:], fp32[2:]))
+    update_effect = sum(abs(a - b) for a, b in zip(frozen[2:], fp32[2:]))
+    assert bf16_drift <= 0.25 * update_effect, (fp32, bf16, frozen)

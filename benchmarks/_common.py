@@ -40,7 +40,8 @@ LLAMA2_7B = Shape(4096, 11008, 32, 32, 32, 32000)
 
 def add_shape_args(parser, default: Shape = CPU_SHAPE) -> None:
     for name, value in asdict(default).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=value)
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=value,
+                            help=f"model shape: {name.replace('_', ' ')} (default {value})")
 
 
 def shape_from_args(args) -> Shape:

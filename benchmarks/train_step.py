@@ -197,7 +197,8 @@ def _mib(n):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seq-lengths", default="4096,8192")
+    parser.add_argument("--seq-lengths", default="4096,8192",
+                        help="comma-separated sequence lengths (tokens), each timed for every arm")
     parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated of {ARMS}")
     parser.add_argument("--recompute", choices=["full", "selective", "none"], default="full",
                         help="activation recompute of every arm (the reference: full or none)")
@@ -208,8 +209,11 @@ def main() -> None:
                              "minutes, and alternating spreads a slow spell over every arm")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop an arm's timing after this many seconds (3 steps at least)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where every arm trains (cuda: the first GPU)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="every arm in bf16 (the reference casts its model; megalong trains "
+                             "with --bf16)")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the device's dense bf16 peak for MFU (H100 SXM: 989)")
     parser.add_argument("--json", help="also write the results here")

@@ -226,7 +226,6 @@ def test_sft_data_trains_end_to_end(tiny_megatron_ckpt, sp_model, tmp_path):
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
 
-
 @pytest.mark.slow
 def test_bf16_trains_like_float32(tiny_megatron_ckpt, corpus, sp_model):
     # --bf16 (GPU runs, and the CPU benchmarks on CPUs with bf16 GEMMs): bf16 weights and

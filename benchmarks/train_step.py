@@ -20,7 +20,8 @@ Each (arm, sequence length) trains in a fresh subprocess, batch 1, G = N/4:
   recompute's extra forward is not counted) / step time / --peak-tflops (989 for H100 bf16);
 - attention share bound: the megalong-s2 and megalong-dense processes also time their attention
   call alone (forward, and forward + backward, at the model's per-layer shapes) and scale it to a
-  step (layers x (fwd+bwd), plus layers x fwd with full recompute). If only attention differed,
+  step (layers x (fwd+bwd), plus layers x fwd with full recompute unless the megalong arms keep
+  attention through it: --megalong-args=--recompute-keep-attention). If only attention differed,
   S² would speed the dense step up by at most
       bound = dense step / (dense step - dense attention + S² attention).
 
@@ -153,7 +154,8 @@ def _attention_child(args) -> dict:
     shape = shape_from_args(args)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     fwd, fwd_bwd = _attention_alone(shape, seq_length, arm.split("-")[1], args.device, dtype)
-    per_step = shape.num_layers * (fwd_bwd + (fwd if args.recompute == "full" else 0.0))
+    repeated = args.recompute == "full" and "--recompute-keep-attention" not in args.megalong_args
+    per_step = shape.num_layers * (fwd_bwd + (fwd if repeated else 0.0))
     return {"attention_fwd_s": fwd, "attention_fwd_bwd_s": fwd_bwd,
             "attention_per_step_s": per_step}
 

@@ -194,6 +194,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "and keeps the others' activations (faster, more memory)")
     train.add_argument("--recompute-num-layers", type=int, default=1,
                        help="layers per checkpoint (uniform) or layers recomputed (block)")
+    train.add_argument("--recompute-keep-attention", action="store_true",
+                       help="with --recompute-granularity full: keep each recomputed layer's "
+                            "attention output and softmax statistics from the forward, so the "
+                            "recompute does not run the attention kernel again (faster at long "
+                            "context; keeps about q, k, v and the output per layer, ~2-4x the "
+                            "memory of the layer inputs alone)")
     train.add_argument("--loss-chunk-tokens", type=int, default=LOSS_CHUNK_TOKENS,
                        help="compute the lm_head and cross entropy this many tokens at a time, so "
                             "the [tokens, vocabulary] logits are never whole in memory; 0: "
@@ -284,6 +290,8 @@ def validate_training_args(args, world_size: int) -> None:
         raise MegalongError(f"--loss-chunk-tokens must be >= 0, got {args.loss_chunk_tokens}")
     if args.recompute_method == "block" and args.recompute_granularity != "full":
         raise MegalongError("--recompute-method block needs --recompute-granularity full")
+    if args.recompute_keep_attention and args.recompute_granularity != "full":
+        raise MegalongError("--recompute-keep-attention needs --recompute-granularity full")
     if args.max_skipped_steps < 0:
         raise MegalongError(f"--max-skipped-steps must be >= 0, got {args.max_skipped_steps}")
     if not args.distributed_timeout_minutes > 0:

@@ -1,7 +1,9 @@
 """S2CoreAttention: the `core_attention` slot of megatron-core's SelfAttention.
 
 A drop-in for megatron's DotProductAttention (same constructor and forward), built from a
-ModuleSpec with params {"attention": "s2" | "full", "group_size": int | None, "kernel": ...}.
+ModuleSpec with params {"attention": "s2" | "full", "group_size": int | None, "kernel": ...,
+"keep_through_recompute": bool}; the last keeps attention's output through full recompute
+(kept_outputs.py).
 S²-Attn runs only while training with attention "s2" on a full sequence (sq == sk); eval()
 or attention "full" gives dense attention that honours megatron's attn_mask_type.
 Under context parallel each rank holds a contiguous slice of the sequence: S²-Attn receives a
@@ -18,6 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megalong.attention.context_parallel import cp_dense_attention, cp_s2_attention
+from megalong.attention.kept_outputs import KeptAttentionOutputs
 from megalong.attention.kernels import KERNELS
 from megalong.attention.s2 import dense_causal_attention, s2_attention
 from megalong.errors import MegalongError
@@ -33,7 +36,7 @@ class S2CoreAttention(MegatronModule):
                  attention_type: str = "self", attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection=None, *, attention: str = "s2", group_size: Optional[int] = None,
-                 kernel: str = "auto"):
+                 kernel: str = "auto", keep_through_recompute: bool = False):
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if attention not in ("s2", "full"):
@@ -51,6 +54,10 @@ class S2CoreAttention(MegatronModule):
         self.attention_type = attention_type
         self.attention, self.group_size, self.kernel = attention, group_size, kernel
         self.softmax_scale = softmax_scale
+        if keep_through_recompute and config.recompute_granularity != "full":
+            raise MegalongError("keeping attention through recompute needs full recompute "
+                                "(--recompute-granularity full)")
+        self.kept_outputs = KeptAttentionOutputs() if keep_through_recompute else None
         if pg_collection is None:
             self.tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
         else:
@@ -69,38 +76,48 @@ class S2CoreAttention(MegatronModule):
             raise MegalongError("S2CoreAttention supports neither packed sequences (thd) nor "
                                 "an attention bias")
         len_q, batch, heads, dim = query.shape
+        attend = self._attention(len_q, key.shape[0], dim, attention_mask,
+                                 self.attn_mask_type if attn_mask_type is None else attn_mask_type)
+        if self.kept_outputs is not None and self.training:
+            out = self.kept_outputs(attend, query, key, value)
+        else:
+            out = attend(query, key, value)
+        return out.view(len_q, batch, heads * dim)
+
+    def _attention(self, len_q: int, len_k: int, dim: int, attention_mask, mask_type):
+        """The attention this call runs, as a function of (q, k, v)."""
         scale = 1.0 / math.sqrt(dim) if self.softmax_scale is None else self.softmax_scale
-        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-        if self.training and self.attention == "s2" and len_q == key.shape[0]:
+        if self.training and self.attention == "s2" and len_q == len_k:
             # The group mask is causal by construction, so a causal attention_mask adds nothing
             # (SFT padding sits at the end of a sample and is masked out of the loss instead).
             if mask_type not in _CAUSAL:
                 raise MegalongError(f"S²-Attn is causal; it cannot apply attn_mask_type "
                                     f"{mask_type.name} (use a causal layer spec)")
-            kv_heads = key.shape[2]
-            heads_of_shard = dict(kv_group_offset=self.tp_rank * kv_heads,
-                                  num_kv_groups=kv_heads * self.tp_size,
-                                  kernel=self.kernel, softmax_scale=scale)
-            if self.cp_group is not None:
-                out = cp_s2_attention(query, key, value, self.group_size, self.cp_group,
-                                      layer=self.layer_number, **heads_of_shard)
-            else:
-                out = s2_attention(query, key, value, self.group_size, **heads_of_shard)
-        elif self.cp_group is not None:
-            if len_q != key.shape[0] or mask_type not in (AttnMaskType.causal,
-                                                           AttnMaskType.causal_bottom_right):
+
+            def s2(q, k, v):
+                kv_heads = k.shape[2]
+                heads_of_shard = dict(kv_group_offset=self.tp_rank * kv_heads,
+                                      num_kv_groups=kv_heads * self.tp_size,
+                                      kernel=self.kernel, softmax_scale=scale)
+                if self.cp_group is not None:
+                    return cp_s2_attention(q, k, v, self.group_size, self.cp_group,
+                                           layer=self.layer_number, **heads_of_shard)
+                return s2_attention(q, k, v, self.group_size, **heads_of_shard)
+
+            return s2
+        if self.cp_group is not None:
+            if len_q != len_k or mask_type not in (AttnMaskType.causal,
+                                                   AttnMaskType.causal_bottom_right):
                 raise MegalongError(
                     "dense attention under context parallel supports causal masks over whole "
-                    f"slices only (got {len_q} queries, {key.shape[0]} keys, attn_mask_type "
+                    f"slices only (got {len_q} queries, {len_k} keys, attn_mask_type "
                     f"{mask_type.name}); decode with --context-parallel-size 1")
-            out = cp_dense_attention(query, key, value, self.cp_group, softmax_scale=scale)
-        else:
-            causal = mask_type in _CAUSAL
-            mask = None if mask_type in (AttnMaskType.no_mask, AttnMaskType.causal) \
-                else attention_mask
-            out = dense_causal_attention(query, key, value, causal=causal, attention_mask=mask,
-                                         softmax_scale=scale)
-        return out.view(len_q, batch, heads * dim)
+            return lambda q, k, v: cp_dense_attention(q, k, v, self.cp_group, softmax_scale=scale)
+        causal = mask_type in _CAUSAL
+        mask = None if mask_type in (AttnMaskType.no_mask, AttnMaskType.causal) \
+            else attention_mask
+        return lambda q, k, v: dense_causal_attention(q, k, v, causal=causal, attention_mask=mask,
+                                                      softmax_scale=scale)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """No parameters, nothing to checkpoint."""

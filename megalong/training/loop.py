@@ -9,6 +9,7 @@ from megatron.core import parallel_state
 
 from megalong import runtime
 from megalong.attention.context_parallel import HALO_COUNTER
+from megalong.attention.kept_outputs import clear_kept_attention
 from megalong.errors import MegalongError
 from megalong.model.forward import run_microbatches
 from megalong.training.batches import microbatches
@@ -39,6 +40,7 @@ def train_step(trainer: Trainer, iteration: int):
     for model in trainer.ddp_models:
         model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
+    clear_kept_attention(trainer.models)
     outputs = run_microbatches(trainer.ddp_models, batches, forward_only=False)
     loss, _ = _reduced_loss(outputs)
     loss = faults.corrupt_loss(iteration, loss)

@@ -240,6 +240,13 @@ def main() -> None:
 
     arms = args.arms.split(",")
     forwarded = _replace(sys.argv[1:], "--rounds", "1")
+    if args.tensor_peak:  # no timing: each arm's peak of live tensors and its losses
+        for seq_length, arm in ((int(n), arm) for n in args.seq_lengths.split(",") for arm in arms):
+            res = _run_arm(arm, seq_length, args, forwarded)
+            print(f"  {arm} N={seq_length}: " + (res.get("error") or (
+                f"tensor peak {_mib(res['tensor_peak'])} MiB, losses {res['losses']}")),
+                file=sys.stderr, flush=True)
+        return
     rows = []
     for seq_length in [int(s) for s in args.seq_lengths.split(",")]:
         runs = {arm: [] for arm in arms}

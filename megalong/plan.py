@@ -30,6 +30,9 @@ class PlanConfig:
     # With recompute "full": recompute only the first K layers of each stage (megatron's block
     # method, --recompute-method block --recompute-num-layers K); None: every layer (uniform).
     recompute_layers: Optional[int] = None
+    # With recompute "full": keep each recomputed layer's attention graph (inputs, output,
+    # softmax statistics) so the kernel's forward runs once (--recompute-keep-attention).
+    keep_attention: bool = False
     lora_rank: int = 8
     lora_parts: tuple = ("q", "k", "v", "o")
     trainable_extras: tuple = ("embed", "norm")
@@ -69,6 +72,9 @@ class PlanConfig:
             raise MegalongError(
                 f"recompute_layers needs recompute full and 1..{self.stage_layers} "
                 f"(the layers of a stage), got {self.recompute_layers}")
+        if self.keep_attention and self.recompute != "full":
+            raise MegalongError("keeping attention through recompute "
+                                "(--recompute-keep-attention) needs full recompute")
         if not self.full_finetune and self.lora_rank < 1:
             raise MegalongError(f"lora rank must be >= 1, got {self.lora_rank}")
 
@@ -85,9 +91,10 @@ class PlanConfig:
 
     @property
     def recompute_label(self) -> str:
+        label = self.recompute
         if self.recompute == "full" and self.recompute_layers is not None:
-            return f"block {self.recompute_layers}"
-        return self.recompute
+            label = f"block {self.recompute_layers}"
+        return label + (", attention kept" if self.keep_attention else "")
 
     @property
     def fused(self) -> bool:
@@ -198,7 +205,8 @@ def step_flops(cfg: PlanConfig) -> Dict[str, float]:
     model = 2P forward + 2P input gradient + 2P_trainable weight gradient per token, P the
     matmul parameters (linears, adapters, lm_head; not the embedding lookup), plus attention:
     4 d per (query, key) pair and head forward (QK^T and PV), twice that backward.
-    hardware adds what recompute repeats (full: the forward; selective: attention's forward)."""
+    hardware adds what recompute repeats (full: the forward, without attention's when it is
+    kept; selective: attention's forward)."""
     arch = cfg.arch
     tokens = cfg.seq_length * cfg.micro_batch_size
     linears = arch.num_layers * sum(layer_linear_params(arch).values())
@@ -214,7 +222,8 @@ def step_flops(cfg: PlanConfig) -> Dict[str, float]:
     dense_fwd = 2 * matmul * tokens
     model = dense_fwd + 2 * matmul * tokens + 2 * trainable_matmul * tokens + 3 * attn_fwd
     share = cfg.recomputed_layers / cfg.stage_layers  # block: some layers only
-    repeat = {"full": share * (dense_fwd + attn_fwd), "selective": attn_fwd,
+    repeated_attention = 0.0 if cfg.keep_attention else attn_fwd
+    repeat = {"full": share * (dense_fwd + repeated_attention), "selective": attn_fwd,
               "none": 0.0}[cfg.recompute]
     return {"model": float(model), "hardware": float(model + repeat),
             "attention": float(3 * attn_fwd), "matmul_params": matmul,
@@ -285,6 +294,22 @@ def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
     return out
 
 
+def kept_attention_bytes(cfg: PlanConfig) -> float:
+    """What keeping attention through recompute holds per recomputed layer until its backward:
+    the kernel's inputs (RoPE'd q and k; v, a view that keeps the whole qkv output), its
+    output (S²-Attn: the pieces' outputs and the unfolded whole), S²'s copied end groups and the
+    GPU kernels' contiguous copies, and float32 softmax statistics per head and token."""
+    if not cfg.keep_attention:
+        return 0.0
+    a, T = cfg.param_bytes, cfg.seq_length // cfg.cp * cfg.micro_batch_size
+    w = _widths(cfg)
+    per_layer = layer_activation_bytes(cfg)
+    outputs = 2 if cfg.attention == "s2" else 1
+    return (per_layer["qkv_output"] + per_layer["rope_qk"] + outputs * a * T * w["q"]
+            + per_layer.get("s2_end_groups", 0.0) + per_layer.get("s2_kernel_inputs", 0.0)
+            + 4 * T * w["q"] / cfg.arch.head_dim)
+
+
 def _loss_bytes(cfg: PlanConfig, T: int, w: Dict[str, float]) -> float:
     """The loss's own tensors: the logits (and their float32 copy in bf16) of the whole sequence
     or of one chunk; a chunked loss also holds the input gradient it forms in the forward."""
@@ -297,7 +322,8 @@ def _loss_bytes(cfg: PlanConfig, T: int, w: Dict[str, float]) -> float:
 def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     """Peak bytes on the busiest rank, by kind. Activations follow the recompute choice:
     none keeps every layer's tensors; selective recomputes core attention (the kernel output is
-    not kept); full keeps each layer's input and re-runs one layer at a time in the backward.
+    not kept); full keeps each layer's input (and with keep_attention its attention graph) and
+    re-runs one layer at a time in the backward.
     The peak is the larger of two moments of the step: the loss (logits, and their float32
     copy in bf16, with every checkpoint alive) and a layer's backward (its saved tensors plus
     the gradients in flight)."""
@@ -324,7 +350,8 @@ def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     # Recomputed layers keep their input; the others (all of them without full recompute) keep
     # their saved tensors. The backward of a recomputed layer holds its saved tensors again.
     recomputed = cfg.recomputed_layers
-    kept = (recomputed * a * T * w["hidden"] + (layers - recomputed) * saved) * in_flight
+    checkpoint = a * T * w["hidden"] + kept_attention_bytes(cfg)
+    kept = (recomputed * checkpoint + (layers - recomputed) * saved) * in_flight
     loss_moment = kept + final_norm + logits
     layer_moment = kept + (saved if recomputed else 0.0) + layer_backward
     activations = max(loss_moment, layer_moment)
@@ -335,6 +362,7 @@ def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     return {"weights": weights, "adapters": adapters, "gradients": gradients,
             "optimizer": optimizer, "activations": activations,
             "attention_workspace": attention_workspace,
+            "kept_attention": recomputed * kept_attention_bytes(cfg) * in_flight,
             "total": weights + adapters + gradients + optimizer + activations}
 
 

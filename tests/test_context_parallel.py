@@ -143,7 +143,8 @@ def _reduced(outputs, group):
 
 
 def run_layouts(ckpt, layouts):
-    """On every rank, per (tp, cp, G, recompute): loss, trainable gradients (after megatron DDP
+    """On every rank, per (tp, cp, G, recompute: None, "full" or "keep", full recompute with
+    attention kept through it): loss, trainable gradients (after megatron DDP
     and finalize_model_grads), eval loss and logits; gradients only from the first rank of each
     TP shard's DP x CP group (they are all-reduced there), halo bytes from every rank."""
     from megatron.core import parallel_state
@@ -164,7 +165,8 @@ def run_layouts(ckpt, layouts):
         model = build_llama(LlamaArch(**meta["arch"]), ModelOptions(
             seq_length=SEQ, padded_vocab_size=meta["padded_vocab_size"], group_size=group_size,
             interpolation_factor=meta["interpolation_factor"], initialize=False,
-            recompute_granularity=recompute))
+            recompute_granularity=recompute and "full",
+            recompute_keep_attention=recompute == "keep"))
         load_checkpoint([model], ckpt)
         ddp = wrap_data_parallel([model], SimpleNamespace(overlap_grad_reduce=False,
                                                           use_distributed_optimizer=False))
@@ -216,11 +218,11 @@ def test_cp_layouts_equal_cp1(tiny_megatron_ckpt):
     """CP = 2, 4, 8 (L = G/2) and TP=2 x CP=2, TP=2 x CP=4 (L = G/2, TP shards holding one
     half each) on 8 gloo ranks: loss, gradients, eval loss (dense, all-gathered K/V) and
     logits equal CP=1's within 1e-5; forward halo bytes as DESIGN.md §6; recompute repeats
-    the forward exchange only."""
+    the forward exchange only, and not at all when it keeps attention."""
     g16, g32 = 16, 32
     references = [(1, 1, g16, None), (2, 1, g16, None), (2, 1, g32, None)]
     layouts = [(1, 2, g16, None), (1, 4, g16, None), (1, 8, g16, None), (2, 2, g16, None),
-               (2, 4, g32, None), (1, 4, g16, "full")]
+               (2, 4, g32, None), (1, 4, g16, "full"), (2, 2, g16, "keep")]
     per_rank = run_on_ranks(run_layouts, 8, tiny_megatron_ckpt, references + layouts,
                             timeout_s=200)
     by_layout = list(zip(*per_rank))  # [layout][rank]
@@ -229,6 +231,7 @@ def test_cp_layouts_equal_cp1(tiny_megatron_ckpt):
                for ranks in by_layout[:len(references)] for r in ranks)
     for index, layout in enumerate(layouts, start=len(references)):
         tp, cp, group_size, recompute = layout
+        repeats = 2 if recompute == "full" else 1  # "keep" runs the forward exchange once
         ranks, reference = by_layout[index], ref_of[(tp, group_size)]
         ref0 = reference[0]
         for r in ranks:
@@ -246,13 +249,13 @@ def test_cp_layouts_equal_cp1(tiny_megatron_ckpt):
         for r in ranks:
             forward = expected_halo(r, layout, num_kv_heads=2) * MICRO_BATCHES
             counted = r["halo"]["received"]
-            assert counted["forward"] == forward * (2 if recompute else 1), (layout, r["cp_rank"])
+            assert counted["forward"] == forward * repeats, (layout, r["cp_rank"])
             assert r["halo"]["layers"] in ([], [1, 2])
         # Backward returns what the forward brought: rank r+1's receipt is rank r's backward.
         received = {(r["tp_rank"], r["cp_rank"]): r["halo"]["received"] for r in ranks}
         for (tp_rank, cp_rank), counted in received.items():
             after = received.get((tp_rank, cp_rank + 1), {"forward": 0})["forward"]
-            assert counted["backward"] == after // (2 if recompute else 1), (layout, cp_rank)
+            assert counted["backward"] == after // repeats, (layout, cp_rank)
         assert any(r["halo"]["received"]["forward"] for r in ranks)
 
 

@@ -102,8 +102,9 @@ def test_unclaimed_entries_are_dropped_and_the_attention_runs_again():
 
 
 def model_loss_grads_and_kernel_calls(hf_dir, tokens, layouts):
-    """The megatron model (S²-Attn, TP as given) per (tp, recompute): loss, full gradients,
-    SDPA calls in one forward + backward, and what the kept entries did."""
+    """The megatron model (S²-Attn) per (tp, pp, recompute), one micro-batch per sample: loss
+    (last stage), this rank's gradients (TP-gathered), SDPA calls in one forward + backward, and
+    what the kept entries did."""
     from megalong import runtime
     from megalong.attention.kept_outputs import KeptAttentionOutputs, clear_kept_attention
     from megalong.convert.hf_checkpoint import HFCheckpointReader
@@ -117,9 +118,10 @@ def model_loss_grads_and_kernel_calls(hf_dir, tokens, layouts):
     counting = _CountingSDPA()
     kernels._instances["sdpa"] = counting
     seq = tokens.shape[1] - 1
+    batches = [_batch(tokens[i:i + 1], seq) for i in range(tokens.shape[0])]
     results = []
-    for tp, recompute in layouts:
-        runtime.init_distributed(runtime.ParallelSizes(tensor=tp))
+    for tp, pp, recompute in layouts:
+        runtime.init_distributed(runtime.ParallelSizes(tensor=tp, pipeline=pp))
         reader = HFCheckpointReader(hf_dir)
         arch, _ = arch_from_hf_config(reader.config, hf_dir)
         padded = padded_vocab_size(arch.vocab_size, 128, tp)
@@ -133,19 +135,21 @@ def model_loss_grads_and_kernel_calls(hf_dir, tokens, layouts):
         kept = [m.kept_outputs for m in model.modules()
                 if isinstance(getattr(m, "kept_outputs", None), KeptAttentionOutputs)]
         assert len(kept) == (len(model.decoder.layers) if recompute == "keep" else 0)
+        stale_batch = [_batch(tokens[:1] + 1, seq)]
         with torch.no_grad():  # a stale entry per layer, which the step must not use
-            run_microbatches(model, [_batch(tokens + 1, seq)], forward_only=True)
+            run_microbatches(model, stale_batch, forward_only=True)
         stale = [len(k) for k in kept]
         clear_kept_attention([model])
         cleared = [len(k) for k in kept]
         with torch.no_grad():
-            run_microbatches(model, [_batch(tokens + 1, seq)], forward_only=True)
+            run_microbatches(model, stale_batch, forward_only=True)
         _CountingSDPA.calls = 0
-        (out,) = run_microbatches(model, [_batch(tokens, seq)], forward_only=False)
+        outputs = run_microbatches(model, batches, forward_only=False)
         grads = {n: _full_grad(n, p, tp) for n, p in model.named_parameters() if p.requires_grad}
-        results.append({"loss": float(out["loss_sum"]), "grads": grads,
-                        "calls": _CountingSDPA.calls, "stale": stale, "cleared": cleared,
-                        "left": [len(k) for k in kept], "dropped": [k.dropped for k in kept]})
+        results.append({"loss": sum(float(o["loss_sum"]) for o in outputs) if outputs else None,
+                        "grads": grads, "calls": _CountingSDPA.calls, "stale": stale,
+                        "cleared": cleared, "left": [len(k) for k in kept],
+                        "dropped": [k.dropped for k in kept]})
     return results
 
 
@@ -155,23 +159,38 @@ def _batch(tokens, seq):
             "loss_mask": torch.ones(tokens.shape[0], seq)}
 
 
+def _assert_same(result, want, where):
+    if want["loss"] is not None:
+        assert abs(result["loss"] - want["loss"]) <= 1e-6 * abs(want["loss"]), where
+    assert result["grads"].keys() == want["grads"].keys()
+    for name, grad in want["grads"].items():
+        scale = grad.abs().max().clamp(min=1e-12)
+        assert (result["grads"][name] - grad).abs().max() <= 1e-5 * scale, (where, name)
+
+
 @pytest.mark.slow
-def test_model_with_kept_attention_equals_no_recompute_at_tp1_and_tp2(tiny_hf_dir):
-    tokens = torch.randint(0, VOCAB, (2, 65), generator=torch.Generator().manual_seed(6))
-    layouts = [(1, "none"), (1, "full"), (1, "keep"), (2, "keep")]
+def test_model_with_kept_attention_equals_no_recompute_at_tp_and_pp(tiny_hf_dir):
+    """TP=1 and TP=2 against no recompute; PP=2 (4 micro-batches in flight through 1F1B, so
+    each layer holds several kept entries at once) against PP=2 with plain full recompute."""
+    tokens = torch.randint(0, VOCAB, (4, 65), generator=torch.Generator().manual_seed(6))
+    layouts = [(1, 1, "none"), (1, 1, "full"), (1, 1, "keep"), (2, 1, "keep"), (1, 2, "full"),
+               (1, 2, "keep")]
     per_rank = run_on_ranks(model_loss_grads_and_kernel_calls, 2, tiny_hf_dir, tokens, layouts)
     for rank, results in enumerate(per_rank):
         by = dict(zip(layouts, results))
-        none, full, keep = by[(1, "none")], by[(1, "full")], by[(1, "keep")]
-        layers = len(keep["stale"])
-        assert layers == 2 and keep["stale"] == [1, 1] and keep["cleared"] == [0, 0]
-        # The model's no-grad forward in training mode left one entry per layer; the step
-        # dropped it and claimed its own, leaving nothing behind.
-        assert keep["left"] == [0, 0] and keep["dropped"] == [1, 1]
-        assert full["calls"] == 2 * none["calls"] and keep["calls"] == none["calls"] > 0
-        for result in (full, keep, by[(2, "keep")]):
-            assert abs(result["loss"] - none["loss"]) <= 1e-6 * abs(none["loss"])
-            assert result["grads"].keys() == none["grads"].keys()
-            for name, grad in none["grads"].items():
-                scale = grad.abs().max().clamp(min=1e-12)
-                assert (result["grads"][name] - grad).abs().max() <= 1e-5 * scale, (rank, name)
+        none = by[(1, 1, "none")]
+        for layout in ((1, 1, "keep"), (2, 1, "keep"), (1, 2, "keep")):
+            keep = by[layout]
+            layers = 2 if layout[1] == 1 else 1
+            # The model's no-grad forward in training mode left one entry per layer; the step
+            # dropped it, claimed its own and left nothing behind.
+            assert keep["stale"] == [1] * layers and keep["cleared"] == [0] * layers, layout
+            assert keep["left"] == [0] * layers and keep["dropped"] == [1] * layers, layout
+        assert by[(1, 1, "full")]["calls"] == 2 * none["calls"] > 0
+        assert by[(1, 1, "keep")]["calls"] == none["calls"]
+        assert by[(1, 2, "full")]["calls"] == 2 * by[(1, 2, "keep")]["calls"] > 0
+        for layout in ((1, 1, "full"), (1, 1, "keep"), (2, 1, "keep")):
+            _assert_same(by[layout], none, (rank, layout))
+        _assert_same(by[(1, 2, "keep")], by[(1, 2, "full")], (rank, "pp2"))
+        if rank == 1:  # the last stage's loss is the whole model's
+            assert abs(by[(1, 2, "keep")]["loss"] - none["loss"]) <= 1e-6 * abs(none["loss"])

@@ -63,11 +63,15 @@ class KeptAttentionOutputs:
         self._entries.clear()
 
 
-def clear_kept_attention(models) -> None:
+def clear_kept_attention(models) -> int:
     """Drop every kept entry (called before each training step, so that nothing a previous step
-    left unclaimed stays in memory)."""
+    left unclaimed stays in memory). Returns how many entries recomputes have dropped since the
+    last call, and resets that count."""
+    dropped = 0
     for model in models:
         for module in model.modules():
             kept = getattr(module, "kept_outputs", None)
             if isinstance(kept, KeptAttentionOutputs):
                 kept.clear()
+                dropped, kept.dropped = dropped + kept.dropped, 0
+    return dropped

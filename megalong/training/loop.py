@@ -32,6 +32,19 @@ def _reduced_loss(outputs) -> tuple[float, int]:
     return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
 
 
+_warned = set()
+
+
+def _drop_kept_attention(trainer: Trainer) -> None:
+    """Frees what --recompute-keep-attention kept and no backward claimed; says once if a
+    recompute did not match its kept inputs (the attention then ran again: correct, slower)."""
+    if clear_kept_attention(trainer.models) and "kept" not in _warned:
+        _warned.add("kept")
+        log(f"warning (rank {dist.get_rank()}): a recomputed layer's attention inputs differed "
+            "from those kept in its forward, so its attention ran again; "
+            "--recompute-keep-attention saves time only where the recompute is deterministic")
+
+
 def train_step(trainer: Trainer, iteration: int):
     args = trainer.args
     dp_rank, dp_size = data_parallel_rank_and_size()
@@ -40,7 +53,7 @@ def train_step(trainer: Trainer, iteration: int):
     for model in trainer.ddp_models:
         model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    clear_kept_attention(trainer.models)
+    _drop_kept_attention(trainer)
     outputs = run_microbatches(trainer.ddp_models, batches, forward_only=False)
     loss, _ = _reduced_loss(outputs)
     loss = faults.corrupt_loss(iteration, loss)

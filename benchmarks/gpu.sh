@@ -11,7 +11,7 @@
 # Environment: RUNS (layers:lengths[:arms] entries, default "8:8192,16384 4:32768": fewer layers
 # than 7B's 32 so that no recompute is needed and the run stays short), ARMS (of entries without
 # their own), STEPS (default 7: 1 warm-up + 6 timed), DEEP=1 also runs all 32 layers with full
-# recompute at 16k.
+# recompute at 16k, without and with attention kept through the recompute.
 # TARGETS=1 measures only issue 8's two GPU acceptance targets, megalong alone (a few minutes):
 # S² MFU with 8 layers at 16k, and S² vs dense with 8 layers at 32k (the reference's float32
 # logits are what limit its 32k run to 4 layers; megalong's chunked loss does not need that).
@@ -63,4 +63,8 @@ if [ "${DEEP:-0}" = 1 ]; then
     $PY benchmarks/train_step.py --device cuda --bf16 --recompute full --steps 5 \
         --seq-lengths 16384 --arms megalong-s2,megalong-dense --num-layers 32 $SHAPE \
         --json "$OUT_DIR/gpu_layers32.json"
+    echo "== the same, attention kept through the recompute (--recompute-keep-attention)"
+    $PY benchmarks/train_step.py --device cuda --bf16 --recompute full --steps 5 \
+        --seq-lengths 16384 --arms megalong-s2,megalong-dense --num-layers 32 $SHAPE \
+        --megalong-args=--recompute-keep-attention --json "$OUT_DIR/gpu_layers32_kept.json"
 fi

@@ -160,6 +160,9 @@ def _cases(w) -> dict:
             "--loss-chunk-tokens must be >= 0"),
         "train: block recompute without full": Case(TRAIN, _train(w, "--recompute-method", "block"),
             "--recompute-method block needs --recompute-granularity full"),
+        "train: kept attention without full recompute": Case(TRAIN, _train(
+            w, "--recompute-granularity", "selective", "--recompute-keep-attention"),
+            "--recompute-keep-attention needs --recompute-granularity full"),
         "train: zero collective timeout": Case(TRAIN, _train(
             w, "--distributed-timeout-minutes", "0"), "--distributed-timeout-minutes must be > 0"),
         "train: --load-fallback without --load": Case(TRAIN, [

@@ -173,6 +173,16 @@ def test_cli_table_and_errors():
                              "32768", "--bf16", "--search", "8"], capture_output=True, text=True,
                             check=True).stdout
     assert "at most 72.00 GiB planned" in search and "| block " in search
+    assert "| full, attention kept |" in search
+    kept = subprocess.run([sys.executable, tool, "--model", "llama2-7b", "--seq-length", "32768",
+                           "--tp", "8", "--sequence-parallel", "--bf16",
+                           "--recompute-keep-attention"], capture_output=True, text=True,
+                          check=True).stdout
+    assert "recompute full, attention kept" in kept and "attention kept through recompute" in kept
+    bad = subprocess.run([sys.executable, tool, "--model", "llama2-7b", "--seq-length", "8192",
+                          "--recompute", "none", "--recompute-keep-attention"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "needs full recompute" in bad.stderr
     table = subprocess.run([sys.executable, tool, "--table"], capture_output=True, text=True,
                            check=True)
     assert table.stdout.count("| llama2-") == 9

@@ -129,12 +129,13 @@ def model_loss_grads_and_kernel_calls(hf_dir, tokens, layouts):
             seq_length=seq, padded_vocab_size=padded, attention="s2", group_size=seq // 4,
             initialize=False, attention_kernel="sdpa",
             recompute_granularity="full" if recompute != "none" else None,
-            recompute_keep_attention=recompute == "keep"))
+            recompute_method="block" if recompute == "block keep" else "uniform",
+            recompute_keep_attention=recompute.endswith("keep")))
         load_hf_weights(model, reader.get, arch, padded)
         model.train()
         kept = [m.kept_outputs for m in model.modules()
                 if isinstance(getattr(m, "kept_outputs", None), KeptAttentionOutputs)]
-        assert len(kept) == (len(model.decoder.layers) if recompute == "keep" else 0)
+        assert len(kept) == (len(model.decoder.layers) if recompute.endswith("keep") else 0)
         stale_batch = [_batch(tokens[:1] + 1, seq)]
         with torch.no_grad():  # a stale entry per layer, which the step must not use
             run_microbatches(model, stale_batch, forward_only=True)
@@ -170,16 +171,18 @@ def _assert_same(result, want, where):
 
 @pytest.mark.slow
 def test_model_with_kept_attention_equals_no_recompute_at_tp_and_pp(tiny_hf_dir):
-    """TP=1 and TP=2 against no recompute; PP=2 (4 micro-batches in flight through 1F1B, so
-    each layer holds several kept entries at once) against PP=2 with plain full recompute."""
+    """TP=1 and TP=2 against no recompute, and block recompute of the first layer (the second
+    keeps its activations and runs attention once with a graph); PP=2 (4 micro-batches in
+    flight through 1F1B, so each layer holds several kept entries at once) against PP=2 with
+    plain full recompute."""
     tokens = torch.randint(0, VOCAB, (4, 65), generator=torch.Generator().manual_seed(6))
-    layouts = [(1, 1, "none"), (1, 1, "full"), (1, 1, "keep"), (2, 1, "keep"), (1, 2, "full"),
-               (1, 2, "keep")]
+    layouts = [(1, 1, "none"), (1, 1, "full"), (1, 1, "keep"), (2, 1, "keep"),
+               (1, 1, "block keep"), (1, 2, "full"), (1, 2, "keep")]
     per_rank = run_on_ranks(model_loss_grads_and_kernel_calls, 2, tiny_hf_dir, tokens, layouts)
     for rank, results in enumerate(per_rank):
         by = dict(zip(layouts, results))
         none = by[(1, 1, "none")]
-        for layout in ((1, 1, "keep"), (2, 1, "keep"), (1, 2, "keep")):
+        for layout in ((1, 1, "keep"), (2, 1, "keep"), (1, 1, "block keep"), (1, 2, "keep")):
             keep = by[layout]
             layers = 2 if layout[1] == 1 else 1
             # The model's no-grad forward in training mode left one entry per layer; the step
@@ -187,9 +190,9 @@ def test_model_with_kept_attention_equals_no_recompute_at_tp_and_pp(tiny_hf_dir)
             assert keep["stale"] == [1] * layers and keep["cleared"] == [0] * layers, layout
             assert keep["left"] == [0] * layers and keep["dropped"] == [1] * layers, layout
         assert by[(1, 1, "full")]["calls"] == 2 * none["calls"] > 0
-        assert by[(1, 1, "keep")]["calls"] == none["calls"]
+        assert by[(1, 1, "keep")]["calls"] == by[(1, 1, "block keep")]["calls"] == none["calls"]
         assert by[(1, 2, "full")]["calls"] == 2 * by[(1, 2, "keep")]["calls"] > 0
-        for layout in ((1, 1, "full"), (1, 1, "keep"), (2, 1, "keep")):
+        for layout in ((1, 1, "full"), (1, 1, "keep"), (2, 1, "keep"), (1, 1, "block keep")):
             _assert_same(by[layout], none, (rank, layout))
         _assert_same(by[(1, 2, "keep")], by[(1, 2, "full")], (rank, "pp2"))
         if rank == 1:  # the last stage's loss is the whole model's

@@ -3,9 +3,8 @@
 
   plan.py --model llama2-70b --seq-length 32768 --tp 8 [--cp 1] [--pp 1] [--micro-batch-size 1]
           [--recompute full|selective|none [--recompute-layers K] [--recompute-keep-attention]]
-          [--lora-rank 8 |
-          --full-finetune] [--bf16]
-          [--sequence-parallel] [--attention s2|full] [--gpu-memory-gib 80]
+          [--lora-rank 8 | --full-finetune] [--bf16] [--sequence-parallel] [--attention s2|full]
+          [--gpu-memory-gib 80]
   plan.py --model llama2-70b --seq-length 32768 --bf16 --search 8     layouts of 8 GPUs that fit
   plan.py --table                       the 7B/13B/70B x 8k/32k/100k table of docs/PERF.md
 
@@ -75,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--search", type=int, metavar="GPUS", default=None,
                         help="list the tp x cp x pp layouts of GPUS GPUs and recompute choices "
                              "(none, selective, full with and without attention kept, block of "
-                             "1/4, 1/2, 3/4 of a stage's "
-                             "layers), those that fit first, cheapest (least recompute FLOPs, "
-                             "then fewer pipeline stages, then memory) first")
+                             "1/4, 1/2, 3/4 of a stage's layers), those that fit first, cheapest "
+                             "(least recompute FLOPs, then fewer pipeline stages, then memory) "
+                             "first")
     parser.add_argument("--table", action="store_true",
                         help="print the 7B/13B/70B x 8k/32k/100k table (8 GPUs, bf16, LoRA+)")
     return parser

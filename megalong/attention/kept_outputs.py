@@ -8,8 +8,10 @@ and keeps it; the recompute then reuses that output and back-propagates through 
 so the kernel's forward runs once. Kernel-agnostic: it relies only on the kernel's autograd.
 
 The recompute is matched to its kept entry by the inputs themselves (torch.equal on q, k, v):
-a recompute is bitwise deterministic, so a mismatch means an entry that no backward will claim
-(a no-grad forward in training mode) and it is dropped; the attention then simply runs again.
+a recompute reproduces its forward bit for bit (megatron restores the RNG state; the GEMMs and
+RoPE are deterministic), so a mismatch means an entry that no backward will claim (a no-grad
+forward in training mode) or a nondeterministic recompute; the entry is dropped and the
+attention simply runs again (train_step warns once).
 """
 
 from collections import deque

@@ -99,6 +99,16 @@ def test_unclaimed_entries_are_dropped_and_the_attention_runs_again():
     # Nothing kept: computes as usual, with a graph.
     again = kept(attend, *leaves)
     assert again.grad_fn is not None and kept.dropped == 1
+    # A recompute that rounds differently from its forward (every element 1 ulp away here)
+    # still claims its entry: the kept output, the forward's own, comes back.
+    with torch.no_grad():
+        forward = kept(attend, q, k, v)
+    nudged = [torch.nextafter(t, t + 1).requires_grad_() for t in (q, k, v)]
+    reused = kept(attend, *nudged)
+    assert len(kept) == 0 and kept.dropped == 1 and torch.equal(reused, forward)
+    reused.square().sum().backward()
+    for got, want in zip(nudged, refs):
+        torch.testing.assert_close(got.grad, want.grad)
 
 
 def model_loss_grads_and_kernel_calls(hf_dir, tokens, layouts):

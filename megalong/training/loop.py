@@ -41,8 +41,8 @@ def _drop_kept_attention(trainer: Trainer) -> None:
     if clear_kept_attention(trainer.models) and "kept" not in _warned:
         _warned.add("kept")
         log(f"warning (rank {dist.get_rank()}): a recomputed layer's attention inputs differed "
-            "from those kept in its forward, so its attention ran again; "
-            "--recompute-keep-attention saves time only where the recompute is deterministic")
+            "from those kept in its forward by more than rounding, so its attention ran again "
+            "(correct, but --recompute-keep-attention saved no time there)")
 
 
 def train_step(trainer: Trainer, iteration: int):

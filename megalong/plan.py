@@ -350,7 +350,8 @@ def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     # Recomputed layers keep their input; the others (all of them without full recompute) keep
     # their saved tensors. The backward of a recomputed layer holds its saved tensors again.
     recomputed = cfg.recomputed_layers
-    checkpoint = a * T * w["hidden"] + kept_attention_bytes(cfg)
+    kept_attention = kept_attention_bytes(cfg)
+    checkpoint = a * T * w["hidden"] + kept_attention
     kept = (recomputed * checkpoint + (layers - recomputed) * saved) * in_flight
     loss_moment = kept + final_norm + logits
     layer_moment = kept + (saved if recomputed else 0.0) + layer_backward
@@ -362,7 +363,7 @@ def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     return {"weights": weights, "adapters": adapters, "gradients": gradients,
             "optimizer": optimizer, "activations": activations,
             "attention_workspace": attention_workspace,
-            "kept_attention": recomputed * kept_attention_bytes(cfg) * in_flight,
+            "kept_attention": recomputed * kept_attention * in_flight,
             "total": weights + adapters + gradients + optimizer + activations}
 
 

@@ -38,6 +38,8 @@ _warned = set()
 def _drop_kept_attention(trainer: Trainer) -> None:
     """Frees what --recompute-keep-attention kept and no backward claimed; says once if a
     recompute did not match its kept inputs (the attention then ran again: correct, slower)."""
+    if not trainer.args.recompute_keep_attention:
+        return  # nothing kept: no need to walk the model's modules every step
     if clear_kept_attention(trainer.models) and "kept" not in _warned:
         _warned.add("kept")
         log(f"warning (rank {dist.get_rank()}): a recomputed layer's attention inputs differed "

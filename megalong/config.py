@@ -198,8 +198,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="with --recompute-granularity full: keep each recomputed layer's "
                             "attention output and softmax statistics from the forward, so the "
                             "recompute does not run the attention kernel again (faster at long "
-                            "context; each recomputed layer then also holds its q, k, v and "
-                            "attention output, 5-10x its input: tools/plan.py "
+                            "context; each recomputed layer then also holds what its attention "
+                            "kernel saves, q, k, v or their copies, and the attention output, "
+                            "3-8x its input: tools/plan.py "
                             "--recompute-keep-attention counts it)")
     train.add_argument("--loss-chunk-tokens", type=int, default=LOSS_CHUNK_TOKENS,
                        help="compute the lm_head and cross entropy this many tokens at a time, so "

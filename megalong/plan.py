@@ -296,17 +296,19 @@ def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
 
 def kept_attention_bytes(cfg: PlanConfig) -> float:
     """What keeping attention through recompute holds per recomputed layer until its backward:
-    the kernel's inputs (RoPE'd q and k; v, a view that keeps the whole qkv output), its
-    output (S²-Attn: the pieces' outputs and the unfolded whole), S²'s copied end groups and the
-    GPU kernels' contiguous copies, and float32 softmax statistics per head and token."""
+    what the kernel saves, which is the kept graph's only hold on its inputs. On CPU it saves
+    views: the RoPE'd q and k and v (a view that keeps the whole qkv output). For S²-Attn on GPUs
+    it saves contiguous copies of the folded q, k, v instead, and the layer's own tensors go.
+    Then the output (S²-Attn: the pieces' outputs and the unfolded whole), S²'s copied end
+    groups, and float32 softmax statistics per head and token."""
     if not cfg.keep_attention:
         return 0.0
     a, T = cfg.param_bytes, cfg.seq_length // cfg.cp * cfg.micro_batch_size
     w = _widths(cfg)
     per_layer = layer_activation_bytes(cfg)
     outputs = 2 if cfg.attention == "s2" else 1
-    return (per_layer["qkv_output"] + per_layer["rope_qk"] + outputs * a * T * w["q"]
-            + per_layer.get("s2_end_groups", 0.0) + per_layer.get("s2_kernel_inputs", 0.0)
+    inputs = per_layer.get("s2_kernel_inputs") or per_layer["qkv_output"] + per_layer["rope_qk"]
+    return (inputs + outputs * a * T * w["q"] + per_layer.get("s2_end_groups", 0.0)
             + 4 * T * w["q"] / cfg.arch.head_dim)
 
 

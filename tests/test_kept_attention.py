@@ -111,6 +111,42 @@ def test_unclaimed_entries_are_dropped_and_the_attention_runs_again():
         torch.testing.assert_close(got.grad, want.grad)
 
 
+def test_an_entry_holds_only_what_the_kernel_saves():
+    """The kept graph does not hold q, k, v itself: with a kernel that copies its inputs (as
+    GPU SDPA and Transformer Engine do) they are freed after the first forward, with one that
+    saves views of them (CPU SDPA) they live on; either way the recompute claims its entry."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(16, 1, 2, 4, generator=gen) for _ in range(3))
+
+    def saving_views(q, k, v):
+        return F.scaled_dot_product_attention(*(t.transpose(0, 2) for t in (q, k, v)),
+                                              is_causal=True).transpose(0, 2)
+
+    def copying(q, k, v):
+        return saving_views(*(t.transpose(0, 2).contiguous().transpose(0, 2) for t in (q, k, v)))
+
+    refs = [t.clone().requires_grad_() for t in (q, k, v)]
+    saving_views(*refs).square().sum().backward()
+    for attend, freed in ((copying, True), (saving_views, False)):
+        kept = KeptAttentionOutputs()
+        inputs = [t.clone() for t in (q, k, v)]
+        storages = [StorageWeakRef(t.untyped_storage()) for t in inputs]
+        with torch.no_grad():
+            kept(attend, *inputs)
+        del inputs
+        gc.collect()
+        assert [ref.expired() for ref in storages] == [freed] * 3, attend.__name__
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        kept(attend, *leaves).square().sum().backward()
+        assert len(kept) == 0 and kept.dropped == 0
+        for got, want in zip(leaves, refs):
+            torch.testing.assert_close(got.grad, want.grad)
+
+
 def model_loss_grads_and_kernel_calls(hf_dir, tokens, layouts):
     """The megatron model (S²-Attn) per (tp, pp, recompute), one micro-batch per sample: loss
     (last stage), this rank's gradients (TP-gathered), SDPA calls in one forward + backward, and

@@ -3,40 +3,71 @@
 Full recompute runs each layer's forward twice: once without a graph (megatron's checkpoint
 keeps only the layer's input) and again in the backward. The second run of the attention
 kernel is the costly part at long context. With this on, the first run builds attention's own
-small graph on detached q, k, v (the kernel saves its output and softmax statistics as usual)
-and keeps it; the recompute then reuses that output and back-propagates through the kept graph,
-so the kernel's forward runs once. Kernel-agnostic: it relies only on the kernel's autograd.
+small graph and keeps it (the kernel saves its output and softmax statistics as usual); the
+recompute then reuses that output and back-propagates through the kept graph, so the kernel's
+forward runs once. Kernel-agnostic: it relies only on the kernel's autograd.
 
-The recompute is matched to its kept entry by the inputs themselves: q, k, v equal, or equal up
-to rounding. A recompute can round differently from its forward (seen on CPU: a few elements
-of the first layer's qkv output 1 ulp apart), and the kept values are the forward's own, so
-reusing them is then as faithful as no recompute at all. An entry that no backward will claim
-(a no-grad forward in training mode) differs by the size of the values themselves: it is
-dropped, and the attention simply runs again (train_step warns once).
+The kept graph starts at gradient edges, not at q, k, v themselves, so an entry holds only what
+the kernel saves: a kernel that copies its inputs (GPU SDPA, Transformer Engine) lets the layer's
+q, k, v and qkv output go, while one that saves views of them (CPU SDPA) keeps them anyway.
+
+The recompute is matched to its kept entry by fingerprints of its inputs: equal, or equal up to
+rounding. A recompute can round differently from its forward (seen on CPU: a few elements of the
+first layer's qkv output 1 ulp apart), and the kept values are the forward's own, so reusing
+them is then as faithful as no recompute at all. An entry that no backward will claim (a no-grad
+forward in training mode) differs by the size of the values themselves: it is dropped, and the
+attention simply runs again (train_step warns once).
 """
 
 from collections import deque
+from typing import Dict, Tuple
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
-# Largest difference, relative to the largest kept value, that still counts as rounding: a few
+# Largest difference, relative to the largest fingerprint, that still counts as rounding: a few
 # ulps even in bf16 (2^-8), far below the difference between two micro-batches' inputs.
 ROUNDING = 2.0 ** -5
-_ROWS = 1024  # rows (tokens) compared at a time, so that no input-sized temporary is made
+_ROWS = 1024  # rows (tokens) fingerprinted at a time, so that no input-sized temporary is made
+_PROBES = 4  # projections per head: a float32 fingerprint is 1/16 of a bf16 tensor at d = 128
+_probe_cache: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _probes(dim: int, device) -> torch.Tensor:
+    """A fixed random [dim, _PROBES] matrix: any difference along the head dimension shows."""
+    key = (dim, torch.device(device))
+    if key not in _probe_cache:
+        gen = torch.Generator().manual_seed(dim)
+        _probe_cache[key] = torch.randn(dim, _PROBES, generator=gen).to(device)
+    return _probe_cache[key]
+
+
+def fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """[s, ..., d] -> float32 [s, ..., _PROBES]: each head vector projected on fixed probes."""
+    probes = _probes(t.shape[-1], t.device)
+    return torch.cat([t[i:i + _ROWS].float() @ probes for i in range(0, t.shape[0], _ROWS)])
 
 
 def same_inputs(kept, now) -> bool:
-    """Whether q, k, v are the kept ones, equal or equal up to rounding."""
-    for a, b in zip(kept, now):
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return False
-        if torch.equal(a, b):
-            continue
-        rows = [(a[i:i + _ROWS], b[i:i + _ROWS]) for i in range(0, a.shape[0], _ROWS)]
-        largest = max(x.abs().amax() for x, _ in rows)
-        if not max((x - y).abs().amax() for x, y in rows) <= ROUNDING * largest:
-            return False
-    return True
+    """Whether the fingerprints `now` are the `kept` ones, equal or equal up to rounding."""
+    if any(a.shape != b.shape for a, b in zip(kept, now)):
+        return False
+    close = [(a - b).abs().amax() <= ROUNDING * a.abs().amax() for a, b in zip(kept, now)]
+    return bool(torch.stack(close).all())  # one host sync for the three
+
+
+class _GraphRoots(torch.autograd.Function):
+    """q, k, v as the roots of a kept graph without holding them: the graph's input edges point
+    at this node, which saves nothing. (A detached leaf would not do: its AccumulateGrad node,
+    which the graph holds, keeps the tensor alive.)"""
+
+    @staticmethod
+    def forward(ctx, anchor, *tensors):
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) * (1 + len(grads))
 
 
 class _ReuseKeptOutput(torch.autograd.Function):
@@ -45,22 +76,23 @@ class _ReuseKeptOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, entry):
         ctx.entry = entry
-        return entry[1].detach()
+        return entry["output"].detach()
 
     @staticmethod
     def backward(ctx, grad):
-        inputs, output = ctx.entry
-        ctx.entry = None  # free the kept graph with this backward
-        grads = torch.autograd.grad(output, inputs, grad, allow_unused=True)
+        entry, ctx.entry = ctx.entry, None  # free the kept graph with this backward
+        grads = torch.autograd.grad(entry["output"], entry["edges"], grad, allow_unused=True)
         return (*grads, None)
 
 
 class KeptAttentionOutputs:
-    """One core-attention module's kept (inputs, output) pairs, oldest first: a pipeline
-    schedule may run several micro-batches' forwards before their backwards, in order."""
+    """One core-attention module's kept entries (fingerprints, graph input edges, output),
+    oldest first: a pipeline schedule may run several micro-batches' forwards before their
+    backwards, in order."""
 
     def __init__(self):
         self._entries = deque()
+        self._anchor = None  # the one leaf the kept graphs hang from (it holds no data)
         self.dropped = 0  # entries no recompute matched (tests and diagnostics)
 
     def __len__(self):
@@ -69,16 +101,22 @@ class KeptAttentionOutputs:
     def __call__(self, attend, q, k, v):
         """attend(q, k, v) -> output, through the kept graph where one applies."""
         if not torch.is_grad_enabled():  # a checkpoint's first forward
-            inputs = tuple(t.detach().requires_grad_() for t in (q, k, v))
+            if self._anchor is None or self._anchor.device != q.device:
+                self._anchor = torch.empty(0, device=q.device, requires_grad=True)
             with torch.enable_grad():
-                output = attend(*inputs)
-            self._entries.append((inputs, output))
+                roots = _GraphRoots.apply(self._anchor, q, k, v)
+                output = attend(*roots)
+            self._entries.append({"fingerprints": [fingerprint(t) for t in (q, k, v)],
+                                  "edges": [get_gradient_edge(t) for t in roots],
+                                  "output": output})
             return output.detach()
-        while self._entries:  # the recompute (or a layer that is not checkpointed)
-            entry = self._entries.popleft()
-            if same_inputs(entry[0], (q, k, v)):
-                return _ReuseKeptOutput.apply(q, k, v, entry)
-            self.dropped += 1
+        if self._entries:  # the recompute (or a layer that is not checkpointed)
+            now = [fingerprint(t) for t in (q, k, v)]
+            while self._entries:
+                entry = self._entries.popleft()
+                if same_inputs(entry["fingerprints"], now):
+                    return _ReuseKeptOutput.apply(q, k, v, entry)
+                self.dropped += 1
         return attend(q, k, v)
 
     def clear(self):

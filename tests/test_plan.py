@@ -1,6 +1,7 @@
 """megalong/plan.py and tools/plan.py: hand-computed counts, FLOPs and memory terms, clear errors,
 and the estimate against the measured peak of live torch tensors of real CPU training steps."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -139,6 +140,12 @@ def test_kept_attention_trades_memory_for_the_repeated_attention_forward():
     kept = memory_breakdown(keep)["kept_attention"]
     assert kept == pytest.approx(32 * kept_attention_bytes(keep))
     assert kept_attention_bytes(full) == 0 and memory_breakdown(full)["kept_attention"] == 0
+    # The kept graph holds only what the kernel saves: on CPU views of q, k and v (so the qkv
+    # output too), for S² on GPUs copies of the folded pieces, and the layer's own tensors go.
+    on_cpu = dataclasses.replace(keep, gpu=False)
+    per_layer = layer_activation_bytes(keep)
+    assert kept_attention_bytes(on_cpu) - kept_attention_bytes(keep) == pytest.approx(
+        per_layer["qkv_output"] + per_layer["rope_qk"] - per_layer["s2_kernel_inputs"])
     repeat = (lambda c: step_flops(c)["hardware"] - step_flops(c)["model"])
     flops = step_flops(full)
     assert step_flops(keep)["model"] == flops["model"]

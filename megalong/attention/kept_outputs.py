@@ -29,23 +29,24 @@ from torch.autograd.graph import get_gradient_edge
 # ulps even in bf16 (2^-8), far below the difference between two micro-batches' inputs.
 ROUNDING = 2.0 ** -5
 _ROWS = 1024  # rows (tokens) fingerprinted at a time, so that no input-sized temporary is made
-_PROBES = 4  # projections per head: a float32 fingerprint is 1/16 of a bf16 tensor at d = 128
+_PROBES = 4  # projections per token: a fingerprint is 16 bytes per token and tensor
 _probe_cache: Dict[Tuple[int, torch.device], torch.Tensor] = {}
 
 
-def _probes(dim: int, device) -> torch.Tensor:
-    """A fixed random [dim, _PROBES] matrix: any difference along the head dimension shows."""
-    key = (dim, torch.device(device))
+def _probes(width: int, device) -> torch.Tensor:
+    """A fixed random [width, _PROBES] matrix: a difference in any head and channel shows."""
+    key = (width, torch.device(device))
     if key not in _probe_cache:
-        gen = torch.Generator().manual_seed(dim)
-        _probe_cache[key] = torch.randn(dim, _PROBES, generator=gen).to(device)
+        gen = torch.Generator().manual_seed(width)
+        _probe_cache[key] = torch.randn(width, _PROBES, generator=gen).to(device)
     return _probe_cache[key]
 
 
 def fingerprint(t: torch.Tensor) -> torch.Tensor:
-    """[s, ..., d] -> float32 [s, ..., _PROBES]: each head vector projected on fixed probes."""
-    probes = _probes(t.shape[-1], t.device)
-    return torch.cat([t[i:i + _ROWS].float() @ probes for i in range(0, t.shape[0], _ROWS)])
+    """[s, b, h, d] -> float32 [s, b, _PROBES]: each token's heads projected on fixed probes."""
+    probes = _probes(t.shape[-2] * t.shape[-1], t.device)
+    return torch.cat([t[i:i + _ROWS].float().flatten(-2) @ probes
+                      for i in range(0, t.shape[0], _ROWS)])
 
 
 def same_inputs(kept, now) -> bool:

@@ -265,8 +265,11 @@ def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
     - each RMSNorm: its float32 input (the input itself in fp32) and the normalised value, or
       with torch's fused kernel (GPUs) the input alone;
     - the norm output, when a weight gradient needs it (LoRA A on qkv, or full fine-tuning);
-    - the qkv output (V is a view of it), RoPE'd q and k, the attention kernel's output and the
-      [s, b, heads*d] output megatron's proj consumes (saved when proj or its adapter trains);
+    - V: S2CoreAttention copies it out of the qkv output, which the kernel's views of V would
+      otherwise keep; on CPU the qkv output is then freed (measured). On GPUs the plan counts the
+      whole qkv output, as the H100 measured before the copy, until a GPU run shows the saving;
+    - RoPE'd q and k, the attention kernel's output and the [s, b, heads*d] output megatron's
+      proj consumes (saved when proj or its adapter trains);
     - S²-Attn: the shifted half's end groups copied into one piece (G tokens), and on GPUs the
       kernels' contiguous copies of the folded q, k, v;
     - SwiGLU: fc1's output, plus silu's output unless fused; fc2's input when fc2 trains.
@@ -278,7 +281,7 @@ def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
     out = {
         "norms": 2 * _norm_saved(cfg) * T * w["hidden"],
         "qkv_input": a * T * w["hidden"] if trains("q", "k", "v") else 0.0,
-        "qkv_output": a * T * w["qkv"],
+        "value": a * T * (w["qkv"] if cfg.gpu else w["kv"]),
         "rope_qk": a * T * (w["q"] + w["kv"]),
         "attention_output": a * T * w["q"] * (2 if trains("o") else 1),
         "mlp_input": a * T * w["hidden"] if trains("gate", "up") else 0.0,
@@ -297,9 +300,8 @@ def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
 def kept_attention_bytes(cfg: PlanConfig) -> float:
     """What keeping attention through recompute holds per recomputed layer until its backward:
     what the kernel saves, which is the kept graph's only hold on its inputs. On CPU it saves
-    views: the RoPE'd q and k and v (a view that keeps the whole qkv output). For S²-Attn on GPUs
-    it saves contiguous copies of the folded q, k, v instead, and the layer's own tensors go.
-    Then the output (S²-Attn: the pieces' outputs and the unfolded whole), S²'s copied end
+    views of the RoPE'd q and k and of V (its copy on CPU); for S²-Attn on GPUs copies of the
+    folded q, k, v instead, and the layer's own tensors go. Then the output (S²-Attn: the pieces' outputs and the unfolded whole), S²'s copied end
     groups, and float32 softmax statistics per head and token."""
     if not cfg.keep_attention:
         return 0.0
@@ -307,7 +309,7 @@ def kept_attention_bytes(cfg: PlanConfig) -> float:
     w = _widths(cfg)
     per_layer = layer_activation_bytes(cfg)
     outputs = 2 if cfg.attention == "s2" else 1
-    inputs = per_layer.get("s2_kernel_inputs") or per_layer["qkv_output"] + per_layer["rope_qk"]
+    inputs = per_layer.get("s2_kernel_inputs") or per_layer["value"] + per_layer["rope_qk"]
     return (inputs + outputs * a * T * w["q"] + per_layer.get("s2_end_groups", 0.0)
             + 4 * T * w["q"] / cfg.arch.head_dim)
 

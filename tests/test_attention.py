@@ -333,6 +333,28 @@ def test_core_attention_module_modes(model_parallel):
         make_core_attention(group_size=None)
 
 
+def test_core_attention_does_not_keep_the_qkv_output_alive(model_parallel):
+    """megatron's V is a view into the qkv output; the module's graph (S² and dense) must not
+    hold that whole output through the kernel's saved V, only q, k and V's own copy."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    q, k, v = random_qkv(16, 2, 4, 2, dtype=torch.float32)
+    for module in (make_core_attention().train(), make_core_attention().eval()):
+        # As megatron's: the output of an op (not a leaf, which its grad node would hold) with
+        # V a strided view into it.
+        qkv = torch.cat([v, v.clone()], dim=2).requires_grad_() * 1.0
+        qkv_storage = StorageWeakRef(qkv.untyped_storage())
+        value = qkv[:, :, :2]
+        out = module(q, k, value, None)
+        grad_fn_alive = out.grad_fn is not None
+        del qkv, value
+        gc.collect()
+        assert grad_fn_alive and qkv_storage.expired()
+        torch.testing.assert_close(out, module(q, k, v, None), rtol=0, atol=0)
+
+
 def test_core_attention_reads_tensor_parallel_rank(model_parallel):
     """Rank 1 of 2 (kv groups [1, 2) of 2) computes its slice of the full model's S²-Attn."""
 

@@ -75,11 +75,11 @@ def test_memory_terms_by_hand():
     assert bf16["weights"] == 2 * counts["base"]
     assert bf16["optimizer"] == 12 * counts["trainable"]  # + float32 master weights
     # One layer, fp32, LoRA q,k,v,o, unfused SwiGLU, T = 256 tokens: norms 2 x (input + normed),
-    # norm output for A, qkv output (128 wide), q and k after RoPE (64 + 32), kernel output and
+    # norm output for A, V's copy (32 wide), q and k after RoPE (64 + 32), kernel output and
     # proj's input (2 x 64), fc1 output (320) and silu's (160), the shifted end groups
     # (G = 64 tokens of 32 + 32 widths).
     layer = layer_activation_bytes(cfg)
-    assert sum(layer.values()) == 4 * 256 * (4 * 64 + 64 + 128 + 96 + 128 + 480) + 4 * 64 * 64
+    assert sum(layer.values()) == 4 * 256 * (4 * 64 + 64 + 32 + 96 + 128 + 480) + 4 * 64 * 64
     # Full recompute: every layer's input, then the larger of the loss moment (final norm's two
     # tensors, 1024-wide float32 logits, the chunked loss's 64-wide input gradient) and one
     # layer's backward (its saved tensors plus the gradients in flight: 2 x 64 + 2 x 160 +
@@ -140,12 +140,12 @@ def test_kept_attention_trades_memory_for_the_repeated_attention_forward():
     kept = memory_breakdown(keep)["kept_attention"]
     assert kept == pytest.approx(32 * kept_attention_bytes(keep))
     assert kept_attention_bytes(full) == 0 and memory_breakdown(full)["kept_attention"] == 0
-    # The kept graph holds only what the kernel saves: on CPU views of q, k and v (so the qkv
-    # output too), for S² on GPUs copies of the folded pieces, and the layer's own tensors go.
-    on_cpu = dataclasses.replace(keep, gpu=False)
-    per_layer = layer_activation_bytes(keep)
-    assert kept_attention_bytes(on_cpu) - kept_attention_bytes(keep) == pytest.approx(
-        per_layer["qkv_output"] + per_layer["rope_qk"] - per_layer["s2_kernel_inputs"])
+    # The kept graph holds only what the kernel saves: on CPU views of q, k and v, for S² on
+    # GPUs copies of the folded pieces, and the layer's own tensors go (GQA: they differ).
+    gqa = PlanConfig(**{**base, "arch": PRESETS["llama2-70b"]}, keep_attention=True)
+    gpu, cpu = (layer_activation_bytes(c) for c in (gqa, dataclasses.replace(gqa, gpu=False)))
+    assert kept_attention_bytes(gqa) - kept_attention_bytes(dataclasses.replace(gqa, gpu=False)) \
+        == pytest.approx(gpu["s2_kernel_inputs"] - cpu["value"] - cpu["rope_qk"])
     repeat = (lambda c: step_flops(c)["hardware"] - step_flops(c)["model"])
     flops = step_flops(full)
     assert step_flops(keep)["model"] == flops["model"]

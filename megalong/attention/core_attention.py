@@ -76,6 +76,9 @@ class S2CoreAttention(MegatronModule):
             raise MegalongError("S2CoreAttention supports neither packed sequences (thd) nor "
                                 "an attention bias")
         len_q, batch, heads, dim = query.shape
+        # megatron's V is a view into the whole qkv output; a kernel that saves it for its
+        # backward would keep all of qkv alive. Its own copy is 1/(np/ng + 2) of that.
+        value = value.contiguous()
         attend = self._attention(len_q, key.shape[0], dim, attention_mask,
                                  self.attn_mask_type if attn_mask_type is None else attn_mask_type)
         if self.kept_outputs is not None and self.training:

@@ -261,7 +261,7 @@ def _norm_saved(cfg: PlanConfig) -> int:
 def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
     """Bytes one layer keeps for its backward (no recompute), by tensor, for this rank's
     tokens T = N/cp x micro-batch. What megalong's local layer saves (local spec, our RMSNorm,
-    megatron's SelfAttention and MLP, S2CoreAttention, LoRA hooks):
+    megatron's SelfAttention, S2CoreAttention, SwiGLUMLP, LoRA hooks):
     - each RMSNorm: its float32 input (the input itself in fp32) and the normalised value, or
       with torch's fused kernel (GPUs) the input alone;
     - the norm output, when a weight gradient needs it (LoRA A on qkv, or full fine-tuning);
@@ -272,7 +272,8 @@ def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
       proj consumes (saved when proj or its adapter trains);
     - S²-Attn: the shifted half's end groups copied into one piece (G tokens), and on GPUs the
       kernels' contiguous copies of the folded q, k, v;
-    - SwiGLU: fc1's output, plus silu's output unless fused; fc2's input when fc2 trains.
+    - SwiGLU: fc1's output, plus silu's output unless fused (megatron's fused kernel on GPUs,
+      model/swiglu.py's Function on CPU); fc2's input when fc2 trains.
     Frozen linears save no input (megatron's frozen-weight path)."""
     a, T = cfg.param_bytes, cfg.seq_length // cfg.cp * cfg.micro_batch_size
     w = _widths(cfg)

@@ -5,7 +5,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -14,6 +14,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megalong.attention.core_attention import S2CoreAttention
 from megalong.errors import MegalongError
 from megalong.model.norm import RMSNorm
+from megalong.model.swiglu import SwiGLUMLP
 
 # Checkpoints written with the local spec load into the TE spec and back: the local norm keys are
 # stored under the TE names (megatron's own local spec does the same).
@@ -52,7 +53,7 @@ def local_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
             mlp=ModuleSpec(
-                module=MLP,
+                module=SwiGLUMLP,
                 submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
             ),
             mlp_bda=get_bias_dropout_add,

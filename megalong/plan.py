@@ -301,9 +301,10 @@ def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
 def kept_attention_bytes(cfg: PlanConfig) -> float:
     """What keeping attention through recompute holds per recomputed layer until its backward:
     what the kernel saves, which is the kept graph's only hold on its inputs. On CPU it saves
-    views of the RoPE'd q and k and of V (its copy on CPU); for S²-Attn on GPUs copies of the
-    folded q, k, v instead, and the layer's own tensors go. Then the output (S²-Attn: the pieces' outputs and the unfolded whole), S²'s copied end
-    groups, and float32 softmax statistics per head and token."""
+    views of the RoPE'd q and k and of V; for S²-Attn on GPUs copies of the folded q, k, v
+    instead, and the layer's own tensors go. Then the output (S²-Attn: the pieces' outputs and
+    the unfolded whole), S²'s copied end groups, and float32 softmax statistics per head and
+    token."""
     if not cfg.keep_attention:
         return 0.0
     a, T = cfg.param_bytes, cfg.seq_length // cfg.cp * cfg.micro_batch_size

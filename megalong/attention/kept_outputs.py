@@ -29,15 +29,16 @@ from torch.autograd.graph import get_gradient_edge
 # ulps even in bf16 (2^-8), far below the difference between two micro-batches' inputs.
 ROUNDING = 2.0 ** -5
 _PROBES = 4  # projections per token: a fingerprint is 16 bytes per token and tensor
-_probe_cache: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+_probe_cache: Dict[Tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _probes(width: int, device) -> torch.Tensor:
-    """A fixed random [width, _PROBES] matrix: a difference in any head and channel shows."""
-    key = (width, torch.device(device))
+def _probes(width: int, device, dtype) -> torch.Tensor:
+    """A fixed random [width, _PROBES] matrix: a difference in any head and channel shows.
+    Cached per device and dtype, so the hot path casts nothing."""
+    key = (width, torch.device(device), dtype)
     if key not in _probe_cache:
         gen = torch.Generator().manual_seed(width)
-        _probe_cache[key] = torch.randn(width, _PROBES, generator=gen).to(device)
+        _probe_cache[key] = torch.randn(width, _PROBES, generator=gen).to(device, dtype)
     return _probe_cache[key]
 
 
@@ -45,8 +46,8 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
     """[s, b, h, d] -> float32 [s, b, _PROBES]: each token's heads projected on fixed probes,
     in t's dtype (one small GEMM, no float32 copy of t; rounding of a bf16 result is far below
     ROUNDING)."""
-    probes = _probes(t.shape[-2] * t.shape[-1], t.device)
-    return (t.flatten(-2) @ probes.to(t.dtype)).float()
+    probes = _probes(t.shape[-2] * t.shape[-1], t.device, t.dtype)
+    return (t.flatten(-2) @ probes).float()
 
 
 def same_inputs(kept, now) -> bool:

@@ -15,6 +15,7 @@ from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
 from megalong.model.chunked_loss import chunked_cross_entropy
 from megalong.model.cp_layout import use_contiguous_rope
+from megalong.model.rope import use_rope_kernel
 from megalong.model.spec import llama_block_spec
 
 
@@ -69,9 +70,10 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         # runs their plain-torch paths.
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=False,
-        # TE's fused RoPE kernel (megatron-LM's default) when TE is in use; the unfused path
-        # concatenates twice per q/k. Checked against the local spec in test_lora's TE test.
-        apply_rope_fusion=opts.transformer_impl == "transformer_engine",
+        # TE's fused RoPE kernel (megatron-LM's default) when TE is in use, checked against the
+        # local spec in test_lora's TE test; otherwise megalong's (rope.py): megatron's unfused
+        # path concatenates twice per q/k.
+        apply_rope_fusion=opts.transformer_impl == "transformer_engine" or use_rope_kernel(on_gpu),
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,

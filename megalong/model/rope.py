@@ -1,0 +1,69 @@
+"""Rotate-half RoPE applied to q and k as one autograd Function, in megatron's fused-RoPE slot.
+
+megatron's unfused path (`_apply_rotary_pos_emb_bshd`) computes `t*cos + rotate_half(t)*sin`
+and then concatenates the result with the (empty) unrotated part: a negation, two concatenations,
+two products and an add, each a full pass over q or k, and about as many again in the backward.
+On the H100 profile these concatenations were most of the step's `cat` time.
+
+`rotate_half_rope` writes each half of the output directly: `t1*cos - t2*sin` and
+`t2*cos + t1*sin`, with every product rounded and then summed exactly as megatron's path rounds
+them, so outputs and gradients are bit for bit megatron's (tested). It saves only cos and sin.
+
+megatron leaves `rope_utils.fused_apply_rotary_pos_emb` to Transformer Engine and calls it when
+`apply_rope_fusion` is set; `use_rope_kernel` fills that slot when TE has not.
+"""
+
+import torch
+from megatron.core.models.common.embeddings import rope_utils
+
+
+def _halves(x: torch.Tensor):
+    half = x.shape[-1] // 2
+    return x[..., :half], x[..., half:]
+
+
+def _rotate(x, cos, sin, transpose: bool) -> torch.Tensor:
+    """x·R (transpose=False) or x·Rᵀ, R the rotation `t -> t*cos + rotate_half(t)*sin`."""
+    (x1, x2), (c1, c2), (s1, s2) = _halves(x), _halves(cos), _halves(sin)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = _halves(out)
+    torch.mul(x1, c1, out=o1)
+    torch.mul(x2, c2, out=o2)
+    if transpose:  # what autograd computes through megatron's cat, negation and products
+        o1.add_(x2 * s2)
+        o2.sub_(x1 * s1)
+    else:
+        o1.sub_(x2 * s1)
+        o2.add_(x1 * s2)
+    return out
+
+
+class RotateHalfRope(torch.autograd.Function):
+    """t [s, b, h, d] (any strides), cos and sin [s, 1, 1, d] in t's dtype -> RoPE'd t."""
+
+    @staticmethod
+    def forward(ctx, t, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(t, cos, sin, transpose=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, transpose=True), None, None
+
+
+def rotate_half_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False,
+                     **_te_only) -> torch.Tensor:
+    """megatron's `fused_apply_rotary_pos_emb(t, freqs, interleaved=...)` contract. Interleaved
+    pairs or a partly rotated head go to megatron's unfused path (Llama uses neither)."""
+    if interleaved or freqs.shape[-1] != t.shape[-1]:
+        return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
+    return RotateHalfRope.apply(t, torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype))
+
+
+def use_rope_kernel(on_gpu: bool) -> bool:
+    """Whether models built now can set `apply_rope_fusion`: fills megatron's empty fused-RoPE
+    slot with `rotate_half_rope`. A kernel already there is TE's, which needs CUDA tensors."""
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        rope_utils.fused_apply_rotary_pos_emb = rotate_half_rope
+    return rope_utils.fused_apply_rotary_pos_emb is rotate_half_rope or on_gpu

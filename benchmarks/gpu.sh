@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU numbers for docs/PERF.md: Llama-2-7B-shaped layers, bf16, LoRA+, S²-Attn vs dense (and the
-# HF + PEFT reference), 8k/16k/32k; tokens/s, peak allocated memory and MFU over 989 TFLOP/s.
+# HF + PEFT reference), 8k/16k/32k; tokens/s, peak allocated memory and MFU over 989 TFLOP/s;
+# first, megalong's RoPE kernel against megatron's unfused RoPE alone (benchmarks/rope.py).
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]            (OUT_DIR defaults to ./runs/gpu)
 #
@@ -45,6 +46,9 @@ echo "== smoke: tiny shapes, every arm"
 $PY benchmarks/train_step.py --device cuda --bf16 --recompute none --steps 2 --seq-lengths 1024 \
     --arms megalong-s2,megalong-dense,reference --hidden-size 256 --ffn-hidden-size 512 \
     --num-layers 2 --num-heads 4 --num-kv-heads 4 --vocab-size 1000 --strict || exit 1
+
+echo "== RoPE: megalong's kernel vs megatron's unfused path, one 7B layer's q and k at 16k"
+$PY benchmarks/rope.py --device cuda --bf16 --seq-length 16384 --heads 32 --kv-heads 32 --dim 128
 
 for run in $RUNS; do
     IFS=: read -r layers seqs arms <<< "$run"

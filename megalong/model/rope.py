@@ -1,17 +1,17 @@
 """Rotate-half RoPE applied to q and k as one autograd Function, in megatron's fused-RoPE slot.
 
 megatron's unfused path (`_apply_rotary_pos_emb_bshd`) computes `t*cos + rotate_half(t)*sin`
-and then concatenates the result with the (empty) unrotated part: a negation, two concatenations,
-two products and an add, each a full pass over q or k, and about as many again in the backward.
-On the H100 profile these concatenations were most of the step's `cat` time.
+with a negation, two concatenations (the rotation, then the empty unrotated part), two products
+and an add, and autograd adds as many again backward: about 27 passes over q or k in all.
+The H100 profile named RoPE's concatenations among the step's elementwise costs.
 
-`rotate_half_rope` writes each half of the output directly: `t1*cos - t2*sin` and
-`t2*cos + t1*sin`, with every product rounded and then summed exactly as megatron's path rounds
-them, so outputs and gradients are bit for bit megatron's (tested). It saves only cos and sin.
+`rotate_half_rope` computes `t*cos`, then subtracts `t2*sin` from its first half and adds
+`t1*sin` to its second: about 15 passes forward and backward (`benchmarks/rope.py` counts
+them). Every product is rounded and then summed as megatron's path rounds it, so outputs and
+gradients are bit for bit megatron's (tested). It saves only cos and sin, as megatron's does.
 
 megatron leaves `rope_utils.fused_apply_rotary_pos_emb` to Transformer Engine and calls it when
-`apply_rope_fusion` is set; `use_rope_kernel` fills that slot when TE has not.
-"""
+`apply_rope_fusion` is set; `use_rope_kernel` fills that slot when TE has not."""
 
 import torch
 from megatron.core.models.common.embeddings import rope_utils
@@ -24,11 +24,9 @@ def _halves(x: torch.Tensor):
 
 def _rotate(x, cos, sin, transpose: bool) -> torch.Tensor:
     """x·R (transpose=False) or x·Rᵀ, R the rotation `t -> t*cos + rotate_half(t)*sin`."""
-    (x1, x2), (c1, c2), (s1, s2) = _halves(x), _halves(cos), _halves(sin)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    (x1, x2), (s1, s2) = _halves(x), _halves(sin)
+    out = x * cos  # full width: torch's CPU kernels run bf16 half-rows ~4x slower an element
     o1, o2 = _halves(out)
-    torch.mul(x1, c1, out=o1)
-    torch.mul(x2, c2, out=o2)
     if transpose:  # what autograd computes through megatron's cat, negation and products
         o1.add_(x2 * s2)
         o2.sub_(x1 * s1)

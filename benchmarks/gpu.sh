@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU numbers for docs/PERF.md: Llama-2-7B-shaped layers, bf16, LoRA+, S²-Attn vs dense (and the
 # HF + PEFT reference), 8k/16k/32k; tokens/s, peak allocated memory and MFU over 989 TFLOP/s;
-# first, megalong's RoPE kernel against megatron's unfused RoPE alone (benchmarks/rope.py).
+# first, the GPU-only tests and megalong's RoPE kernel against megatron's unfused RoPE alone.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]            (OUT_DIR defaults to ./runs/gpu)
 #
@@ -41,6 +41,9 @@ SHAPE="--hidden-size 4096 --ffn-hidden-size 11008 --num-heads 32 --num-kv-heads 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, megatron.core, transformers, peft; print('torch', torch.__version__, \
 'megatron-core', megatron.core.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+
+echo "== GPU-only tests (pytest -m gpu: S²-Attn kernels, the RoPE kernel, kept attention on CUDA)"
+$PY -m pytest -q -m gpu tests || echo "== GPU TESTS FAILED; the benchmarks below still run"
 
 echo "== smoke: tiny shapes, every arm"
 $PY benchmarks/train_step.py --device cuda --bf16 --recompute none --steps 2 --seq-lengths 1024 \

@@ -50,13 +50,21 @@ def _loss_and_grads(mode, x, weights, kept=None):
     return loss.detach(), [x.grad, *(w.grad for w in weights)]
 
 
-def test_checkpointed_layers_reuse_the_kept_output(monkeypatch):
+@pytest.mark.parametrize("device, dtype", [
+    ("cpu", torch.float64),
+    # On GPUs: does the recompute reproduce q, k and v closely enough to claim its entries?
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+])
+def test_checkpointed_layers_reuse_the_kept_output(monkeypatch, device, dtype):
     """Reentrant checkpointing (megatron's kind: the first forward runs without a graph)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     counting = _CountingSDPA()
     monkeypatch.setitem(kernels._instances, "sdpa", counting)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 2, 16, generator=gen, dtype=torch.float64)
-    weights = [0.5 * torch.randn(16, n, generator=gen, dtype=torch.float64) for n in (16, 8, 8, 16)]
+    x = torch.randn(32, 2, 16, generator=gen, dtype=torch.float64).to(device, dtype)
+    weights = [(0.5 * torch.randn(16, n, generator=gen, dtype=torch.float64)).to(device, dtype)
+               for n in (16, 8, 8, 16)]
     calls = {}
     results = {}
     for mode in ("none", "recompute", "keep"):
@@ -67,10 +75,13 @@ def test_checkpointed_layers_reuse_the_kept_output(monkeypatch):
         if kept:
             assert [len(k) for k in kept] == [0, 0] and [k.dropped for k in kept] == [0, 0]
     assert calls["recompute"] == 2 * calls["none"] and calls["keep"] == calls["none"] > 0
+    exact = dtype == torch.float64  # GPU kernels may pick other algorithms without a graph
     for mode in ("recompute", "keep"):
-        torch.testing.assert_close(results[mode][0], results["none"][0], rtol=0, atol=0)
+        torch.testing.assert_close(results[mode][0], results["none"][0], rtol=0 if exact else 1e-2,
+                                   atol=0 if exact else 1e-3)
         for got, want in zip(results[mode][1], results["none"][1]):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(got, want, rtol=1e-12 if exact else 2e-2,
+                                       atol=1e-14 if exact else 2e-2 * want.abs().max().item())
 
 
 def test_unclaimed_entries_are_dropped_and_the_attention_runs_again():

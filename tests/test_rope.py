@@ -14,27 +14,31 @@ def _rope_and_grad(fn, t, freqs, grad):
     return out, t.grad
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_kernel_equals_megatron_unfused_rope(dtype):
+def test_rope_kernel_equals_megatron_unfused_rope(dtype, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     from megalong.model.rope import rotate_half_rope
     from megalong.runtime import adapt_megatron_to_cpu
 
-    adapt_megatron_to_cpu()  # RotaryEmbedding allocates on torch.cuda.current_device()
+    if device == "cpu":
+        adapt_megatron_to_cpu()  # RotaryEmbedding allocates on torch.cuda.current_device()
     seq, batch, heads, kv_heads, dim = 40, 2, 6, 2, 16
     gen = torch.Generator().manual_seed(0)
     # megatron's qkv output: per kv group, its query heads then k then v; q and k are views.
     qkv = torch.randn(seq, batch, kv_heads, (heads // kv_heads + 2) * dim, generator=gen)
-    qkv = (qkv * 4).to(dtype)
+    qkv = (qkv * 4).to(device, dtype)
     query = qkv[..., : heads // kv_heads * dim].reshape(seq, batch, heads, dim)
     key = qkv[..., heads // kv_heads * dim: -dim]
     assert not key.is_contiguous()
     freqs = RotaryEmbedding(kv_channels=dim, rotary_percent=1.0, seq_len_interpolation_factor=4.0,
-                            rotary_base=10000, use_cpu_initialization=True)(seq)
+                            rotary_base=10000, use_cpu_initialization=device == "cpu")(seq)
     for t in (query, key):
-        grad = torch.randn(t.shape, generator=gen).to(dtype)
+        grad = torch.randn(t.shape, generator=gen).to(device, dtype)
         out, got = _rope_and_grad(rotate_half_rope, t, freqs, grad)
         assert type(out.grad_fn).__name__ == "RotateHalfRopeBackward"  # not the fallback
         want_out, want = _rope_and_grad(_apply_rotary_pos_emb_bshd, t, freqs, grad)

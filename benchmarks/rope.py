@@ -6,8 +6,10 @@ backward time of one layer's q and k.
 
 q and k are strided views of a qkv tensor laid out as megatron's qkv output. Time: the median
 of --repeats runs of each, alternating, after a warm-up (CUDA: synchronized; CPU: freed memory
-kept for reuse, as training keeps it). On CPU both are bound by the ops' loops; the kernel's saving is memory traffic (about 7 passes over q or k each
-way instead of 12), which is what a GPU pays for.
+kept for reuse, as training keeps it). Memory traffic: the bytes every aten op that is not a
+view reads and writes, counted by a dispatch mode over one run of each. The kernel's saving is
+traffic (about 15 passes over q and k forward and backward instead of 27), which is what a GPU
+pays for; CPU times depend as much on how well each op's loop vectorizes.
 """
 
 import argparse

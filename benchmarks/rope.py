@@ -89,6 +89,8 @@ def _traffic_bytes(step) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
+    ALLOCATIONS = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided}
+
     class Count(TorchDispatchMode):
         total = 0
 
@@ -102,7 +104,6 @@ def _traffic_bytes(step) -> int:
                         Count.total += t.numel() * t.element_size()
             return result
 
-    ALLOCATIONS = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided}
     with Count():
         step()
     return Count.total

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megalong import runtime
 from megalong.checkpoint_manifest import (candidate_iterations, check_checkpoint, damaged_message,
                                           file_entries, list_files, write_manifest)
 from megalong.checkpoint_meta import METADATA, TRACKER, iteration_dir
@@ -41,21 +43,43 @@ def _model_state(model_chunks):
 
 
 def _rng_state():
-    """This rank's RNG streams as a ShardedObject (one entry per rank in the checkpoint)."""
+    """This rank's RNG streams as a ShardedObject (one entry per rank in the checkpoint). The
+    device type is recorded: the tracker's (and "cuda"'s) states are CUDA generator states on
+    GPUs and CPU generator states on CPU, and neither kind restores into the other."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states(),
+             "device": runtime.device_type()}
+    if runtime.use_cuda():
         state["cuda"] = torch.cuda.get_rng_state()
     return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),),
                          replica_id=0)
 
 
+def _saved_rng_device(state) -> str:
+    """The device type the state was saved on. Checkpoints from before it was recorded: a CPU
+    tracker state is a whole CPU generator state, a CUDA one is a few bytes."""
+    if "device" in state:
+        return state["device"]
+    tracked = list(state.get("tracker", {}).values())
+    cpu_size = torch.get_rng_state().numel()
+    return "cpu" if not tracked or tracked[0].numel() == cpu_size else "cuda"
+
+
 def _set_rng_state(state) -> None:
+    """Restores the RNG streams saved by `_rng_state`; the device-specific ones only on the
+    device type they were saved on (else they are skipped with a warning: the run continues
+    with freshly seeded streams, as after a change of world size)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    saved, here = _saved_rng_device(state), runtime.device_type()
+    if saved != here:
+        warnings.warn(f"the checkpoint's RNG state was saved on {saved} and this run is on "
+                      f"{here}: its {saved} generator states are not restored (dropout masks "
+                      "and other random draws differ from an uninterrupted run)", stacklevel=2)
+        return
+    if "cuda" in state and here == "cuda":
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
 
@@ -199,13 +223,18 @@ def load_checkpoint(model_chunks, root: str, iteration: int | None = None, *, op
                                                    strict=StrictHandling.RETURN_UNEXPECTED)
     except (Exception, CheckpointException) as err:  # many types (torch's is a BaseException)
         raise MegalongError(f"cannot load checkpoint {directory}: {_one_line(err)}") from err
-    not_allowed = sorted(k for k in absent if not allow_missing(k))
+    # `_extra_state` entries hold module metadata, not weights: TE's FP8 scaling state, empty
+    # ones from megatron's local linears, none from other writers. Absent, a module keeps its
+    # initial state; present but not asked for, they are dropped. So local-spec and TE-spec
+    # checkpoints load into each other.
+    not_allowed = sorted(k for k in absent if not _is_extra_state(k) and not allow_missing(k))
     if not_allowed:
         raise MegalongError(f"checkpoint {directory} lacks {', '.join(not_allowed[:5])} "
                             f"({len(not_allowed)} tensors): it was written for another model")
     for key, model in zip(_chunk_keys(model_chunks), model_chunks):
         missing, unexpected = model.load_state_dict(state[key], strict=False)
-        bad = [k for k in missing if not k.endswith("_extra_state") and not allow_missing(k)]
+        bad = [k for k in missing if not _is_extra_state(k) and not allow_missing(k)]
+        unexpected = [k for k in unexpected if not _is_extra_state(k)]
         if bad or unexpected:
             raise MegalongError(f"checkpoint {directory} does not fit the model: missing "
                                 f"{bad[:5]}, unexpected {list(unexpected)[:5]}")
@@ -216,6 +245,10 @@ def load_checkpoint(model_chunks, root: str, iteration: int | None = None, *, op
         if same_ranks:
             _set_rng_state(state["rng_state"])
     return iteration, (state.get("common") or {}) if load_training else {}
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.rsplit("/", 1)[0].endswith("_extra_state")
 
 
 def _one_line(err: BaseException) -> str:

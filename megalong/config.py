@@ -6,6 +6,7 @@ import importlib.util
 import math
 import os
 
+from megalong.device_policy import cuda_possible
 from megalong.errors import MegalongError
 from megalong.model.arch import PRESETS, LlamaArch
 
@@ -28,8 +29,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--group-size", type=int, default=None,
                        help="S²-Attn group size G in tokens (overrides --group-size-ratio)")
     group.add_argument("--attention-kernel", choices=["auto", "sdpa", "flash", "te"], default="auto",
-                       help="inner attention kernel: torch SDPA (CPU/GPU), flash-attn varlen or "
-                            "Transformer Engine (GPU); auto picks the fastest available")
+                       help="inner attention kernel of S²-Attn: torch SDPA (CPU/GPU, any dtype), "
+                            "flash-attn varlen or Transformer Engine (GPU with --bf16 only); auto "
+                            "picks the fastest that fits the device and dtype")
     group.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
                        help="megatron-core's own modules (CPU and GPU) or Transformer Engine linears "
                             "(GPU; checkpoints are interchangeable) (default local)")
@@ -93,10 +95,29 @@ def validate_model_args(args, arch: LlamaArch) -> None:
         raise MegalongError("--transformer-impl transformer_engine needs Transformer Engine, which "
                             "is not installed (pip install 'megalong[gpu]', GPU only); use "
                             "--transformer-impl local")
-    kernel_package = {"flash": "flash_attn", "te": "transformer_engine"}.get(args.attention_kernel)
-    if kernel_package and not _importable(kernel_package):
-        raise MegalongError(f"--attention-kernel {args.attention_kernel} needs {kernel_package}, "
-                            f"which is not installed; use --attention-kernel sdpa or auto")
+    validate_attention_kernel(args.attention_kernel, bf16=args.bf16)
+
+
+# Kernels that run only on CUDA tensors in half precision, and the package each needs.
+_GPU_HALF_KERNELS = {"flash": "flash_attn", "te": "transformer_engine"}
+
+
+def validate_attention_kernel(kernel: str, *, bf16: bool) -> None:
+    """flash-attn takes fp16/bf16 only (float32 fails at the first forward) and TE's fused
+    attention backends likewise (in float32 TE silently falls back to its unfused one): an
+    explicit request needs --bf16, a GPU and the package. `auto` picks what fits at run time."""
+    package = _GPU_HALF_KERNELS.get(kernel)
+    if package is None:
+        return
+    if not bf16:
+        raise MegalongError(f"--attention-kernel {kernel} runs in half precision only; add --bf16 "
+                            "(or use --attention-kernel sdpa or auto for float32)")
+    if not cuda_possible():
+        raise MegalongError(f"--attention-kernel {kernel} runs on CUDA GPUs only and this run is "
+                            "on the CPU; use --attention-kernel sdpa or auto")
+    if not _importable(package):
+        raise MegalongError(f"--attention-kernel {kernel} needs {package}, which is not "
+                            "installed; use --attention-kernel sdpa or auto")
 
 
 def validate_context_parallel(seq_length: int, cp: int, group_size=None, *, tp: int = 1,
@@ -215,9 +236,15 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "kernel, glibc's default (least resident memory: the longest context "
                             "in a budget)")
     train.add_argument("--use-distributed-optimizer", action="store_true",
-                       help="shard optimizer state over data-parallel ranks (megatron's)")
-    train.add_argument("--overlap-grad-reduce", action="store_true")
-    train.add_argument("--overlap-param-gather", action="store_true")
+                       help="shard optimizer state over data-parallel ranks (megatron's; GPUs)")
+    train.add_argument("--overlap-grad-reduce", action="store_true",
+                       help="overlap the data-parallel gradient reduction with the backward pass "
+                            "(megatron DDP)")
+    train.add_argument("--overlap-param-gather", action="store_true",
+                       help="overlap the distributed optimizer's parameter all-gather with the "
+                            "next forward pass (needs --use-distributed-optimizer and "
+                            "--overlap-grad-reduce; parameters are gathered in full before "
+                            "every evaluation and checkpoint)")
 
     run = parser.add_argument_group("evaluation, logging and exit")
     run.add_argument("--eval-interval", type=int, default=None, help="iterations between validations")
@@ -310,8 +337,21 @@ def validate_training_args(args, world_size: int) -> None:
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         raise MegalongError("--fp8-format runs through Transformer Engine's linears: add "
                             "--transformer-impl transformer_engine")
-    if args.use_distributed_optimizer and not _importable_cuda():
+    if args.use_distributed_optimizer and not cuda_possible():
         raise MegalongError("--use-distributed-optimizer runs on GPUs only; drop it on CPU")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer
+                                          and args.overlap_grad_reduce):
+        raise MegalongError("--overlap-param-gather overlaps the distributed optimizer's parameter "
+                            "all-gather with the forward pass: add --use-distributed-optimizer "
+                            "and --overlap-grad-reduce (as Megatron-LM requires)")
+    if args.recompute_keep_attention and args.context_parallel_size > 1:
+        # A recompute that misses its kept entry on one CP rank re-runs the halo exchange
+        # while the neighbours, which matched, send nothing: the ranks would wait on each other
+        # until the collective timeout.
+        raise MegalongError("--recompute-keep-attention cannot be combined with "
+                            "--context-parallel-size > 1 (a recompute that misses its kept "
+                            "attention on one rank would exchange halos its neighbours never "
+                            "send); drop one of them")
 
 
 def _check_sft_head(path: str) -> None:
@@ -335,17 +375,6 @@ def _blend_prefixes(data_path):
     if len(data_path) % 2:
         raise MegalongError(f"--data-path {' '.join(data_path)}: weights and prefixes must pair up")
     return list(data_path[1::2])
-
-
-def _importable_cuda() -> bool:
-    # Without importing torch: a CUDA build ships libraries under torch/lib with "cuda" in the name.
-    import glob
-
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    return bool(glob.glob(os.path.join(spec.submodule_search_locations[0], "lib", "*cudart*")) or
-                glob.glob(os.path.join(spec.submodule_search_locations[0], "lib", "libtorch_cuda*")))
 
 
 def default_interpolation_factor(seq_length, original_length, recorded=None):

@@ -19,13 +19,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megalong.device_policy import cpu_forced
 from megalong.errors import MegalongError
 
 _CPU_ADAPTED = False
 
 
 def use_cuda() -> bool:
-    return torch.cuda.is_available() and os.environ.get("MEGALONG_DEVICE", "") != "cpu"
+    """The device decision (device_policy.py): CUDA when torch sees a GPU, unless
+    MEGALONG_DEVICE=cpu. Model building, checkpoints and logging ask this, never torch.cuda."""
+    return not cpu_forced() and torch.cuda.is_available()
+
+
+def device_type() -> str:
+    return "cuda" if use_cuda() else "cpu"
 
 
 def device() -> torch.device:

@@ -47,9 +47,6 @@ FALLBACK_HELP = {
     "--adam-beta2": "Adam beta2",
     "--adam-eps": "Adam epsilon",
     "--recompute-num-layers": "layers per recompute chunk with --recompute-granularity full",
-    "--overlap-grad-reduce": "overlap the data-parallel gradient all-reduce with the backward pass",
-    "--overlap-param-gather": "overlap the distributed optimizer's parameter all-gather with the "
-                              "forward pass",
     "--max-new-tokens": "tokens to generate per prompt",
     "--model": "architecture preset",
     "--seq-length": "sequence length N in tokens",

@@ -88,7 +88,9 @@ def _load(name: str):
     if name not in _instances and name not in _import_errors:
         try:
             _instances[name] = _FACTORIES[name]()
-        except ImportError as err:
+        # A package that is installed but cannot load (missing CUDA libraries, ABI mismatch)
+        # raises OSError or RuntimeError rather than ImportError.
+        except (ImportError, OSError, RuntimeError) as err:
             _import_errors[name] = err
     return _instances.get(name)
 

@@ -10,6 +10,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megalong import runtime
 from megalong.config import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
@@ -47,7 +48,7 @@ class ModelOptions:
 
 
 def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig:
-    on_gpu = torch.cuda.is_available()
+    on_gpu = runtime.use_cuda()  # MEGALONG_DEVICE=cpu on a GPU host builds the CPU model
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megalong import runtime
+
 
 class RMSNorm(MegatronModule):
     """Llama's RMSNorm, computed in float32 as HF does. Under sequence parallel each rank sees
@@ -32,4 +34,4 @@ class RMSNorm(MegatronModule):
 
 
 def _param_device(config: TransformerConfig):
-    return "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else "cuda"
+    return "cpu" if config.use_cpu_initialization or not runtime.use_cuda() else "cuda"

@@ -77,19 +77,34 @@ def local_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
     )
 
 
-def te_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
-    """Transformer Engine linears (norm fused into qkv and fc1); our core attention."""
-    try:
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
+# A Transformer Engine install that cannot load (a missing CUDA library, an ABI mismatch) fails
+# with these, not only ImportError.
+TE_IMPORT_ERRORS = (ImportError, OSError, RuntimeError)
 
-        spec = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
-    except (ImportError, AssertionError) as err:
-        raise MegalongError(
-            "--transformer-impl transformer_engine needs Transformer Engine "
-            f"(pip install 'megalong[gpu]'); import failed: {err}"
-        ) from err
+
+def _te_missing(err: BaseException) -> MegalongError:
+    return MegalongError(
+        "--transformer-impl transformer_engine needs Transformer Engine (pip install "
+        f"'megalong[gpu]'; GPU only); import failed: {type(err).__name__}: {err}; use "
+        "--transformer-impl local")
+
+
+def te_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
+    """Transformer Engine linears (norm fused into qkv and fc1); our core attention. The norm
+    type reaches TE's fused layernorm-linear through `config.normalization` (megatron-core
+    0.16's spec function takes no normalization argument)."""
+    try:
+        from megatron.core.models.gpt import gpt_layer_specs
+    except TE_IMPORT_ERRORS as err:  # megatron imports TE at module level, catching ImportError
+        raise _te_missing(err) from err
+    if not gpt_layer_specs.HAVE_TE:  # its spec function would raise NameError (TESpecProvider)
+        try:
+            import transformer_engine.pytorch  # noqa: F401  (only to name why it failed)
+            err = ImportError("megatron-core could not import its Transformer Engine extensions")
+        except TE_IMPORT_ERRORS as import_err:
+            err = import_err
+        raise _te_missing(err)
+    spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
     spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
 

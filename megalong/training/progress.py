@@ -6,9 +6,11 @@ import time
 
 import torch
 
+from megalong import runtime
+
 
 def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
+    if runtime.use_cuda():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 

@@ -215,7 +215,23 @@ def init_distributed(
         # megatron's TP/PP/DP/CP groups: the same timeout as the world group (its default is 30).
         distributed_timeout_minutes=timeout_s / 60.0,
     )
+    if use_cuda() and sizes.context > 1:
+        _create_context_parallel_communicator()
     seed_everything(seed)
+
+
+def _create_context_parallel_communicator() -> None:
+    """NCCL creates a group's communicator lazily, at its first CUDA operation, and when that
+    operation is a `batch_isend_irecv` every rank of the group must take part (torch's note on
+    it). The halo exchange skips ranks with nothing to send or receive (TP >= 2, CP >= 3,
+    L % G == G/2), so its first call could leave the others waiting: one tiny all-reduce on the
+    CP group creates the communicator first. (A barrier would not: under the mixed
+    `cpu:gloo,cuda:nccl` backend it goes to gloo. Passing `device_id` to init_process_group
+    would create every group's communicator eagerly, at a memory cost not measured here.)"""
+    from megatron.core import parallel_state
+
+    dist.all_reduce(torch.zeros(1, device=device()),
+                    group=parallel_state.get_context_parallel_group())
 
 
 # ---------------------------------------------------------------- distributed hygiene

@@ -146,26 +146,69 @@ def test_group_semantics_helpers():
     assert only.shifted and only.gqa_direct
 
 
+class LoopVarlen:
+    """A CPU stand-in for a varlen kernel: SDPA per cu_seqlens segment."""
+
+    name, layout, supports_gqa = "fake-flash", "varlen", True
+
+    def attend_varlen(self, q, k, v, bounds, longest, scale):
+        assert longest == max(b - a for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+        out = torch.empty_like(q)
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale,
+                enable_gqa=True).transpose(0, 1)
+        return out
+
+
 def test_varlen_folding(monkeypatch):
     """The flash-attn path's token layout and cu_seqlens, with a CPU stand-in for the kernel."""
-
-    class LoopVarlen:
-        name, layout, supports_gqa = "fake-flash", "varlen", True
-
-        def attend_varlen(self, q, k, v, bounds, longest, scale):
-            assert longest == max(b - a for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-            out = torch.empty_like(q)
-            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-                out[a:b] = torch.nn.functional.scaled_dot_product_attention(
-                    *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale,
-                    enable_gqa=True).transpose(0, 1)
-            return out
-
     monkeypatch.setattr(s2_module, "resolve_kernel", lambda *a: LoopVarlen())
     for seq_len, group_size, heads, kv_heads, batch in CASES:
         q, k, v = random_qkv(seq_len, batch, heads, kv_heads)
         torch.testing.assert_close(s2_attention(q, k, v, group_size),
                                    reference_s2(q, k, v, group_size), rtol=0, atol=1e-10)
+
+
+class HostDataTensors(torch.overrides.TorchFunctionMode):
+    """Records every tensor built from host (Python) data: on a GPU each is a host-to-device
+    copy that synchronises the stream."""
+
+    FACTORIES = (torch.tensor, torch.as_tensor, torch.asarray)
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FACTORIES:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def host_data_tensors_per_call(fn, calls=2):
+    """How many tensors each of `calls` calls of fn() builds from host data."""
+    counts = []
+    for _ in range(calls):
+        with HostDataTensors() as recorder:
+            fn()
+        counts.append(len(recorder.calls))
+    return counts
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "varlen"])
+def test_second_s2_call_builds_no_tensor_from_host_data(kernel, monkeypatch):
+    """cu_seqlens and the K/V head index of a kv group straddling the halves are built once
+    per shape and device, not per layer and step (and recompute)."""
+    from megalong.attention import groups
+
+    monkeypatch.setattr(groups, "_device_constants", {})
+    if kernel == "varlen":
+        monkeypatch.setattr(s2_module, "resolve_kernel", lambda *a: LoopVarlen())
+    q, k, v = random_qkv(24, 2, 6, 3)  # kv group 1 serves both halves: its K/V are expanded
+    first, second = host_data_tensors_per_call(lambda: s2_attention(q, k, v, 8, kernel="sdpa"))
+    assert first > 0  # the recorder sees the cache being filled
+    assert second == 0
 
 
 # ------------------------------------------------------------------ dense attention

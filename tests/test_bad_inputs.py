@@ -163,6 +163,18 @@ def _cases(w) -> dict:
         "train: kept attention without full recompute": Case(TRAIN, _train(
             w, "--recompute-granularity", "selective", "--recompute-keep-attention"),
             "--recompute-keep-attention needs --recompute-granularity full"),
+        "train: kept attention under context parallel": Case(TRAIN, _train(
+            w, "--recompute-granularity", "full", "--recompute-keep-attention",
+            "--context-parallel-size", "2"), "cannot be combined with --context-parallel-size",
+            env={"WORLD_SIZE": "2"}),
+        "train: flash-attn kernel in float32": Case(TRAIN, _train(w, "--attention-kernel", "flash"),
+            "runs in half precision only; add --bf16"),
+        "train: TE attention kernel in float32": Case(TRAIN, _train(w, "--attention-kernel", "te"),
+            "runs in half precision only; add --bf16"),
+        "train: GPU attention kernel on CPU": Case(TRAIN, _train(
+            w, "--attention-kernel", "flash", "--bf16"), "runs on CUDA GPUs only"),
+        "train: parameter-gather overlap without the distributed optimizer": Case(TRAIN, _train(
+            w, "--overlap-param-gather"), "add --use-distributed-optimizer and --overlap-grad-reduce"),
         "train: zero collective timeout": Case(TRAIN, _train(
             w, "--distributed-timeout-minutes", "0"), "--distributed-timeout-minutes must be > 0"),
         "train: --load-fallback without --load": Case(TRAIN, [

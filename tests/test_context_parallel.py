@@ -50,6 +50,19 @@ SLICE_CASES = [(64, 16, 8, 2, 2), (48, 8, 6, 3, 1), (64, 32, 4, 4, 1), (40, 8, 1
                (16, 16, 4, 1, 1), (48, 12, 8, 2, 1)]
 
 
+def test_second_slice_call_builds_no_tensor_from_host_data(monkeypatch):
+    """A straddling kv group's K/V expansion (halo included) reuses its cached index."""
+    from test_attention import host_data_tensors_per_call
+
+    from megalong.attention import groups
+
+    monkeypatch.setattr(groups, "_device_constants", {})
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(48, 1, h, 8, generator=gen) for h in (6, 3, 3))
+    first, second = host_data_tensors_per_call(lambda: slices_of_full(q, k, v, 8, cp_size=2))
+    assert first > 0 and second == 0
+
+
 def valid_cp_sizes(seq_len, group_size):
     return [c for c in range(1, 2 * seq_len // group_size + 1)
             if seq_len % c == 0 and (seq_len // c) % (group_size // 2) == 0]
@@ -168,8 +181,9 @@ def run_layouts(ckpt, layouts):
             recompute_granularity=recompute and "full",
             recompute_keep_attention=recompute == "keep"))
         load_checkpoint([model], ckpt)
-        ddp = wrap_data_parallel([model], SimpleNamespace(overlap_grad_reduce=False,
-                                                          use_distributed_optimizer=False))
+        ddp = wrap_data_parallel([model], SimpleNamespace(
+            overlap_grad_reduce=False, overlap_param_gather=False, use_distributed_optimizer=False,
+            pipeline_model_parallel_size=1))
         dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
         HALO_COUNTER.reset()
         loss = _reduced(run_microbatches(ddp, _batches(), forward_only=False), dp_cp)

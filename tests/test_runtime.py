@@ -45,3 +45,43 @@ def test_training_keeps_freed_memory_only_with_cpu_malloc_reuse(monkeypatch):
         calls.clear()
         setup.bring_up_runtime(parser.parse_args(flags))
         assert len(calls) == expected, flags
+
+
+def context_parallel_collectives_at_init():
+    """On 2 gloo ranks standing in for GPUs: the collectives init_distributed issues on the CP
+    group, first on CPU, then with CUDA mocked (CPU tensors play CUDA's)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    real_init, real_all_reduce = dist.init_process_group, dist.all_reduce
+    collectives = []
+
+    def recording_all_reduce(tensor, *args, group=None, **kwargs):
+        collectives.append((tuple(dist.get_process_group_ranks(group)) if group else None,
+                            tensor.device.type))
+        return real_all_reduce(tensor, *args, group=group, **kwargs)
+
+    dist.all_reduce = recording_all_reduce
+    runtime.init_distributed(runtime.ParallelSizes(context=2))
+    on_cpu = list(collectives)
+    collectives.clear()
+    runtime.use_cuda = lambda: True
+    runtime.device = lambda: torch.device("cpu")
+    torch.cuda.set_device = lambda *_: None
+    dist.init_process_group = lambda *a, backend=None, **k: real_init(*a, backend="gloo", **k)
+    runtime.init_distributed(runtime.ParallelSizes(context=2))
+    cp_ranks = tuple(dist.get_process_group_ranks(parallel_state.get_context_parallel_group()))
+    return on_cpu, collectives, cp_ranks
+
+
+@pytest.mark.slow
+def test_nccl_communicator_of_the_cp_group_exists_before_the_first_halo_exchange():
+    """A rank that has nothing to exchange skips the halo's batch_isend_irecv, which NCCL needs
+    every rank of the group to join when it is the group's first operation: with CUDA the CP
+    group gets one all-reduce on the device while the runtime comes up."""
+    from megalong.spawn import run_on_ranks
+
+    for on_cpu, on_gpu, cp_ranks in run_on_ranks(context_parallel_collectives_at_init, 2):
+        assert cp_ranks == (0, 1)
+        assert not [c for c in on_cpu if c[0] == cp_ranks]  # gloo needs none
+        assert [c for c in on_gpu if c[0] == cp_ranks] == [(cp_ranks, "cpu")]

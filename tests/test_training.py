@@ -243,3 +243,88 @@ def test_bf16_trains_like_float32(tiny_megatron_ckpt, corpus, sp_model):
     bf16_drift = sum(abs(a - b) for a, b in zip(bf16[2:], fp32[2:]))
     update_effect = sum(abs(a - b) for a, b in zip(frozen[2:], fp32[2:]))
     assert bf16_drift <= 0.25 * update_effect, (fp32, bf16, frozen)
+
+
+# ------------------------------------------------------------------ overlapped DDP communication
+
+
+OVERLAP_FLAGS = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+
+
+def test_ddp_config_carries_the_overlap_flags():
+    from megalong.training import setup
+    from megalong.training.pretrain import build_parser
+
+    parser = build_parser()
+    plain = setup.ddp_config(parser.parse_args([]))
+    assert not (plain.overlap_grad_reduce or plain.overlap_param_gather
+                or plain.use_distributed_optimizer)
+    for pp, aligned in ((1, False), (2, True)):
+        config = setup.ddp_config(parser.parse_args(
+            OVERLAP_FLAGS + ["--pipeline-model-parallel-size", str(pp)]))
+        assert config.overlap_grad_reduce and config.overlap_param_gather
+        assert config.use_distributed_optimizer
+        assert config.align_param_gather == aligned, pp
+
+
+class _RecordingDDP:
+    """Stands in for megatron's DDP wrapper (the distributed optimizer needs GPUs): records the
+    forward pre-hook switches and names its sync functions."""
+
+    def __init__(self, events, name="chunk"):
+        self.events, self.name = events, name
+
+    def disable_forward_pre_hook(self, param_sync=True):
+        self.events.append(f"disable(param_sync={param_sync})")
+
+    def enable_forward_pre_hook(self):
+        self.events.append("enable")
+
+    def no_sync(self):
+        pass
+
+    def start_grad_sync(self):
+        pass
+
+    def start_param_sync(self):
+        pass
+
+
+def test_schedules_get_megatron_lm_sync_functions():
+    from types import SimpleNamespace
+
+    from megalong.training import setup
+    from megalong.training.pretrain import build_parser
+
+    parser = build_parser()
+    for flags, pp, grad, param in (([], 1, False, False), (OVERLAP_FLAGS, 1, True, False),
+                                   (OVERLAP_FLAGS, 2, True, True)):
+        ddp = _RecordingDDP([])
+        config = SimpleNamespace(no_sync_func=None, grad_sync_func=None, param_sync_func=None)
+        args = parser.parse_args(flags + ["--pipeline-model-parallel-size", str(pp)])
+        setup.set_schedule_sync_funcs(config, [ddp], setup.ddp_config(args))
+        assert config.no_sync_func == ddp.no_sync
+        assert (config.grad_sync_func == ddp.start_grad_sync) == grad, (flags, pp)
+        assert (config.param_sync_func == ddp.start_param_sync) == param, (flags, pp)
+
+
+@pytest.mark.parametrize("flags, synced", [(OVERLAP_FLAGS, True), ([], False)])
+def test_parameters_are_gathered_before_saving_and_evaluating(flags, synced, monkeypatch):
+    """With --overlap-param-gather the step leaves parameters to the next forward's pre-hooks:
+    saves (which exports read) and evaluations gather them first, then re-enable the hooks."""
+    from megalong import checkpoint
+    from megalong.training import loop
+    from megalong.training.pretrain import build_parser
+
+    events = []
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *a, **k: events.append("save"))
+    monkeypatch.setattr(loop, "_evaluate", lambda trainer: events.append("evaluate") or 1.0)
+    args = build_parser().parse_args(flags + ["--save", "unused"])
+    trainer = loop.Trainer(args, None, {}, [None], [_RecordingDDP(events)], None, None, None, None)
+    loop.save(trainer, 3)
+    loop.evaluate(trainer)
+    if synced:
+        assert events == ["disable(param_sync=True)", "save", "enable",
+                          "disable(param_sync=True)", "evaluate", "enable"]
+    else:
+        assert events == ["save", "evaluate"]

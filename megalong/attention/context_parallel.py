@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megalong.attention.groups import HeadHalf, head_halves
+from megalong.attention.groups import HeadHalf, head_halves, kv_head_index
 from megalong.attention.s2 import dense_causal_attention, s2_attention
 from megalong.errors import MegalongError
 
@@ -149,7 +149,7 @@ def _per_query_head(half: HeadHalf, x: torch.Tensor) -> torch.Tensor:
     """K/V with one head per query head where the grouped-query mapping does not hold."""
     if half.gqa_direct:
         return x
-    return x.index_select(2, torch.tensor(half.kv_of_head, device=x.device))
+    return x.index_select(2, kv_head_index(half, x.device))
 
 
 def _half_on_slice(half, q, k, v, group_size, start, halo, kernel, scale):

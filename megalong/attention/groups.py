@@ -13,7 +13,7 @@ token lies in exactly one group, fold is a permutation and unfold is its adjoint
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -228,9 +228,37 @@ def unfold_spans(pieces, spans, group_size: int, shape) -> torch.Tensor:
     return _UnfoldSpans.apply(tuple(spans), group_size, tuple(shape), *pieces)
 
 
+# Index tensors built from host data are cached per device: on a GPU each build is a
+# host-to-device copy that synchronises the stream, and the same few tensors are asked for by
+# every layer, every step and again in the recompute. Callers must not modify them.
+_device_constants: Dict[tuple, torch.Tensor] = {}
+
+
+def _cached(key: tuple, device, build) -> torch.Tensor:
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (*key, device)
+    if key not in _device_constants:
+        _device_constants[key] = build().to(device)
+    return _device_constants[key]
+
+
 def cu_seqlens(seq_len: int, group_size: int, shifted: bool, batch: int,
                device=None) -> torch.Tensor:
-    """int32 group boundaries of `batch` sequences laid end to end (for varlen kernels)."""
-    bounds = group_bounds(seq_len, group_size, shifted)
-    flat = [k * seq_len + t for k in range(batch) for t in bounds[:-1]] + [batch * seq_len]
-    return torch.tensor(flat, dtype=torch.int32, device=device)
+    """int32 group boundaries of `batch` sequences laid end to end (for varlen kernels);
+    built once per (N, G, shifted, b, device)."""
+
+    def build():
+        bounds = group_bounds(seq_len, group_size, shifted)
+        flat = [k * seq_len + t for k in range(batch) for t in bounds[:-1]] + [batch * seq_len]
+        return torch.tensor(flat, dtype=torch.int32)
+
+    return _cached(("cu_seqlens", seq_len, group_size, shifted, batch), device, build)
+
+
+def kv_head_index(half: HeadHalf, device=None) -> torch.Tensor:
+    """`half.kv_of_head` as an index tensor (for index_select where K/V are expanded to one
+    head per query head); built once per (mapping, device)."""
+    return _cached(("kv_of_head", half.kv_of_head), device,
+                   lambda: torch.tensor(half.kv_of_head, dtype=torch.long))

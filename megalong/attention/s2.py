@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from megalong.attention.groups import (
-    check_group_size, cu_seqlens, fold_spans, head_halves, pieces_per_span, unfold_spans,
+    check_group_size, cu_seqlens, fold_spans, head_halves, kv_head_index, pieces_per_span,
+    unfold_spans,
 )
 from megalong.attention.kernels import resolve_kernel
 
@@ -56,7 +57,7 @@ def _kv_for(half, impl, k, v):
     """K/V as the kernel needs them: grouped-query when it can, else one kv head per query."""
     if half.gqa_direct and impl.supports_gqa:
         return k, v
-    index = torch.tensor(half.kv_of_head, device=k.device)
+    index = kv_head_index(half, k.device)
     return k.index_select(2, index), v.index_select(2, index)
 
 

@@ -1,5 +1,6 @@
 """train(args): steps through megatron-core's schedules, validation, checkpoints, clean exits."""
 
+import contextlib
 import signal
 import time
 
@@ -66,7 +67,32 @@ def train_step(trainer: Trainer, iteration: int):
     return loss, lr, grad_norm, updated
 
 
+@contextlib.contextmanager
+def parameters_in_sync(trainer: Trainer):
+    """With --overlap-param-gather the distributed optimizer's step leaves each rank's updated
+    parameter shards to be all-gathered by forward pre-hooks of the next training forward:
+    until then the other shards of every rank's model are one step stale. Evaluation and
+    checkpoints need them now: the hooks are disabled, which gathers synchronously, and
+    re-enabled afterwards (as Megatron-LM does around both)."""
+    args = trainer.args
+    if not (args.use_distributed_optimizer and args.overlap_param_gather):
+        yield
+        return
+    for model in trainer.ddp_models:
+        model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for model in trainer.ddp_models:
+            model.enable_forward_pre_hook()
+
+
 def evaluate(trainer: Trainer) -> float:
+    with parameters_in_sync(trainer):
+        return _evaluate(trainer)
+
+
+def _evaluate(trainer: Trainer) -> float:
     args = trainer.args
     dp_rank, dp_size = data_parallel_rank_and_size()
     for model in trainer.ddp_models:
@@ -85,9 +111,10 @@ def evaluate(trainer: Trainer) -> float:
 def save(trainer: Trainer, iteration: int) -> None:
     from megalong.checkpoint import save_checkpoint
 
-    save_checkpoint(trainer.models, trainer.args.save, iteration, trainer.metadata,
-                    optimizer=trainer.optimizer, scheduler=trainer.scheduler,
-                    common={"iteration": iteration})
+    with parameters_in_sync(trainer):  # an export reads these weights: none may be stale
+        save_checkpoint(trainer.models, trainer.args.save, iteration, trainer.metadata,
+                        optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+                        common={"iteration": iteration})
     log(f"saved checkpoint at iteration {iteration} to {trainer.args.save}")
 
 

@@ -137,21 +137,46 @@ def add_adapters_and_freeze(models, args, metadata):
     return allow_missing
 
 
-def wrap_data_parallel(models, args) -> list:
-    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                           finalize_model_grads)
+def ddp_config(args):
+    """megatron DDP's settings. The overlaps live here, not in OptimizerConfig: with
+    --overlap-param-gather the distributed optimizer's step leaves the parameter all-gather to
+    forward pre-hooks of the next forward (validated to come with --use-distributed-optimizer
+    and --overlap-grad-reduce); under PP every stage launches its all-gathers at once."""
+    from megatron.core.distributed import DistributedDataParallelConfig
 
-    ddp_config = DistributedDataParallelConfig(
+    return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        align_param_gather=args.overlap_param_gather and args.pipeline_model_parallel_size > 1,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
-    ddp_models = [DistributedDataParallel(m.config, ddp_config, m) for m in models]
-    config = models[0].config
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp_models[0].no_sync if len(ddp_models) == 1 else [
-        m.no_sync for m in ddp_models]
+
+
+def wrap_data_parallel(models, args) -> list:
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+
+    config = ddp_config(args)
+    ddp_models = [DistributedDataParallel(m.config, config, m) for m in models]
+    models[0].config.finalize_model_grads_func = finalize_model_grads
+    set_schedule_sync_funcs(models[0].config, ddp_models, config)
     return ddp_models
+
+
+def set_schedule_sync_funcs(config, ddp_models, ddp_config) -> None:
+    """As Megatron-LM sets them: the schedules skip gradient reduction on all but the last
+    micro-batch (no_sync); with the overlaps on, pipeline schedules start each chunk's
+    gradient reduction (grad_sync_func) and, with aligned parameter gathers, its parameter
+    all-gather (param_sync_func) themselves."""
+
+    def one_or_list(funcs):
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    config.no_sync_func = one_or_list([m.no_sync for m in ddp_models])
+    if ddp_config.overlap_grad_reduce:
+        config.grad_sync_func = one_or_list([m.start_grad_sync for m in ddp_models])
+    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+        config.param_sync_func = one_or_list([m.start_param_sync for m in ddp_models])
 
 
 def build_optimizer_and_schedule(ddp_models, args):

@@ -368,3 +368,12 @@ def test_sbatch_trains_tiny_model_on_two_fake_nodes(tiny_megatron_ckpt, corpus, 
     assert open(save / "latest_checkpointed_iteration.txt").read().strip() == "5"
     meta = json.load(open(save / "iter_0000005" / "megalong.json"))
     assert meta["arch"]["num_layers"] == 2
+
+
+def test_multi_node_guides_name_both_socket_interfaces():
+    """CPU-tensor collectives go to gloo beside NCCL: a multi-node user must set the interface
+    of both, or gloo may pick one the other nodes cannot reach."""
+    for name in ("cluster.md", "troubleshooting.md"):
+        with open(os.path.join(ROOT, "docs", "guide", name)) as handle:
+            text = handle.read()
+        assert "GLOO_SOCKET_IFNAME" in text and "NCCL_SOCKET_IFNAME" in text, name

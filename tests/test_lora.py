@@ -290,7 +290,7 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1(tp_results):
     assert _max_diff(results["reloaded"], results[(2, False)]["lora"]) <= 1e-5
 
 
-@pytest.mark.slow
+@pytest.mark.gpu
 def test_transformer_engine_adapters_match_local():
     """TE linears (norm fused into qkv/fc1): GPU with Transformer Engine only."""
     pytest.importorskip("transformer_engine")

@@ -104,3 +104,43 @@ def test_llama3_rope_and_tied_embeddings_match_hf(tiny_llama3_dir):
     unscaled = LlamaForCausalLM.from_pretrained(tiny_llama3_dir, config=config).eval()
     with torch.no_grad():
         assert (unscaled(tokens).logits - reference).abs().max() > 1e-2, "llama3 scaling must matter"
+
+
+# The settings transformer_config takes from the device policy.
+DEVICE_DEPENDENT = ("bias_activation_fusion", "use_cpu_initialization", "apply_rope_fusion",
+                    "gradient_accumulation_fusion", "masked_softmax_fusion")
+
+
+def built_with_and_without_a_visible_gpu(hf_dir, tokens):
+    """On this CPU host, then with torch.cuda.is_available forced true (a GPU host whose ranks
+    run with MEGALONG_DEVICE=cpu, as run_on_ranks sets): each model's device-dependent config,
+    parameter devices and logits."""
+    import os
+
+    from megalong import runtime
+
+    results = []
+    for gpu_visible in (False, True):
+        torch.cuda.is_available = lambda: gpu_visible  # this rank's own process
+        (logits,) = megatron_logits_for_layouts(hf_dir, tokens, [(1, 1, False, None)])
+        from megalong.model.llama import ModelOptions, transformer_config
+        from megalong.model.arch import PRESETS
+
+        config = transformer_config(PRESETS["tiny"], ModelOptions(seq_length=64,
+                                                                  padded_vocab_size=1024))
+        results.append({"config": {name: getattr(config, name) for name in DEVICE_DEPENDENT},
+                        "logits": logits})
+    assert os.environ["MEGALONG_DEVICE"] == "cpu" and not runtime.use_cuda()
+    del os.environ["MEGALONG_DEVICE"]
+    results.append(runtime.use_cuda())  # the forced GPU is seen once CPU is not asked for
+    return results
+
+
+@pytest.mark.slow
+def test_cpu_forced_on_a_gpu_host_builds_the_cpu_model(tiny_hf_dir, tiny_tokens):
+    (cpu_host, gpu_host_cpu_forced, gpu_seen), = run_on_ranks(
+        built_with_and_without_a_visible_gpu, 1, tiny_hf_dir, tiny_tokens)
+    assert gpu_seen
+    assert gpu_host_cpu_forced["config"] == cpu_host["config"]
+    assert cpu_host["config"]["use_cpu_initialization"]
+    assert torch.equal(gpu_host_cpu_forced["logits"], cpu_host["logits"])

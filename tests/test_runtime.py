@@ -85,3 +85,16 @@ def test_nccl_communicator_of_the_cp_group_exists_before_the_first_halo_exchange
         assert cp_ranks == (0, 1)
         assert not [c for c in on_cpu if c[0] == cp_ranks]  # gloo needs none
         assert [c for c in on_gpu if c[0] == cp_ranks] == [(cp_ranks, "cpu")]
+
+
+def test_every_device_decision_asks_the_runtime():
+    """One device policy: only runtime.py asks torch whether CUDA is there (MEGALONG_DEVICE=cpu
+    must hold everywhere: model build, norms, logging, checkpoints)."""
+    import pathlib
+
+    import megalong
+
+    root = pathlib.Path(megalong.__file__).parent
+    offenders = [str(path.relative_to(root)) for path in root.rglob("*.py")
+                 if path.name != "runtime.py" and "cuda.is_available" in path.read_text()]
+    assert offenders == []

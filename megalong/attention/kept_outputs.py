@@ -51,7 +51,9 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
 
 
 def same_inputs(kept, now) -> bool:
-    """Whether the fingerprints `now` are the `kept` ones, equal or equal up to rounding."""
+    """Whether the fingerprints `now` are the `kept` ones, equal or equal up to rounding.
+    Synchronises with the device by design (once per recomputed layer): the answer decides, on
+    the host, which graph the backward runs."""
     if any(a.shape != b.shape for a, b in zip(kept, now)):
         return False
     close = [(a - b).abs().amax() <= ROUNDING * a.abs().amax() for a, b in zip(kept, now)]

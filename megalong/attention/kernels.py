@@ -125,4 +125,9 @@ def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype):
                 f"attention kernel {name!r} runs on CUDA tensors only (got {device}); "
                 "use kernel 'sdpa' or 'auto'"
             )
+        if name == "flash" and dtype not in _HALF_DTYPES:
+            raise KernelUnavailableError(
+                f"attention kernel 'flash' takes fp16/bf16 only (got {dtype}); train with --bf16 "
+                "or use kernel 'sdpa' or 'auto'"
+            )
     return _load(name)

@@ -95,7 +95,6 @@ def validate_model_args(args, arch: LlamaArch) -> None:
         raise MegalongError("--transformer-impl transformer_engine needs Transformer Engine, which "
                             "is not installed (pip install 'megalong[gpu]', GPU only); use "
                             "--transformer-impl local")
-    validate_attention_kernel(args.attention_kernel, bf16=args.bf16)
 
 
 # Kernels that run only on CUDA tensors in half precision, and the package each needs.
@@ -337,6 +336,7 @@ def validate_training_args(args, world_size: int) -> None:
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         raise MegalongError("--fp8-format runs through Transformer Engine's linears: add "
                             "--transformer-impl transformer_engine")
+    validate_attention_kernel(args.attention_kernel, bf16=args.bf16)
     if args.use_distributed_optimizer and not cuda_possible():
         raise MegalongError("--use-distributed-optimizer runs on GPUs only; drop it on CPU")
     if args.overlap_param_gather and not (args.use_distributed_optimizer

@@ -28,13 +28,12 @@ def parse(*argv):
     (["--context-parallel-size", "16"], r"G/2 = 128\), so c can be at most 2N/G = 8"),
     (["--context-parallel-size", "3"], r"use --context-parallel-size in \{2, 4, 8\}"),
     (["--transformer-impl", "transformer_engine"], "Transformer Engine"),
-    (["--attention-kernel", "flash"], "flash_attn"),
     (["--rotary-seq-len-interpolation-factor", "0.5"], "must be >= 1"),
 ])
 def test_bad_model_flags_are_named(argv, fragment):
-    if "transformer_engine" in argv or "flash" in argv:
+    if "transformer_engine" in argv:
         import importlib.util
-        if importlib.util.find_spec("transformer_engine" if "transformer_engine" in argv else "flash_attn"):
+        if importlib.util.find_spec("transformer_engine"):
             pytest.skip("package installed here")
     with pytest.raises(MegalongError, match=fragment):
         validate_model_args(parse("--seq-length", "1024", *argv) if "--seq-length" not in argv
@@ -53,3 +52,25 @@ def test_config_and_converter_validation_do_not_import_torch():
     code = ("import sys, argparse; import megalong.config, megalong.convert.hf_config, "
             "megalong.checkpoint_meta, megalong.cli; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("kernel, bf16, gpu, fragment", [
+    ("flash", False, True, "half precision only; add --bf16"),
+    ("te", False, True, "half precision only; add --bf16"),
+    ("flash", True, False, "runs on CUDA GPUs only"),
+    ("flash", True, True, "needs flash_attn, which is not installed"),
+    ("te", True, True, "needs transformer_engine, which is not installed"),
+])
+def test_gpu_attention_kernels_need_bf16_a_gpu_and_their_package(kernel, bf16, gpu, fragment,
+                                                                  monkeypatch):
+    from megalong import config
+
+    monkeypatch.setattr(config, "cuda_possible", lambda: gpu)
+    monkeypatch.setattr(config, "_importable", lambda package: False)
+    with pytest.raises(MegalongError, match=fragment):
+        config.validate_attention_kernel(kernel, bf16=bf16)
+    monkeypatch.setattr(config, "_importable", lambda package: True)
+    if bf16 and gpu:
+        config.validate_attention_kernel(kernel, bf16=bf16)  # all there: accepted
+    for fine in ("auto", "sdpa"):
+        config.validate_attention_kernel(fine, bf16=False)

@@ -263,6 +263,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
 
 def validate_training_args(args, world_size: int) -> None:
     """Batch arithmetic, data and output paths: everything checkable before torch is imported."""
+    validate_attention_kernel(args.attention_kernel, bf16=args.bf16)
     model_parallel = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
                       * args.context_parallel_size)
     if world_size % model_parallel:
@@ -336,7 +337,6 @@ def validate_training_args(args, world_size: int) -> None:
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         raise MegalongError("--fp8-format runs through Transformer Engine's linears: add "
                             "--transformer-impl transformer_engine")
-    validate_attention_kernel(args.attention_kernel, bf16=args.bf16)
     if args.use_distributed_optimizer and not cuda_possible():
         raise MegalongError("--use-distributed-optimizer runs on GPUs only; drop it on CPU")
     if args.overlap_param_gather and not (args.use_distributed_optimizer

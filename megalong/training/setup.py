@@ -156,14 +156,14 @@ def ddp_config(args):
 def wrap_data_parallel(models, args) -> list:
     from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 
-    config = ddp_config(args)
-    ddp_models = [DistributedDataParallel(m.config, config, m) for m in models]
+    settings = ddp_config(args)
+    ddp_models = [DistributedDataParallel(m.config, settings, m) for m in models]
     models[0].config.finalize_model_grads_func = finalize_model_grads
-    set_schedule_sync_funcs(models[0].config, ddp_models, config)
+    set_schedule_sync_funcs(models[0].config, ddp_models, settings)
     return ddp_models
 
 
-def set_schedule_sync_funcs(config, ddp_models, ddp_config) -> None:
+def set_schedule_sync_funcs(config, ddp_models, settings) -> None:
     """As Megatron-LM sets them: the schedules skip gradient reduction on all but the last
     micro-batch (no_sync); with the overlaps on, pipeline schedules start each chunk's
     gradient reduction (grad_sync_func) and, with aligned parameter gathers, its parameter
@@ -173,9 +173,9 @@ def set_schedule_sync_funcs(config, ddp_models, ddp_config) -> None:
         return funcs[0] if len(funcs) == 1 else funcs
 
     config.no_sync_func = one_or_list([m.no_sync for m in ddp_models])
-    if ddp_config.overlap_grad_reduce:
+    if settings.overlap_grad_reduce:
         config.grad_sync_func = one_or_list([m.start_grad_sync for m in ddp_models])
-    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+    if settings.overlap_param_gather and settings.align_param_gather:
         config.param_sync_func = one_or_list([m.start_param_sync for m in ddp_models])
 
 

@@ -2,10 +2,13 @@
 
     python benchmarks/attention.py [--sizes 4096,8192,16384,32768] [--device cpu|cuda]
                                    [--ratio 0.25] [--heads 8] [--dim 64] [--json OUT]
+                                   [--kernels sdpa,torch-varlen,flex]
 
-Three methods, each in a fresh subprocess per sequence length N (batch 1, G = ratio * N):
+Methods, each in a fresh subprocess per sequence length N (batch 1, G = ratio * N):
 - dense: `dense_causal_attention` (SDPA, is_causal);
-- s2:    `s2_attention(kernel="sdpa")` (half the heads shifted by G/2, end groups half size);
+- s2:    `s2_attention(kernel=K)` for each of --kernels (half the heads shifted by G/2, end
+         groups half size); the first call's time (a compiled kernel's compilation included)
+         is reported apart;
 - ideal: the kernel's ceiling for a grouped layout: SDPA causal on q/k/v reshaped to N/G
          groups of G in the batch, no shift, no copies.
 Time: the fastest of --repeats wall-clock runs of forward + backward (inputs need grad), after
@@ -30,6 +33,13 @@ METHODS = ("dense", "s2", "ideal")
 
 
 def _child(method: str, seq_len: int, args) -> dict:
+    started = time.perf_counter()
+    result = _measure(method, seq_len, args)
+    result["total_s"] = time.perf_counter() - started
+    return result
+
+
+def _measure(method: str, seq_len: int, args) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -47,7 +57,7 @@ def _child(method: str, seq_len: int, args) -> dict:
 
     fns = {
         "dense": lambda q, k, v, g: dense_causal_attention(q, k, v),
-        "s2": lambda q, k, v, g: s2_attention(q, k, v, g, kernel="sdpa"),
+        "s2": lambda q, k, v, g: s2_attention(q, k, v, g, kernel=args.kernel),
         "ideal": ideal,
     }
     fn = fns[method]
@@ -86,7 +96,7 @@ def _child(method: str, seq_len: int, args) -> dict:
         return peak
 
     small = 1024
-    step(*make(small), small)  # thread pools, kernel dispatch, lazy imports
+    warm_up = step(*make(small), small)  # thread pools, kernel dispatch, lazy imports, compiling
     qkv, grad = make(seq_len)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -100,14 +110,16 @@ def _child(method: str, seq_len: int, args) -> dict:
     if device.type != "cuda":
         peak = profiled_peak(qkv, grad, seq_len)
     return {"method": method, "seq_len": seq_len, "seconds": min(times),
+            "first_calls_s": warm_up + first,
             "runs": len(times), "peak_bytes": peak, "threads": torch.get_num_threads(),
             "dtype": str(dtype).replace("torch.", ""), "device": device.type}
 
 
-def _run(method: str, seq_len: int, args) -> dict:
+def _run(method: str, seq_len: int, args, kernel: str = "sdpa") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--sizes", str(seq_len),
            "--device", args.device, "--ratio", str(args.ratio), "--heads", str(args.heads),
-           "--dim", str(args.dim), "--repeats", str(args.repeats), "--budget-s", str(args.budget_s)]
+           "--dim", str(args.dim), "--repeats", str(args.repeats), "--budget-s", str(args.budget_s),
+           "--kernel", kernel]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -124,9 +136,13 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=60.0,
                         help="stop timing a config after this many seconds (one run at least)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--kernels", default="sdpa",
+                        help="comma-separated S²-Attn kernels to time (default sdpa)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--kernel", default="sdpa", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    kernels = args.kernels.split(",")
 
     if args.child:
         print(json.dumps(_child(args.child, sizes[0], args)))
@@ -136,29 +152,40 @@ def main() -> None:
     print(f"S²-Attn vs dense causal attention, forward+backward, b=1, {args.heads} heads, "
           f"d={args.dim}, G={args.ratio}·N, device {args.device}", file=sys.stderr)
     for seq_len in sizes:
-        res = {m: _run(m, seq_len, args) for m in METHODS}
-        row = {
-            "seq_len": seq_len, "group_size": int(args.ratio * seq_len),
-            **{f"{m}_s": res[m]["seconds"] for m in METHODS},
-            **{f"{m}_peak_mib": res[m]["peak_bytes"] / 2**20 for m in METHODS},
-            "speedup": res["dense"]["seconds"] / res["s2"]["seconds"],
-            "ideal_speedup": res["dense"]["seconds"] / res["ideal"]["seconds"],
-            "dtype": res["s2"]["dtype"], "threads": res["s2"]["threads"],
-            "runs": {m: res[m]["runs"] for m in METHODS},
-        }
-        row["of_ideal"] = row["speedup"] / row["ideal_speedup"]
-        rows.append(row)
-        print(f"  N={seq_len}: dense {row['dense_s']:.4f}s s2 {row['s2_s']:.4f}s "
-              f"ideal {row['ideal_s']:.4f}s", file=sys.stderr)
+        res = {m: _run(m, seq_len, args) for m in ("dense", "ideal")}
+        for kernel in kernels:
+            try:
+                res["s2"] = _run("s2", seq_len, args, kernel)
+            except subprocess.CalledProcessError as err:
+                print(f"  N={seq_len}: S² with {kernel} failed: "
+                      f"{(err.stderr or '').strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            row = {
+                "seq_len": seq_len, "group_size": int(args.ratio * seq_len), "kernel": kernel,
+                **{f"{m}_s": res[m]["seconds"] for m in METHODS},
+                **{f"{m}_peak_mib": res[m]["peak_bytes"] / 2**20 for m in METHODS},
+                "s2_first_calls_s": res["s2"]["first_calls_s"],
+                "speedup": res["dense"]["seconds"] / res["s2"]["seconds"],
+                "ideal_speedup": res["dense"]["seconds"] / res["ideal"]["seconds"],
+                "dtype": res["s2"]["dtype"], "threads": res["s2"]["threads"],
+                "runs": {m: res[m]["runs"] for m in METHODS},
+            }
+            row["of_ideal"] = row["speedup"] / row["ideal_speedup"]
+            rows.append(row)
+            print(f"  N={seq_len}: dense {row['dense_s']:.4f}s s2 ({kernel}) {row['s2_s']:.4f}s "
+                  f"ideal {row['ideal_s']:.4f}s", file=sys.stderr)
 
-    print("\n| N | G | dense fwd+bwd (ms) | S² fwd+bwd (ms) | speed-up | ideal-fold speed-up "
-          "| S² / ideal | dense peak (MiB) | S² peak (MiB) | ideal peak (MiB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| N | G | kernel | dense fwd+bwd (ms) | S² fwd+bwd (ms) | speed-up | ideal-fold "
+          "speed-up | S² / ideal | S² first calls (s) | dense peak (MiB) | S² peak (MiB) | "
+          "ideal peak (MiB) |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['seq_len']} | {r['group_size']} | {1e3 * r['dense_s']:.2f} "
+        print(f"| {r['seq_len']} | {r['group_size']} | {r['kernel']} | {1e3 * r['dense_s']:.2f} "
               f"| {1e3 * r['s2_s']:.2f} | {r['speedup']:.2f}× | {r['ideal_speedup']:.2f}× "
-              f"| {100 * r['of_ideal']:.0f}% | {r['dense_peak_mib']:.0f} | {r['s2_peak_mib']:.0f} "
-              f"| {r['ideal_peak_mib']:.0f} |")
+              f"| {100 * r['of_ideal']:.0f}% | {r['s2_first_calls_s']:.1f} "
+              f"| {r['dense_peak_mib']:.0f} | {r['s2_peak_mib']:.0f} | {r['ideal_peak_mib']:.0f} |")
+    if not rows:
+        sys.exit(1)
     print(f"\n{rows[0]['dtype']}, {rows[0]['threads']} threads; arithmetic limit of the speed-up "
           f"at G = N/4: 4.27")
     if args.json:

@@ -43,7 +43,7 @@ from _common import (ARMS, ROOT, add_shape_args, build_arm, current_rss_bytes,  
 DEFAULT_ARMS = "megalong-s2,reference,megalong-dense,megalong-fft"
 
 
-def _attention_alone(shape, seq_length, attention, device, dtype, repeats=3):
+def _attention_alone(shape, seq_length, attention, device, dtype, repeats=3, kernel="auto"):
     """Seconds of one attention call forward, and forward + backward, at the layer's shapes:
     GPU wall clock, CPU process time (comparable with the steps' CPU time)."""
     import time
@@ -63,7 +63,7 @@ def _attention_alone(shape, seq_length, attention, device, dtype, repeats=3):
     grad = torch.randn(seq_length, 1, shape.num_heads, d, generator=gen).to(device, dtype)
     if attention == "s2":
         def fn():
-            return s2_attention(q, k, v, seq_length // 4)
+            return s2_attention(q, k, v, seq_length // 4, kernel=kernel)
     else:
         def fn():
             return dense_causal_attention(q, k, v)
@@ -153,7 +153,11 @@ def _attention_child(args) -> dict:
     arm, seq_length = args.child, int(args.seq_lengths)
     shape = shape_from_args(args)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    fwd, fwd_bwd = _attention_alone(shape, seq_length, arm.split("-")[1], args.device, dtype)
+    megalong_args = args.megalong_args.split()
+    kernel = (megalong_args[megalong_args.index("--attention-kernel") + 1]
+              if "--attention-kernel" in megalong_args else "auto")  # the arm's own kernel
+    fwd, fwd_bwd = _attention_alone(shape, seq_length, arm.split("-")[1], args.device, dtype,
+                                    kernel=kernel)
     repeated = args.recompute == "full" and "--recompute-keep-attention" not in args.megalong_args
     per_step = shape.num_layers * (fwd_bwd + (fwd if repeated else 0.0))
     return {"attention_fwd_s": fwd, "attention_fwd_bwd_s": fwd_bwd,

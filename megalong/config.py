@@ -28,10 +28,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="S²-Attn group size as a fraction of --seq-length (default 0.25)")
     group.add_argument("--group-size", type=int, default=None,
                        help="S²-Attn group size G in tokens (overrides --group-size-ratio)")
-    group.add_argument("--attention-kernel", choices=["auto", "sdpa", "flash", "te"], default="auto",
-                       help="inner attention kernel of S²-Attn: torch SDPA (CPU/GPU, any dtype), "
-                            "flash-attn varlen or Transformer Engine (GPU with --bf16 only); auto "
-                            "picks the fastest that fits the device and dtype")
+    group.add_argument("--attention-kernel", default="auto",
+                       choices=["auto", "sdpa", "torch-varlen", "flex", "flash", "te"],
+                       help="inner attention kernel of S²-Attn: torch SDPA on the folded groups "
+                            "(CPU/GPU, any dtype); torch's own varlen flash kernel (torch-varlen: "
+                            "torch >= 2.10, GPU, --bf16) or FlexAttention (flex: one compiled "
+                            "masked call per layer, GPU); the flash-attn package's varlen kernel "
+                            "or Transformer Engine (GPU, --bf16); auto picks flash-attn, then TE, "
+                            "then SDPA, by what fits the device and dtype")
     group.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
                        help="megatron-core's own modules (CPU and GPU) or Transformer Engine linears "
                             "(GPU; checkpoints are interchangeable) (default local)")
@@ -97,24 +101,27 @@ def validate_model_args(args, arch: LlamaArch) -> None:
                             "--transformer-impl local")
 
 
-# Kernels that run only on CUDA tensors in half precision, and the package each needs.
-_GPU_HALF_KERNELS = {"flash": "flash_attn", "te": "transformer_engine"}
+# Kernels that train on CUDA tensors only: (half precision only?, the package it needs, or None
+# for torch's own).
+_GPU_KERNELS = {"torch-varlen": (True, None), "flex": (False, None),
+                "flash": (True, "flash_attn"), "te": (True, "transformer_engine")}
 
 
 def validate_attention_kernel(kernel: str, *, bf16: bool) -> None:
-    """flash-attn takes fp16/bf16 only (float32 fails at the first forward) and TE's fused
-    attention backends likewise (in float32 TE silently falls back to its unfused one): an
-    explicit request needs --bf16, a GPU and the package. `auto` picks what fits at run time."""
-    package = _GPU_HALF_KERNELS.get(kernel)
-    if package is None:
+    """flash-attn and torch's varlen kernel take fp16/bf16 only (float32 fails at the first
+    forward) and TE's fused attention backends likewise (in float32 TE silently falls back to
+    its unfused one): an explicit request needs --bf16, a GPU and the package. FlexAttention
+    trains on GPUs only (CPU has no backward). `auto` picks what fits at run time."""
+    if kernel not in _GPU_KERNELS:
         return
-    if not bf16:
+    half_only, package = _GPU_KERNELS[kernel]
+    if half_only and not bf16:
         raise MegalongError(f"--attention-kernel {kernel} runs in half precision only; add --bf16 "
                             "(or use --attention-kernel sdpa or auto for float32)")
     if not cuda_possible():
         raise MegalongError(f"--attention-kernel {kernel} runs on CUDA GPUs only and this run is "
                             "on the CPU; use --attention-kernel sdpa or auto")
-    if not _importable(package):
+    if package is not None and not _importable(package):
         raise MegalongError(f"--attention-kernel {kernel} needs {package}, which is not "
                             "installed; use --attention-kernel sdpa or auto")
 

@@ -170,6 +170,116 @@ def test_varlen_folding(monkeypatch):
                                    reference_s2(q, k, v, group_size), rtol=0, atol=1e-10)
 
 
+def test_varlen_packs_both_halves_into_one_call(monkeypatch):
+    """LongLoRA's layout: both head halves as 2·b sequences in one varlen call where their head
+    counts match; one call per half where a kv group straddles them. Gradients as the mask."""
+    calls = []
+
+    class CountingVarlen(LoopVarlen):
+        def attend_varlen(self, q, *args):
+            calls.append(q.shape[1])
+            return super().attend_varlen(q, *args)
+
+    monkeypatch.setattr(s2_module, "resolve_kernel", lambda *a: CountingVarlen())
+    for (seq_len, group_size, heads, kv_heads, batch), expected in (
+            ((32, 8, 8, 2, 2), [4]), ((16, 16, 4, 1, 1), [2, 2]), ((24, 8, 6, 3, 2), [3, 3])):
+        calls.clear()
+        qkv = random_qkv(seq_len, batch, heads, kv_heads)
+        weight = torch.randn(seq_len, batch, heads, 8, dtype=torch.float64)
+        out, got = grads(lambda q, k, v: s2_attention(q, k, v, group_size), qkv, weight)
+        ref, want = grads(lambda q, k, v: reference_s2(q, k, v, group_size), qkv, weight)
+        assert calls == expected, (seq_len, heads, kv_heads, calls)
+        assert (out - ref).abs().max() <= 1e-10
+        for g, w in zip(got, want):
+            assert (g - w).abs().max() <= 1e-10
+
+
+def _segment_sdpa(q, k, v, cu_seq_q, *, scale=None, enable_gqa=False):
+    """Causal SDPA per cu_seqlens segment: a CPU stand-in for torch's varlen_attn."""
+    bounds = cu_seq_q.tolist()
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale,
+        enable_gqa=enable_gqa).transpose(0, 1) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def varlen_torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False,
+                      return_aux=None):
+    """torch 2.10's signature: a causal flag, no scale, no GQA."""
+    assert is_causal and torch.equal(cu_seq_q, cu_seq_k)
+    return _segment_sdpa(query, key, value, cu_seq_q)
+
+
+def varlen_torch_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                      scale=None, window_size=(-1, -1), enable_gqa=False, seqused_k=None,
+                      block_table=None, num_splits=None):
+    """torch 2.13's signature: causal as window_size (-1, 0), scale and enable_gqa."""
+    assert window_size == (-1, 0) and torch.equal(cu_seq_q, cu_seq_k)
+    return _segment_sdpa(query, key, value, cu_seq_q, scale=scale, enable_gqa=enable_gqa)
+
+
+def varlen_causal_only(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
+                       window_size=(-1, -1)):
+    """A release with window_size but neither scale nor enable_gqa."""
+    assert window_size == (-1, 0)
+    return _segment_sdpa(query, key, value, cu_seq_q)
+
+
+@pytest.mark.parametrize("varlen", [varlen_torch_2_10, varlen_torch_2_13, varlen_causal_only])
+def test_torch_varlen_kernel_adapts_to_the_installed_signature(varlen, monkeypatch):
+    """The torch-varlen kernel reads causal / scale / GQA support from the function's
+    parameters; on each signature S²-Attn equals the mask formula (forward and gradients, GQA,
+    b = 2, a kv group straddling the halves, TP shards, a non-default scale)."""
+    from megalong.attention.kernels import TorchVarlenKernel
+
+    kernel = TorchVarlenKernel(varlen_attn=varlen)
+    assert kernel.supports_gqa == (varlen is varlen_torch_2_13)
+    monkeypatch.setattr(s2_module, "resolve_kernel", lambda *a: kernel)
+    for seq_len, group_size, heads, kv_heads, batch in CASES:
+        qkv = random_qkv(seq_len, batch, heads, kv_heads)
+        weight = torch.randn(seq_len, batch, heads, 8, dtype=torch.float64)
+        out, got = grads(lambda q, k, v: s2_attention(q, k, v, group_size), qkv, weight)
+        ref, want = grads(lambda q, k, v: reference_s2(q, k, v, group_size), qkv, weight)
+        assert (out - ref).abs().max() <= 1e-10, (varlen.__name__, seq_len, heads, kv_heads)
+        for g, w in zip(got, want):
+            assert (g - w).abs().max() <= 1e-10
+    q, k, v = random_qkv(24, 2, 6, 3)
+    full = reference_s2(q, k, v, 8)
+    for tp_rank in range(3):  # TP shards: one kv group each
+        shard = s2_attention(q[:, :, 2 * tp_rank:2 * tp_rank + 2], k[:, :, tp_rank:tp_rank + 1],
+                             v[:, :, tp_rank:tp_rank + 1], 8, kv_group_offset=tp_rank,
+                             num_kv_groups=3)
+        assert (shard - full[:, :, 2 * tp_rank:2 * tp_rank + 2]).abs().max() <= 1e-10
+    scaled = s2_attention(q, k, v, 8, softmax_scale=0.5)
+    monkeypatch.undo()
+    assert (scaled - s2_attention(q, k, v, 8, kernel="sdpa", softmax_scale=0.5)).abs().max() \
+        <= 1e-10
+
+
+def test_flex_kernel_through_s2_attention(monkeypatch):
+    """The "whole" layout: s2_attention hands the unfolded tensors and the shard's head offset
+    to the kernel (eager CPU flex, forward only)."""
+    from megalong.attention.flex import FlexKernel
+
+    monkeypatch.setattr(s2_module, "resolve_kernel", lambda *a: FlexKernel())
+    q, k, v = random_qkv(24, 2, 6, 3)
+    full = reference_s2(q, k, v, 8)
+    with torch.no_grad():
+        assert (s2_attention(q, k, v, 8) - full).abs().max() <= 1e-10
+        shard = s2_attention(q[:, :, 2:4], k[:, :, 1:2], v[:, :, 1:2], 8, kv_group_offset=1,
+                             num_kv_groups=3)
+    assert (shard - full[:, :, 2:4]).abs().max() <= 1e-10
+
+
+def test_torch_varlen_kernel_refuses_an_unknown_signature():
+    from megalong.attention.kernels import TorchVarlenKernel
+
+    def no_causal_option(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k):
+        raise AssertionError("never called")
+
+    with pytest.raises(ImportError, match="neither window_size nor is_causal"):
+        TorchVarlenKernel(varlen_attn=no_causal_option)
+
+
 class HostDataTensors(torch.overrides.TorchFunctionMode):
     """Records every tensor built from host (Python) data: on a GPU each is a host-to-device
     copy that synchronises the stream."""
@@ -274,7 +384,8 @@ def test_kernel_choice_and_absent_kernels():
                                s2_attention(q, k, v, 4, kernel="sdpa"), rtol=0, atol=0)
     with pytest.raises(KernelUnavailableError, match="unknown attention kernel"):
         s2_attention(q, k, v, 4, kernel="xformers")
-    for name, hint in (("flash", "flash-attn"), ("te", "Transformer Engine")):
+    for name, hint in (("flash", "flash-attn"), ("te", "Transformer Engine"),
+                       ("torch-varlen", "torch >= 2.10"), ("flex", "FlexAttention")):
         with pytest.raises(KernelUnavailableError) as err:
             s2_attention(q, k, v, 4, kernel=name)  # absent here, or present but CPU tensors
         assert hint in str(err.value) or "CUDA" in str(err.value)
@@ -283,7 +394,8 @@ def test_kernel_choice_and_absent_kernels():
 
 # ------------------------------------------------------------------ GPU kernels (skipped on CPU)
 
-GPU_KERNELS = [pytest.param(name, marks=pytest.mark.gpu) for name in ("sdpa", "flash", "te")]
+GPU_KERNELS = [pytest.param(name, marks=pytest.mark.gpu)
+               for name in ("sdpa", "torch-varlen", "flex", "flash", "te")]
 
 
 @pytest.mark.parametrize("kernel", GPU_KERNELS)
@@ -293,8 +405,8 @@ def test_gpu_kernels_match_mask_formula(kernel, dtype):
         pytest.skip("needs CUDA")
     if kernel not in available_kernels():
         pytest.skip(f"{kernel} does not import here")
-    if kernel == "flash" and dtype == torch.float32:
-        pytest.skip("flash-attn is fp16/bf16 only")
+    if kernel in ("flash", "torch-varlen") and dtype == torch.float32:
+        pytest.skip(f"{kernel} is fp16/bf16 only")
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for seq_len, group_size, heads, kv_heads, batch in CASES:
         qkv = random_qkv(seq_len, batch, heads, kv_heads, dim=64, dtype=dtype, device="cuda")

@@ -60,6 +60,9 @@ def test_config_and_converter_validation_do_not_import_torch():
     ("flash", True, False, "runs on CUDA GPUs only"),
     ("flash", True, True, "needs flash_attn, which is not installed"),
     ("te", True, True, "needs transformer_engine, which is not installed"),
+    ("torch-varlen", False, True, "half precision only; add --bf16"),
+    ("torch-varlen", True, False, "runs on CUDA GPUs only"),
+    ("flex", False, False, "runs on CUDA GPUs only"),
 ])
 def test_gpu_attention_kernels_need_bf16_a_gpu_and_their_package(kernel, bf16, gpu, fragment,
                                                                   monkeypatch):
@@ -72,5 +75,9 @@ def test_gpu_attention_kernels_need_bf16_a_gpu_and_their_package(kernel, bf16, g
     monkeypatch.setattr(config, "_importable", lambda package: True)
     if bf16 and gpu:
         config.validate_attention_kernel(kernel, bf16=bf16)  # all there: accepted
+    if kernel in ("torch-varlen", "flex"):  # torch's own: no package to install
+        monkeypatch.setattr(config, "_importable", lambda package: False)
+        monkeypatch.setattr(config, "cuda_possible", lambda: True)
+        config.validate_attention_kernel(kernel, bf16=True)
     for fine in ("auto", "sdpa"):
         config.validate_attention_kernel(fine, bf16=False)

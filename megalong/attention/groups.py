@@ -257,6 +257,19 @@ def cu_seqlens(seq_len: int, group_size: int, shifted: bool, batch: int,
     return _cached(("cu_seqlens", seq_len, group_size, shifted, batch), device, build)
 
 
+def cu_seqlens_both_halves(seq_len: int, group_size: int, batch: int,
+                           device=None) -> torch.Tensor:
+    """cu_seqlens of 2·b sequences: b with the unshifted groups, then b with the shifted ones
+    (both head halves in one varlen call); built once per (N, G, b, device)."""
+
+    def build():
+        unshifted = cu_seqlens(seq_len, group_size, False, batch)
+        shifted = cu_seqlens(seq_len, group_size, True, batch)
+        return torch.cat([unshifted[:-1], shifted + batch * seq_len])
+
+    return _cached(("cu_seqlens_both_halves", seq_len, group_size, batch), device, build)
+
+
 def kv_head_index(half: HeadHalf, device=None) -> torch.Tensor:
     """`half.kv_of_head` as an index tensor (for index_select where K/V are expanded to one
     head per query head); built once per (mapping, device)."""

@@ -1,12 +1,18 @@
-"""Inner attention calls for S²-Attn, chosen by name: auto | sdpa | flash | te.
+"""Inner attention calls for S²-Attn, chosen by name: auto | sdpa | torch-varlen | flex | flash |
+te.
 
 Every kernel attends causally within independent groups; the folding into groups is shared
-(groups.py) and only the call here differs. Two layouts:
+(groups.py) and only the call here differs. Three layouts:
 - "groups": q [B, L, H, d], k/v [B, L, H_kv, d], one group per batch entry (sdpa, te);
-- "varlen": q [T, H, d], k/v [T, H_kv, d] with int32 cu_seqlens group boundaries (flash).
-flash-attn and Transformer Engine are optional GPU packages, imported on first use.
+- "varlen": q [T, H, d], k/v [T, H_kv, d] with int32 cu_seqlens group boundaries (torch-varlen,
+  flash);
+- "whole": the unfolded [N, b, H, d] tensors and the group size, one masked call (flex, flex.py).
+flash-attn and Transformer Engine are optional GPU packages, imported on first use; torch-varlen
+and flex are torch's own (torch >= 2.10 and 2.5), GPU kernels too.
 """
 
+import inspect
+import math
 from typing import Dict
 
 import torch
@@ -14,8 +20,10 @@ import torch.nn.functional as F
 
 from megalong.errors import MegalongError
 
-KERNELS = ("auto", "sdpa", "flash", "te")
+KERNELS = ("auto", "sdpa", "torch-varlen", "flex", "flash", "te")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Kernels that take fp16/bf16 only.
+HALF_ONLY = ("torch-varlen", "flash")
 
 
 class KernelUnavailableError(MegalongError, ValueError):
@@ -50,6 +58,48 @@ class FlashKernel:
                             dropout_p=0.0, softmax_scale=scale, causal=True)
 
 
+class TorchVarlenKernel:
+    """torch.nn.attention.varlen.varlen_attn: FlashAttention-2 with cu_seqlens and a backward,
+    in torch since 2.10 (CUDA, fp16/bf16). Its signature changed between releases (2.10: an
+    `is_causal` flag; later: keyword-only `scale`, `window_size`, `enable_gqa`), so what it can
+    do is read from its parameters, never from torch's version: causal as window_size (-1, 0)
+    or is_causal, the scale passed or folded into q, GQA through enable_gqa or K/V expanded by
+    the caller (supports_gqa False)."""
+
+    name, layout = "torch-varlen", "varlen"
+
+    def __init__(self, varlen_attn=None):
+        if varlen_attn is None:
+            from torch.nn.attention.varlen import varlen_attn
+        params = inspect.signature(varlen_attn).parameters
+        if "window_size" in params:
+            self._causal = {"window_size": (-1, 0)}
+        elif "is_causal" in params:
+            self._causal = {"is_causal": True}
+        else:
+            raise ImportError("torch's varlen_attn has neither window_size nor is_causal: "
+                              f"unknown signature {inspect.signature(varlen_attn)}")
+        self._varlen = varlen_attn
+        self._takes_scale = "scale" in params
+        self.supports_gqa = "enable_gqa" in params
+
+    def attend_varlen(self, q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
+        kwargs = dict(self._causal)
+        if self._takes_scale:
+            kwargs["scale"] = scale
+        elif not math.isclose(scale * math.sqrt(q.shape[-1]), 1.0):
+            q = q * (scale * math.sqrt(q.shape[-1]))  # the kernel's own scale is 1/sqrt(d)
+        if k.shape[1] != q.shape[1]:
+            kwargs["enable_gqa"] = True
+        return self._varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+def _flex_kernel():
+    from megalong.attention.flex import FlexKernel
+
+    return FlexKernel()
+
+
 class TEKernel:
     """transformer_engine DotProductAttention on the folded batch, "bshd" layout, local head
     counts, tp_size=1 and no context-parallel group (GPU)."""
@@ -75,8 +125,12 @@ class TEKernel:
         return out.view(batch, length, heads, dim)
 
 
-_FACTORIES = {"sdpa": SDPAKernel, "flash": FlashKernel, "te": TEKernel}
+_FACTORIES = {"sdpa": SDPAKernel, "torch-varlen": TorchVarlenKernel, "flex": _flex_kernel,
+              "flash": FlashKernel, "te": TEKernel}
 _INSTALL_HINT = {
+    "torch-varlen": "torch >= 2.10 (torch.nn.attention.varlen; CUDA only)",
+    "flex": "torch >= 2.5 with FlexAttention (torch.nn.attention.flex_attention; CUDA for "
+            "training)",
     "flash": "the flash-attn package (pip install flash-attn; CUDA only)",
     "te": "Transformer Engine (pip install 'transformer-engine[pytorch]'; CUDA only)",
 }
@@ -125,9 +179,9 @@ def resolve_kernel(name: str, device: torch.device, dtype: torch.dtype):
                 f"attention kernel {name!r} runs on CUDA tensors only (got {device}); "
                 "use kernel 'sdpa' or 'auto'"
             )
-        if name == "flash" and dtype not in _HALF_DTYPES:
+        if name in HALF_ONLY and dtype not in _HALF_DTYPES:
             raise KernelUnavailableError(
-                f"attention kernel 'flash' takes fp16/bf16 only (got {dtype}); train with --bf16 "
-                "or use kernel 'sdpa' or 'auto'"
+                f"attention kernel {name!r} takes fp16/bf16 only (got {dtype}); train with "
+                "--bf16 or use kernel 'sdpa' or 'auto'"
             )
     return _load(name)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from megalong.attention.groups import (
-    check_group_size, cu_seqlens, fold_spans, head_halves, kv_head_index, pieces_per_span,
-    unfold_spans,
+    check_group_size, cu_seqlens, cu_seqlens_both_halves, fold_spans, head_halves, kv_head_index,
+    pieces_per_span, unfold_spans,
 )
 from megalong.attention.kernels import resolve_kernel
 
@@ -40,6 +40,9 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: 
     check_group_size(seq_len, group_size)
     impl = resolve_kernel(kernel, q.device, q.dtype)
     scale = 1.0 / math.sqrt(dim) if softmax_scale is None else softmax_scale
+    if impl.layout == "whole":  # one masked call on the unfolded sequence (flex)
+        return impl.attend_whole(q, k, v, group_size, kv_group_offset=kv_group_offset,
+                                 num_kv_groups=num_kv_groups, scale=scale)
     halves = head_halves(heads, k.shape[2], kv_group_offset, num_kv_groups)
     if impl.layout == "varlen":
         return _s2_varlen(impl, q, k, v, halves, group_size, scale)
@@ -61,9 +64,43 @@ def _kv_for(half, impl, k, v):
     return k.index_select(2, index), v.index_select(2, index)
 
 
+def _packable(halves, impl, kv_heads: int) -> bool:
+    """Both halves fit one varlen call as 2·b sequences of equal head counts: the same number
+    of query heads, their kv heads split evenly between them, and no K/V expansion needed."""
+    if len(halves) != 2:
+        return False
+    first, second = halves
+    same_heads = first.q_end - first.q_start == second.q_end - second.q_start
+    kv_split = (first.gqa_direct and second.gqa_direct and first.kv_end == second.kv_start
+                and first.kv_end - first.kv_start == second.kv_end - second.kv_start)
+    return same_heads and kv_split and (impl.supports_gqa or 2 * first.q_end == kv_heads)
+
+
+def _pack_halves(x: torch.Tensor) -> torch.Tensor:
+    """[N, b, 2·h, d] -> [2·b·N, h, d]: the unshifted heads' b sequences, then the shifted
+    heads' (one copy, as the per-half layout makes)."""
+    seq_len, batch, heads, dim = x.shape
+    return x.view(seq_len, batch, 2, heads // 2, dim).permute(2, 1, 0, 3, 4) \
+        .reshape(2 * batch * seq_len, heads // 2, dim)
+
+
+def _unpack_halves(tokens: torch.Tensor, seq_len: int, batch: int) -> torch.Tensor:
+    """Inverse of `_pack_halves`."""
+    _, heads, dim = tokens.shape
+    return tokens.view(2, batch, seq_len, heads, dim).permute(2, 1, 0, 3, 4) \
+        .reshape(seq_len, batch, 2 * heads, dim)
+
+
 def _s2_varlen(impl, q, k, v, halves, group_size, scale):
-    """One varlen call per half: tokens of all groups end to end, cu_seqlens at group bounds."""
+    """Tokens of all groups end to end, cu_seqlens at group bounds: both halves in one call
+    (LongLoRA's layout: 2·b sequences of half the heads) where their head counts match, else
+    one call per half."""
     seq_len, batch = q.shape[:2]
+    if _packable(halves, impl, k.shape[2]):
+        bounds = cu_seqlens_both_halves(seq_len, group_size, batch, device=q.device)
+        res = impl.attend_varlen(*(_pack_halves(x) for x in (q, k, v)), bounds, group_size,
+                                 scale)
+        return _unpack_halves(res, seq_len, batch)
     out = q.new_empty(q.shape)
     for half in halves:
         k_half, v_half = _kv_for(half, impl, k[:, :, half.kv_start:half.kv_end],

@@ -5,6 +5,10 @@
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]            (OUT_DIR defaults to ./runs/gpu)
 #
+# With little device time, run benchmarks/gpu_check.sh first: its two parts (a few minutes each)
+# check every kernel and the trainer on the GPU and time the kernels; this script is the longer
+# comparison with the HF + PEFT reference.
+#
 # For a machine without megatron-core (the lent GPU: Python 3.12, torch 2.11), put the wheel in
 # .whl/ first and the script installs it into /tmp/site:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -192,6 +192,14 @@ def test_varlen_packs_both_halves_into_one_call(monkeypatch):
         assert (out - ref).abs().max() <= 1e-10
         for g, w in zip(got, want):
             assert (g - w).abs().max() <= 1e-10
+    # Strided views, as megatron splits q, k, v out of one qkv output per kv group.
+    seq_len, batch, kv_heads, per_kv, dim = 32, 2, 2, 4, 8
+    qkv = torch.randn(seq_len, batch, kv_heads, (per_kv + 2) * dim, dtype=torch.float64)
+    q, k, v = qkv.split([per_kv * dim, dim, dim], dim=-1)
+    q = q.reshape(seq_len, batch, kv_heads * per_kv, dim)
+    with torch.no_grad():
+        got = s2_attention(q, k, v, 8)
+    assert (got - reference_s2(q, k, v, 8)).abs().max() <= 1e-10
 
 
 def _segment_sdpa(q, k, v, cu_seq_q, *, scale=None, enable_gqa=False):

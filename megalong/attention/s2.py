@@ -78,9 +78,10 @@ def _packable(halves, impl, kv_heads: int) -> bool:
 
 def _pack_halves(x: torch.Tensor) -> torch.Tensor:
     """[N, b, 2·h, d] -> [2·b·N, h, d]: the unshifted heads' b sequences, then the shifted
-    heads' (one copy, as the per-half layout makes)."""
+    heads' (one copy, as the per-half layout makes; x may be a strided view of megatron's qkv
+    output)."""
     seq_len, batch, heads, dim = x.shape
-    return x.view(seq_len, batch, 2, heads // 2, dim).permute(2, 1, 0, 3, 4) \
+    return x.reshape(seq_len, batch, 2, heads // 2, dim).permute(2, 1, 0, 3, 4) \
         .reshape(2 * batch * seq_len, heads // 2, dim)
 
 

@@ -7,7 +7,9 @@ Part `correctness` (about 3 minutes on an H100):
   1. `pytest -m gpu`: the GPU-only tests.
   2. kernels: every S²-Attn kernel that loads (sdpa, torch-varlen, flex, flash, te), bf16,
      against a float32 mask-formula attention (forward and q/k/v gradients; GQA with the kv
-     groups split between the head halves, and a kv group straddling them; batch 2); then, after
+     groups split between the head halves, and a kv group straddling them; batch 2; and the
+     second slice of a context-parallel split, whose straddling group varlen kernels run as
+     G/2 queries over G keys aligned bottom-right: the alignment is checked here); then, after
      that warm-up, the same call under `torch.cuda.set_sync_debug_mode("error")`.
   3. training: 5 TP=1 steps of a tiny model with each kernel against SDPA's losses.
   4. resume: 3 steps, save, 2 more; a resumed trainer must hold the saved weights and Adam
@@ -52,7 +54,8 @@ PLAN = {
     "correctness": [
         "pytest -m gpu tests",
         "kernels: {kernels} in bf16 vs a float32 mask formula (fwd + grads; GQA split / "
-        "straddling kv group; b = 2; N = {n}, G = {g}), then under set_sync_debug_mode('error')",
+        "straddling kv group / CP rank 1 of 2 with its bottom-right straddling group; b = 2; "
+        "N = {n}, G = {g}), then under set_sync_debug_mode('error')",
         "training: 5 TP=1 steps of the tiny model per kernel vs SDPA (bf16, N = {train_n})",
         "resume: 3 steps + save + 2; resumed weights and Adam state bit for bit; last 2 losses",
         "export: HF export; perplexity on {device} vs on the CPU of this host (mean NLL, 1e-4)",
@@ -116,10 +119,24 @@ def reference_s2_float32(q, k, v, group_size):
 
 
 def _kernel_cases(tiny: bool):
-    """(label, N, G, heads, kv heads, batch, head dim)."""
+    """(label, N, G, heads, kv heads, batch, head dim, context-parallel slice?)."""
     n, g, d = (128, 32, 16) if tiny else (2048, 512, 64)
-    return [("GQA, kv groups split between the halves", n, g, 8, 2, 2, d),
-            ("a kv group straddling the halves", 3 * g, g, 6, 3, 2, d)]
+    return [("GQA, kv groups split between the halves", n, g, 8, 2, 2, d, False),
+            ("a kv group straddling the halves", 3 * g, g, 6, 3, 2, d, False),
+            ("CP rank 1 of 2: the straddling group (bottom-right for varlen kernels)", n, g, 8, 2,
+             2, d, True)]
+
+
+def _second_cp_slice(q, k, v, group_size: int, kernel: str):
+    """S²-Attn of CP rank 1 of 2: tokens [N/2, N), the halo taken from the whole K/V."""
+    from megalong.attention.context_parallel import halo_plan, s2_attention_on_slice
+
+    local = q.shape[0] // 2
+    plan = halo_plan(q.shape[2], k.shape[2], group_size, local, 1, 2)
+    heads = slice(plan.recv.kv_start, plan.recv.kv_end)
+    halo = tuple(x[local - group_size // 2:local, :, heads] for x in (k, v))
+    return s2_attention_on_slice(q[local:], k[local:], v[local:], group_size, local, halo,
+                                 kernel=kernel)
 
 
 def check_kernels(report, device: str, tiny: bool) -> list:
@@ -138,11 +155,23 @@ def check_kernels(report, device: str, tiny: bool) -> list:
             rows.append([name, "—", "—", "—", "not run: " + " ".join(str(err).split())[:150]])
             continue
         ok = True
-        for label, n, g, heads, kv_heads, batch, dim in _kernel_cases(tiny):
+        for label, n, g, heads, kv_heads, batch, dim, cp in _kernel_cases(tiny):
             gen = torch.Generator().manual_seed(n + heads)
             qkv = [torch.randn(n, batch, h, dim, generator=gen).to(device, dtype).requires_grad_()
                    for h in (heads, kv_heads, kv_heads)]
-            weight = torch.randn(n, batch, heads, dim, generator=gen).to(device)
+            weight = torch.randn(n // 2 if cp else n, batch, heads, dim, generator=gen).to(device)
+            if cp:
+                def attend(q, k, v, g=g, name=name):
+                    return _second_cp_slice(q, k, v, g, name)
+
+                def reference(q, k, v, g=g):
+                    return reference_s2_float32(q, k, v, g)[q.shape[0] // 2:]
+            else:
+                def attend(q, k, v, g=g, name=name):
+                    return s2_attention(q, k, v, g, kernel=name)
+
+                def reference(q, k, v, g=g):
+                    return reference_s2_float32(q, k, v, g)
 
             def run(fn, inputs):
                 out = fn(*inputs)
@@ -151,13 +180,11 @@ def check_kernels(report, device: str, tiny: bool) -> list:
 
             try:
                 started = time.perf_counter()
-                out, grads = run(lambda q, k, v: s2_attention(q, k, v, g, kernel=name), qkv)
+                out, grads = run(attend, qkv)
                 first_call_s = time.perf_counter() - started
-                ref, ref_grads = run(lambda q, k, v: reference_s2_float32(q, k, v, g),
-                                     [x.detach().float().requires_grad_() for x in qkv])
+                ref, ref_grads = run(reference, [x.detach().float().requires_grad_() for x in qkv])
                 error = max(_relative(out, ref), *(_relative(a, b) for a, b in zip(grads, ref_grads)))
-                sync = _sync_free(lambda: run(lambda q, k, v: s2_attention(q, k, v, g, kernel=name),
-                                              qkv), device)
+                sync = _sync_free(lambda: run(attend, qkv), device)
             except Exception as err:  # a kernel that fails is a finding, not the end of the run
                 rows.append([name, label, "—", "—", f"FAILED: {type(err).__name__}: "
                              f"{' '.join(str(err).split())[:160]}"])

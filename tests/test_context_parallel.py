@@ -50,6 +50,58 @@ SLICE_CASES = [(64, 16, 8, 2, 2), (48, 8, 6, 3, 1), (64, 32, 4, 4, 1), (40, 8, 1
                (16, 16, 4, 1, 1), (48, 12, 8, 2, 1)]
 
 
+class BottomRightVarlen:
+    """A CPU stand-in for FlashAttention-2's varlen call: causal per segment, aligned
+    bottom-right where a segment has fewer queries than keys."""
+
+    name, layout, supports_gqa = "stand-in", "varlen", True
+
+    def __init__(self):
+        self.shapes = []
+
+    def attend_varlen(self, q, k, v, cu_seqlens, max_seqlen, scale, cu_seqlens_k=None,
+                      max_seqlen_k=None):
+        cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+        self.shapes.append((max_seqlen, max_seqlen if max_seqlen_k is None else max_seqlen_k))
+        q_bounds, k_bounds = cu_seqlens.tolist(), cu_k.tolist()
+        outs = []
+        for a, b, c, d in zip(q_bounds[:-1], q_bounds[1:], k_bounds[:-1], k_bounds[1:]):
+            mask = torch.ones(b - a, d - c, dtype=torch.bool).tril(d - c - (b - a))
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1),
+                attn_mask=mask, scale=scale, enable_gqa=True).transpose(0, 1))
+        return torch.cat(outs)
+
+
+@pytest.mark.parametrize("seq_len,group_size,heads,kv_heads,batch", SLICE_CASES)
+def test_straddling_group_runs_bottom_right_through_a_varlen_kernel(
+        seq_len, group_size, heads, kv_heads, batch, monkeypatch):
+    """With a varlen kernel the straddling group is G/2 queries over G keys (no padded quarter),
+    aligned bottom-right: slices still equal the float64 mask formula, gradients included."""
+    from test_attention import reference_s2
+
+    from megalong.attention import context_parallel, s2
+
+    kernel = BottomRightVarlen()
+    monkeypatch.setattr(s2, "resolve_kernel", lambda *a: kernel)
+    monkeypatch.setattr(context_parallel, "resolve_kernel", lambda *a: kernel)
+    gen = torch.Generator().manual_seed(seq_len + heads)
+    q, k, v = (torch.randn(seq_len, batch, h, 8, generator=gen, dtype=torch.float64,
+                           requires_grad=True) for h in (heads, kv_heads, kv_heads))
+    weight = torch.randn(seq_len, batch, heads, 8, generator=gen, dtype=torch.float64)
+    want = reference_s2(q, k, v, group_size)
+    want_grads = torch.autograd.grad((want * weight).sum(), (q, k, v))
+    for cp in valid_cp_sizes(seq_len, group_size)[1:]:
+        for tp in [t for t in (1, 2) if kv_heads % t == 0]:
+            kernel.shapes.clear()
+            got = slices_of_full(q, k, v, group_size, cp, tp)
+            grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
+            assert (group_size // 2, group_size) in kernel.shapes, (cp, tp)
+            assert (got - want).abs().max() <= 1e-10, (cp, tp)
+            for g, w in zip(grads, want_grads):
+                assert (g - w).abs().max() <= 1e-10, (cp, tp)
+
+
 def test_second_slice_call_builds_no_tensor_from_host_data(monkeypatch):
     """A straddling kv group's K/V expansion (halo included) reuses its cached index."""
     from test_attention import host_data_tensors_per_call

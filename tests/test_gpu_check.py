@@ -33,7 +33,7 @@ def test_correctness_part_runs_on_cpu_at_toy_sizes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = (out / "correctness.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| sdpa")]
-    assert len(rows) == 3 and all("ok" in row for row in rows), rows  # 2 kernel cases + training
+    assert len(rows) == 4 and all("ok" in row for row in rows), rows  # 3 kernel cases + training
     assert re.search(r"\| (\d+)/\1 tensors equal \| ok \|", table), table
     assert "ok (equal)" in table
     assert table.count("| ok |") >= 2  # state after load, and the export's perplexity

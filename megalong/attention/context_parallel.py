@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megalong.attention.groups import HeadHalf, head_halves, kv_head_index
+from megalong.attention.groups import HeadHalf, cu_seqlens, head_halves, kv_head_index
+from megalong.attention.kernels import resolve_kernel
 from megalong.attention.s2 import dense_causal_attention, s2_attention
 from megalong.errors import MegalongError
 
@@ -156,22 +157,14 @@ def _half_on_slice(half, q, k, v, group_size, start, halo, kernel, scale):
     """One head half over the slice, in up to four pieces: the straddling first group, a
     partial first group (only the shifted half at token 0), the run of whole groups (S²-Attn's
     grouped kernel), and a partial last group. Partial groups are plain causal attention: one
-    group is dense attention.
-    The straddling group runs as a whole group of G whose first G/2 queries (rank r-1's, not
-    ours) are zeros and whose outputs are dropped: causal attention aligned top-left, which
-    SDPA's flash kernels run. G/2 local queries over G keys aligned bottom-right is less work
-    (3/4) but needs a mask or bias, which on an H100 took 1.8x (bool mask) or 1.4x (torch's
-    lower-right causal bias) the time of the padded group (benchmarks/cp_slice.py)."""
+    group is dense attention."""
     k, v = _per_query_head(half, k), _per_query_head(half, v)
     seq_len, G, pieces, pos = q.shape[0], group_size, [], 0
     if halo is not None:
         halo_len = G // 2
         halo_k, halo_v = (_per_query_head(half, x) for x in halo)
-        group = dense_causal_attention(
-            torch.cat([q.new_zeros((halo_len, *q.shape[1:])), q[:halo_len]]),
-            torch.cat([halo_k, k[:halo_len]]), torch.cat([halo_v, v[:halo_len]]),
-            softmax_scale=scale)
-        pieces.append(group[halo_len:])
+        pieces.append(_straddling_group(q[:halo_len], torch.cat([halo_k, k[:halo_len]]),
+                                        torch.cat([halo_v, v[:halo_len]]), kernel, scale))
         pos = halo_len
     first_end = min(_next_group_start(start + pos, G, half.shifted) - start, seq_len)
     if pos < first_end and first_end - pos < G:
@@ -190,6 +183,30 @@ def _half_on_slice(half, q, k, v, group_size, start, halo, kernel, scale):
     if pos < seq_len:
         pieces.append(dense_causal_attention(q[pos:], k[pos:], v[pos:], softmax_scale=scale))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _straddling_group(q, k, v, kernel: str, scale: float) -> torch.Tensor:
+    """Our G/2 queries [G/2, b, h, d] over the group's G keys (rank r-1's halo, then ours),
+    causal aligned bottom-right. A varlen kernel takes that as it is: segments of G/2 queries
+    and G keys, which FlashAttention-2 aligns bottom-right (3/4 of a whole group's work).
+    Otherwise the group runs whole, its first G/2 queries zeros and their outputs dropped: plain
+    top-left causal attention, which SDPA's flash kernels run; G/2 queries over G keys through
+    SDPA need a mask or bias, which on an H100 took 1.8x (bool mask) or 1.4x (torch's
+    lower-right causal bias) the time of the padded group (benchmarks/cp_slice.py)."""
+    length, batch, heads, dim = q.shape
+    impl = resolve_kernel(kernel, q.device, q.dtype)
+    if impl.layout != "varlen":
+        padded = dense_causal_attention(torch.cat([q.new_zeros(q.shape), q]), k, v,
+                                        softmax_scale=scale)
+        return padded[length:]
+    if not impl.supports_gqa and k.shape[2] != heads:
+        k, v = (x.repeat_interleave(heads // k.shape[2], dim=2) for x in (k, v))
+    tokens = [x.transpose(0, 1).reshape(-1, *x.shape[2:]) for x in (q, k, v)]
+    out = impl.attend_varlen(*tokens, cu_seqlens(length, length, False, batch, q.device), length,
+                             scale, cu_seqlens_k=cu_seqlens(2 * length, 2 * length, False, batch,
+                                                            q.device),
+                             max_seqlen_k=2 * length)
+    return out.view(batch, length, heads, dim).transpose(0, 1)
 
 
 # ------------------------------------------------------------------ the exchange

@@ -5,7 +5,8 @@ Every kernel attends causally within independent groups; the folding into groups
 (groups.py) and only the call here differs. Three layouts:
 - "groups": q [B, L, H, d], k/v [B, L, H_kv, d], one group per batch entry (sdpa, te);
 - "varlen": q [T, H, d], k/v [T, H_kv, d] with int32 cu_seqlens group boundaries (torch-varlen,
-  flash);
+  flash); separate key boundaries where segments have fewer queries than keys, causal aligned
+  bottom-right as FlashAttention-2 aligns it (the context-parallel straddling group);
 - "whole": the unfolded [N, b, H, d] tensors and the group size, one masked call (flex, flex.py).
 flash-attn and Transformer Engine are optional GPU packages, imported on first use; torch-varlen
 and flex are torch's own (torch >= 2.10 and 2.5), GPU kernels too.
@@ -53,8 +54,11 @@ class FlashKernel:
 
         self._varlen = flash_attn_varlen_func
 
-    def attend_varlen(self, q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
-        return self._varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+    def attend_varlen(self, q, k, v, cu_seqlens, max_seqlen: int, scale: float,
+                      cu_seqlens_k=None, max_seqlen_k=None) -> torch.Tensor:
+        cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+        max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
+        return self._varlen(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k,
                             dropout_p=0.0, softmax_scale=scale, causal=True)
 
 
@@ -83,7 +87,8 @@ class TorchVarlenKernel:
         self._takes_scale = "scale" in params
         self.supports_gqa = "enable_gqa" in params
 
-    def attend_varlen(self, q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
+    def attend_varlen(self, q, k, v, cu_seqlens, max_seqlen: int, scale: float,
+                      cu_seqlens_k=None, max_seqlen_k=None) -> torch.Tensor:
         kwargs = dict(self._causal)
         if self._takes_scale:
             kwargs["scale"] = scale
@@ -91,7 +96,9 @@ class TorchVarlenKernel:
             q = q * (scale * math.sqrt(q.shape[-1]))  # the kernel's own scale is 1/sqrt(d)
         if k.shape[1] != q.shape[1]:
             kwargs["enable_gqa"] = True
-        return self._varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+        cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+        max_k = max_seqlen if max_seqlen_k is None else max_seqlen_k
+        return self._varlen(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, **kwargs)
 
 
 def _flex_kernel():

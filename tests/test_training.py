@@ -328,3 +328,53 @@ def test_parameters_are_gathered_before_saving_and_evaluating(flags, synced, mon
                           "disable(param_sync=True)", "evaluate", "enable"]
     else:
         assert events == ["save", "evaluate"]
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_launcher_as_typed(tiny_megatron_ckpt, corpus, sp_model, tmp_path):
+    """`torchrun [flags] examples/pretrain_longlora.sh [flags]`: torchrun runs the file with
+    Python on every rank; it trains (the recipe's flags, then the command line's)."""
+    from megalong.spawn import _free_port
+
+    flags = train_args(tiny_megatron_ckpt, corpus, sp_model, "--save", str(tmp_path / "run"),
+                       "--tensor-model-parallel-size", "2", iters=2)
+    env = {**os.environ, "MODEL": "tiny", "SEQ_LEN": "64", "OMP_NUM_THREADS": "1",
+           "MEGALONG_DEVICE": "cpu"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--master-port",
+                str(_free_port())]
+    trained = subprocess.run([*torchrun, "--nproc-per-node", "2", LAUNCHER, *flags], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert len(_losses_from_log(trained.stderr)) == 2, trained.stderr[-3000:]
+    assert os.path.isdir(tmp_path / "run" / "iter_0000002")
+    helped = subprocess.run([*torchrun, "--nproc-per-node", "1", LAUNCHER, "--help"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0, helped.stderr[-3000:]
+    for needle in ("usage:", "MODEL", "SEQ_LEN", "--seq-length", "--tensor-model-parallel-size"):
+        assert needle in helped.stdout, needle
+
+
+def test_recipes_give_the_documented_layouts():
+    from megalong.errors import MegalongError
+    from megalong.recipes import recipe_argv
+
+    def flag(argv, name):
+        return argv[len(argv) - 1 - argv[::-1].index(name) + 1] if name in argv else None
+
+    seven = recipe_argv({"MODEL": "llama2-7b", "SEQ_LEN": "32768"})
+    assert flag(seven, "--tensor-model-parallel-size") == "2" and "--sequence-parallel" in seven
+    assert "--bf16" in seven and flag(seven, "--recompute-granularity") == "full"
+    assert flag(recipe_argv({"MODEL": "llama2-7b", "SEQ_LEN": "102400"}),
+                "--tensor-model-parallel-size") == "8"
+    seventy = recipe_argv({"MODEL": "llama2-70b", "SEQ_LEN": "32768", "NNODES": "2"})
+    assert flag(seventy, "--tensor-model-parallel-size") == "8"
+    assert flag(seventy, "--pipeline-model-parallel-size") == "2"
+    tiny = recipe_argv({"MODEL": "tiny", "SEQ_LEN": "64", "LOAD": "ckpt", "DATA_PATH": "0.5 a 0.5 b",
+                        "CP": "2"})
+    assert flag(tiny, "--load") == "ckpt" and "--model" not in tiny and "--bf16" not in tiny
+    assert tiny[tiny.index("--data-path") + 1:tiny.index("--data-path") + 5] == ["0.5", "a", "0.5", "b"]
+    assert flag(tiny, "--context-parallel-size") == "2"
+    with pytest.raises(MegalongError, match="unknown MODEL=gpt2"):
+        recipe_argv({"MODEL": "gpt2"})
+    with pytest.raises(MegalongError, match="TP=two is not a whole number"):
+        recipe_argv({"MODEL": "tiny", "TP": "two"})

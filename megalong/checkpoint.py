@@ -20,7 +20,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
@@ -261,9 +261,3 @@ def _one_line(err: BaseException) -> str:
         text = f"{type(err).__name__}: {err}"
     return " ".join(text.split())[:600]
 
-
-def model_parallel_description() -> dict:
-    return {
-        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-    }

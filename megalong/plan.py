@@ -47,8 +47,6 @@ class PlanConfig:
     # A GPU run: torch's fused RMSNorm and megatron's fused SwiGLU (megalong uses them on GPUs),
     # and the GPU attention kernels' contiguous copies of S²-Attn's folded q/k/v.
     gpu: bool = True
-    # Override for the fused kernels (None: as gpu); False for runs before megalong fused them.
-    fused_kernels: bool = None
 
     def __post_init__(self):
         arch, tp = self.arch, self.tp
@@ -98,7 +96,7 @@ class PlanConfig:
 
     @property
     def fused(self) -> bool:
-        return self.gpu if self.fused_kernels is None else self.fused_kernels
+        return self.gpu
 
     @property
     def group_size(self) -> int:

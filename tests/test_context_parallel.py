@@ -239,7 +239,7 @@ def run_layouts(ckpt, layouts):
         dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
         HALO_COUNTER.reset()
         loss = _reduced(run_microbatches(ddp, _batches(), forward_only=False), dp_cp)
-        halo = {"received": HALO_COUNTER.per_layer("received"),
+        halo = {"received": HALO_COUNTER.per_layer(),
                 "layers": sorted(HALO_COUNTER.received)}
         grads = None
         if dist_rank(dp_cp) == 0:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from megalong.convert.hf_config import arch_from_hf_config
+from layout_inverses import fc1_from_shards, tp_gather
 from megalong.convert.layouts import (
-    fc1_from_shards,
     fc1_shard,
     fc1_split,
     hf_to_megatron,
@@ -17,7 +17,6 @@ from megalong.convert.layouts import (
     qkv_megatron_to_hf,
     strip_vocab_rows,
     te_to_local_key,
-    tp_gather,
     tp_shard,
 )
 from megalong.errors import MegalongError

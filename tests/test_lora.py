@@ -10,7 +10,8 @@ import torch
 
 from megalong.convert.layouts import fc1_shard, qkv_hf_to_megatron, qkv_megatron_to_hf, tp_shard
 from megalong.errors import MegalongError
-from megalong.lora.merge import column_delta, fuse_parts, fuse_parts_last_dim, row_delta
+from layout_inverses import fuse_parts_last_dim
+from megalong.lora.merge import column_delta, fuse_parts, row_delta
 from megalong.spawn import run_on_ranks
 
 VOCAB = 1001

@@ -35,7 +35,7 @@ def test_te_spec_without_te_gives_install_hint(monkeypatch):
 
     monkeypatch.setattr(gpt_layer_specs, "HAVE_TE", False)
     with pytest.raises(MegalongError, match=r"pip install 'megalong\[gpu\]'.*--transformer-impl local"):
-        spec.llama_block_spec(None, impl="transformer_engine", attention="s2", group_size=16,
+        spec.llama_block_spec(impl="transformer_engine", attention="s2", group_size=16,
                               kernel="auto", num_layers_this_stage=1)
 
 

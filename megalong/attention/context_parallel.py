@@ -215,27 +215,24 @@ def _straddling_group(q, k, v, kernel: str, scale: float) -> torch.Tensor:
 class HaloCounter:
     """Bytes this rank received through the halo exchange, per layer number and direction
     ("forward": K/V halos from rank r-1, recompute included; "backward": their gradients
-    from rank r+1). Sent bytes are recorded too. Reset it per step to read a step's traffic."""
+    from rank r+1). Reset it per step to read a step's traffic."""
 
     DIRECTIONS = ("forward", "backward")
 
     def __init__(self):
         self.received = defaultdict(lambda: dict.fromkeys(self.DIRECTIONS, 0))
-        self.sent = defaultdict(lambda: dict.fromkeys(self.DIRECTIONS, 0))
 
-    def add(self, layer: int, direction: str, received: int, sent: int) -> None:
+    def add(self, layer: int, direction: str, received: int) -> None:
         self.received[layer][direction] += received
-        self.sent[layer][direction] += sent
 
     def reset(self) -> None:
         self.received.clear()
-        self.sent.clear()
 
-    def per_layer(self, which: str = "received") -> dict:
-        """{"forward": bytes, "backward": bytes}: the largest count over this rank's layers
-        (all layers move the same amount; the max also covers pipeline stages without one)."""
-        table = self.received if which == "received" else self.sent
-        return {d: max((counts[d] for counts in table.values()), default=0)
+    def per_layer(self) -> dict:
+        """{"forward": bytes, "backward": bytes} received: the largest count over this rank's
+        layers (all layers move the same amount; the max also covers pipeline stages without
+        one)."""
+        return {d: max((counts[d] for counts in self.received.values()), default=0)
                 for d in self.DIRECTIONS}
 
     def per_layer_max_over_ranks(self, group=None) -> dict:
@@ -296,7 +293,7 @@ class _HaloExchange(torch.autograd.Function):
         if plan.recv is not None:
             recv = k.new_empty((2, length, batch, plan.recv_kv_heads, dim))
         _p2p(send, link.next_rank, recv, link.prev_rank, link.group)
-        HALO_COUNTER.add(link.layer, "forward", _nbytes(recv), _nbytes(send))
+        HALO_COUNTER.add(link.layer, "forward", _nbytes(recv))
         ctx.link = link
         halo = recv if recv is not None else k.new_empty((2, 0, batch, 0, dim))
         return k, v, halo
@@ -311,7 +308,7 @@ class _HaloExchange(torch.autograd.Function):
         if plan.send is not None:
             recv = grad_k.new_empty((2, length, batch, plan.send_kv_heads, dim))
         _p2p(send, link.prev_rank, recv, link.next_rank, link.group)
-        HALO_COUNTER.add(link.layer, "backward", _nbytes(recv), _nbytes(send))
+        HALO_COUNTER.add(link.layer, "backward", _nbytes(recv))
         if recv is not None:
             heads = slice(plan.send.kv_start, plan.send.kv_end)
             grad_k, grad_v = grad_k.clone(), grad_v.clone()

@@ -5,7 +5,7 @@ Every map works on any trailing shape (`[rows, ...]`), so LoRA B matrices `[rows
 1-D tensors go through the same functions as the weights.
 """
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 
@@ -69,20 +69,9 @@ def tp_shard(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     return t.narrow(dim, rank * chunk, chunk)
 
 
-def tp_gather(shards: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
-    """Inverse of tp_shard over all ranks."""
-    return torch.cat(list(shards), dim)
-
-
 def fc1_shard(gate, up, rank: int, size: int) -> torch.Tensor:
     """Megatron's linear_fc1 on TP rank `rank`: [gate rows of rank; up rows of rank]."""
     return torch.cat([tp_shard(gate, 0, rank, size), tp_shard(up, 0, rank, size)])
-
-
-def fc1_from_shards(shards: Sequence[torch.Tensor]):
-    """(gate, up) from the linear_fc1 shards of all TP ranks, in rank order."""
-    halves = [_halve(shard) for shard in shards]
-    return torch.cat([gate for gate, _ in halves]), torch.cat([up for _, up in halves])
 
 
 def fc1_split(fc1: torch.Tensor):

@@ -42,7 +42,6 @@ from megalong.errors import MegalongError
 from megalong.lora.merge import fuse_parts, lora_scale
 
 COLUMN_LINEARS = ("linear_qkv", "linear_fc1")
-ROW_LINEARS = ("linear_proj", "linear_fc2")
 ADAPTER_SUFFIX = "_lora"
 
 

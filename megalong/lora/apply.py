@@ -12,17 +12,8 @@ import torch
 from megalong.errors import MegalongError
 from megalong.lora.adapters import ADAPTER_SUFFIX, COLUMN_LINEARS, LoRAAdapter
 from megalong.lora.merge import add_in_place, column_delta, kaiming_uniform_a, row_delta
-from megalong.lora.options import (  # noqa: F401  (re-exported: the LoRA API in one place)
-    PART_ORDER,
-    PART_TO_HF,
-    PART_TO_LINEAR,
-    TARGET_PARTS,
-    TRAINABLE_EXTRAS,
-    LoraOptions,
-    lora_metadata,
-    parts_for_targets,
-    validate_trainable,
-)
+from megalong.lora.options import (PART_ORDER, PART_TO_LINEAR, TRAINABLE_EXTRAS, LoraOptions,
+                                   lora_metadata, parts_for_targets, validate_trainable)
 
 LINEAR_PARENT = {"linear_qkv": "self_attention", "linear_proj": "self_attention",
                  "linear_fc1": "mlp", "linear_fc2": "mlp"}

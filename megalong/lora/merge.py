@@ -51,12 +51,6 @@ def fuse_parts(kind: str, parts: dict, part_rows: dict, *, num_heads: int = 0,
     raise MegalongError(f"unknown fused linear kind {kind!r}")
 
 
-def fuse_parts_last_dim(kind: str, parts: dict, part_rows: dict, **heads) -> torch.Tensor:
-    """fuse_parts on activations `[..., rows_p]` (the fused dimension last)."""
-    moved = {name: t.movedim(-1, 0) for name, t in parts.items()}
-    return fuse_parts(kind, moved, part_rows, **heads).movedim(0, -1)
-
-
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """s·B·A in float32: the change LoRA makes to a weight `[out, in]`."""
     return scale * (b.float() @ a.float())

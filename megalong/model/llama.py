@@ -102,7 +102,6 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
     num_layers_here = get_num_layers_to_build(config, vp_stage=vp_stage)
     group_size = opts.group_size or opts.seq_length // 4
     block_spec = llama_block_spec(
-        config,
         impl=opts.transformer_impl,
         attention=opts.attention,
         group_size=group_size,

@@ -109,7 +109,7 @@ def te_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
     return spec
 
 
-def llama_block_spec(config, *, impl: str, attention: str, group_size, kernel: str,
+def llama_block_spec(*, impl: str, attention: str, group_size, kernel: str,
                      num_layers_this_stage: int,
                      keep_attention_through_recompute: bool = False) -> TransformerBlockSubmodules:
     core = core_attention_spec(attention, group_size, kernel, keep_attention_through_recompute)

@@ -10,6 +10,9 @@ from megalong.device_policy import cuda_possible
 from megalong.errors import MegalongError
 from megalong.model.arch import PRESETS, LlamaArch
 
+# megatron-core's selective-recompute submodules that a Llama layer has (its others are MoE/MLA).
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
+
 # Tokens per lm_head + cross-entropy chunk (model/chunked_loss.py): the training default, and what
 # ModelOptions and the planner assume.
 LOSS_CHUNK_TOKENS = 2048
@@ -213,7 +216,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
                        help="FP8 through Transformer Engine (GPU with TE only)")
     train.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
-                       help="activation recompute: full layers or selective (core attention)")
+                       help="activation recompute: full layers, or selective (the submodules of "
+                            "--recompute-modules)")
+    train.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
+                       metavar="MODULE",
+                       help="with --recompute-granularity selective, megatron-core's selective "
+                            "recompute by submodule: core_attn (S²-Attn itself), layernorm (the "
+                            "two RMSNorms of each layer), mlp (the SwiGLU MLP); megatron's "
+                            "default core_attn. Activations of what is not listed are kept")
     train.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform",
                        help="with --recompute-granularity full: 'uniform' recomputes every layer "
                             "(checkpointing --recompute-num-layers at a time); 'block' recomputes "
@@ -324,6 +334,9 @@ def validate_training_args(args, world_size: int) -> None:
         raise MegalongError("--save-interval needs --save and must be >= 1")
     if args.loss_chunk_tokens < 0:
         raise MegalongError(f"--loss-chunk-tokens must be >= 0, got {args.loss_chunk_tokens}")
+    if args.recompute_modules and args.recompute_granularity != "selective":
+        raise MegalongError("--recompute-modules chooses what selective recompute recomputes: add "
+                            "--recompute-granularity selective")
     if args.recompute_method == "block" and args.recompute_granularity != "full":
         raise MegalongError("--recompute-method block needs --recompute-granularity full")
     if args.recompute_keep_attention and args.recompute_granularity != "full":

@@ -187,6 +187,7 @@ def init_distributed(
     if not use_cuda():
         adapt_megatron_to_cpu()
     _checkpoint_writer_exits_with_us()
+    _checkpoint_without_output_fp8_off()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
@@ -258,6 +259,26 @@ def _checkpoint_writer_exits_with_us() -> None:
         return filesystem_async._results_queue
 
     filesystem_async._get_write_results_queue = write_results_queue
+
+
+def _checkpoint_without_output_fp8_off() -> None:
+    """megatron-core 0.16's CheckpointWithoutOutput (selective recompute of the layernorms)
+    sets `self.fp8 = fp8 is not None`, so its default fp8=False reads as FP8 on, and its forward
+    then calls Transformer Engine's FP8GlobalStateManager, a NameError where TE is absent. Here
+    False means off, as None does. Written for 0.16; later versions are left alone."""
+    import megatron.core
+    from megatron.core.tensor_parallel import random as mp_random
+
+    cls = mp_random.CheckpointWithoutOutput
+    if not megatron.core.__version__.startswith("0.16.") or getattr(cls, "_megalong_fp8_fix", False):
+        return
+    original_init = cls.__init__
+
+    def __init__(self, fp8=False):
+        original_init(self, None if fp8 is False else fp8)
+
+    cls.__init__ = __init__
+    cls._megalong_fp8_fix = True
 
 
 def check_ranks_agree(settings: dict, what: str = "configuration") -> None:

@@ -163,6 +163,8 @@ def _cases(w) -> dict:
         "train: kept attention without full recompute": Case(TRAIN, _train(
             w, "--recompute-granularity", "selective", "--recompute-keep-attention"),
             "--recompute-keep-attention needs --recompute-granularity full"),
+        "train: recompute modules without selective recompute": Case(TRAIN, _train(
+            w, "--recompute-modules", "mlp"), "add --recompute-granularity selective"),
         "train: kept attention under context parallel": Case(TRAIN, _train(
             w, "--recompute-granularity", "full", "--recompute-keep-attention",
             "--context-parallel-size", "2"), "cannot be combined with --context-parallel-size",

@@ -36,6 +36,8 @@ class ModelOptions:
     recompute_granularity: Optional[str] = None  # None | "full" | "selective"
     recompute_method: str = "uniform"  # "uniform" | "block" (only the first N layers of a stage)
     recompute_num_layers: int = 1
+    # With selective recompute: megatron's submodules to recompute (None: its default, core_attn).
+    recompute_modules: Optional[tuple] = None
     # With full recompute: keep each layer's attention output so its kernel runs once
     # (attention/kept_outputs.py).
     recompute_keep_attention: bool = False
@@ -90,6 +92,7 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         recompute_granularity=opts.recompute_granularity,
         recompute_method=opts.recompute_method if opts.recompute_granularity == "full" else None,
         recompute_num_layers=opts.recompute_num_layers if opts.recompute_granularity == "full" else None,
+        recompute_modules=list(opts.recompute_modules) if opts.recompute_modules else None,
         init_method_std=0.02,
         perform_initialization=opts.initialize,
         fp8=opts.fp8_format,

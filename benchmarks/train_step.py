@@ -20,8 +20,7 @@ Each (arm, sequence length) trains in a fresh subprocess, batch 1, G = N/4:
   recompute's extra forward is not counted) / step time / --peak-tflops (989 for H100 bf16);
 - attention share bound: the megalong-s2 and megalong-dense processes also time their attention
   call alone (forward, and forward + backward, at the model's per-layer shapes) and scale it to a
-  step (layers x (fwd+bwd), plus layers x fwd with full recompute unless the megalong arms keep
-  attention through it: --megalong-args=--recompute-keep-attention). If only attention differed,
+  step (layers x (fwd+bwd), plus layers x fwd with full recompute). If only attention differed,
   S² would speed the dense step up by at most
       bound = dense step / (dense step - dense attention + S² attention).
 
@@ -158,7 +157,7 @@ def _attention_child(args) -> dict:
               if "--attention-kernel" in megalong_args else "auto")  # the arm's own kernel
     fwd, fwd_bwd = _attention_alone(shape, seq_length, arm.split("-")[1], args.device, dtype,
                                     kernel=kernel)
-    repeated = args.recompute == "full" and "--recompute-keep-attention" not in args.megalong_args
+    repeated = args.recompute == "full"
     per_step = shape.num_layers * (fwd_bwd + (fwd if repeated else 0.0))
     return {"attention_fwd_s": fwd, "attention_fwd_bwd_s": fwd_bwd,
             "attention_per_step_s": per_step}

@@ -231,14 +231,6 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "and keeps the others' activations (faster, more memory)")
     train.add_argument("--recompute-num-layers", type=int, default=1,
                        help="layers per checkpoint (uniform) or layers recomputed (block)")
-    train.add_argument("--recompute-keep-attention", action="store_true",
-                       help="with --recompute-granularity full: keep each recomputed layer's "
-                            "attention output and softmax statistics from the forward, so the "
-                            "recompute does not run the attention kernel again (faster at long "
-                            "context; each recomputed layer then also holds what its attention "
-                            "kernel saves, q, k, v or their copies, and the attention output, "
-                            "3-8x its input: tools/plan.py "
-                            "--recompute-keep-attention counts it)")
     train.add_argument("--loss-chunk-tokens", type=int, default=LOSS_CHUNK_TOKENS,
                        help="compute the lm_head and cross entropy this many tokens at a time, so "
                             "the [tokens, vocabulary] logits are never whole in memory; 0: "
@@ -339,8 +331,6 @@ def validate_training_args(args, world_size: int) -> None:
                             "--recompute-granularity selective")
     if args.recompute_method == "block" and args.recompute_granularity != "full":
         raise MegalongError("--recompute-method block needs --recompute-granularity full")
-    if args.recompute_keep_attention and args.recompute_granularity != "full":
-        raise MegalongError("--recompute-keep-attention needs --recompute-granularity full")
     if args.max_skipped_steps < 0:
         raise MegalongError(f"--max-skipped-steps must be >= 0, got {args.max_skipped_steps}")
     if not args.distributed_timeout_minutes > 0:
@@ -364,14 +354,6 @@ def validate_training_args(args, world_size: int) -> None:
         raise MegalongError("--overlap-param-gather overlaps the distributed optimizer's parameter "
                             "all-gather with the forward pass: add --use-distributed-optimizer "
                             "and --overlap-grad-reduce (as Megatron-LM requires)")
-    if args.recompute_keep_attention and args.context_parallel_size > 1:
-        # A recompute that misses its kept entry on one CP rank re-runs the halo exchange
-        # while the neighbours, which matched, send nothing: the ranks would wait on each other
-        # until the collective timeout.
-        raise MegalongError("--recompute-keep-attention cannot be combined with "
-                            "--context-parallel-size > 1 (a recompute that misses its kept "
-                            "attention on one rank would exchange halos its neighbours never "
-                            "send); drop one of them")
 
 
 def _check_sft_head(path: str) -> None:

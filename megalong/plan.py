@@ -30,9 +30,6 @@ class PlanConfig:
     # With recompute "full": recompute only the first K layers of each stage (megatron's block
     # method, --recompute-method block --recompute-num-layers K); None: every layer (uniform).
     recompute_layers: Optional[int] = None
-    # With recompute "full": keep each recomputed layer's attention graph (inputs, output,
-    # softmax statistics) so the kernel's forward runs once (--recompute-keep-attention).
-    keep_attention: bool = False
     lora_rank: int = 8
     lora_parts: tuple = ("q", "k", "v", "o")
     trainable_extras: tuple = ("embed", "norm")
@@ -70,9 +67,6 @@ class PlanConfig:
             raise MegalongError(
                 f"recompute_layers needs recompute full and 1..{self.stage_layers} "
                 f"(the layers of a stage), got {self.recompute_layers}")
-        if self.keep_attention and self.recompute != "full":
-            raise MegalongError("keeping attention through recompute "
-                                "(--recompute-keep-attention) needs full recompute")
         if not self.full_finetune and self.lora_rank < 1:
             raise MegalongError(f"lora rank must be >= 1, got {self.lora_rank}")
 
@@ -92,7 +86,7 @@ class PlanConfig:
         label = self.recompute
         if self.recompute == "full" and self.recompute_layers is not None:
             label = f"block {self.recompute_layers}"
-        return label + (", attention kept" if self.keep_attention else "")
+        return label
 
     @property
     def fused(self) -> bool:
@@ -220,8 +214,7 @@ def step_flops(cfg: PlanConfig) -> Dict[str, float]:
     dense_fwd = 2 * matmul * tokens
     model = dense_fwd + 2 * matmul * tokens + 2 * trainable_matmul * tokens + 3 * attn_fwd
     share = cfg.recomputed_layers / cfg.stage_layers  # block: some layers only
-    repeated_attention = 0.0 if cfg.keep_attention else attn_fwd
-    repeat = {"full": share * (dense_fwd + repeated_attention), "selective": attn_fwd,
+    repeat = {"full": share * (dense_fwd + attn_fwd), "selective": attn_fwd,
               "none": 0.0}[cfg.recompute]
     return {"model": float(model), "hardware": float(model + repeat),
             "attention": float(3 * attn_fwd), "matmul_params": matmul,
@@ -296,24 +289,6 @@ def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
     return out
 
 
-def kept_attention_bytes(cfg: PlanConfig) -> float:
-    """What keeping attention through recompute holds per recomputed layer until its backward:
-    what the kernel saves, which is the kept graph's only hold on its inputs. On CPU it saves
-    views of the RoPE'd q and k and of V; for S²-Attn on GPUs copies of the folded q, k, v
-    instead, and the layer's own tensors go. Then the output (S²-Attn: the pieces' outputs and
-    the unfolded whole), S²'s copied end groups, and float32 softmax statistics per head and
-    token."""
-    if not cfg.keep_attention:
-        return 0.0
-    a, T = cfg.param_bytes, cfg.seq_length // cfg.cp * cfg.micro_batch_size
-    w = _widths(cfg)
-    per_layer = layer_activation_bytes(cfg)
-    outputs = 2 if cfg.attention == "s2" else 1
-    inputs = per_layer.get("s2_kernel_inputs") or per_layer["value"] + per_layer["rope_qk"]
-    return (inputs + outputs * a * T * w["q"] + per_layer.get("s2_end_groups", 0.0)
-            + 4 * T * w["q"] / cfg.arch.head_dim)
-
-
 def _loss_bytes(cfg: PlanConfig, T: int, w: Dict[str, float]) -> float:
     """The loss's own tensors: the logits (and their float32 copy in bf16) of the whole sequence
     or of one chunk; a chunked loss also holds the input gradient it forms in the forward."""
@@ -326,8 +301,7 @@ def _loss_bytes(cfg: PlanConfig, T: int, w: Dict[str, float]) -> float:
 def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     """Peak bytes on the busiest rank, by kind. Activations follow the recompute choice:
     none keeps every layer's tensors; selective recomputes core attention (the kernel output is
-    not kept); full keeps each layer's input (and with keep_attention its attention graph) and
-    re-runs one layer at a time in the backward.
+    not kept); full keeps each layer's input and re-runs one layer at a time in the backward.
     The peak is the larger of two moments of the step: the loss (logits, and their float32
     copy in bf16, with every checkpoint alive) and a layer's backward (its saved tensors plus
     the gradients in flight)."""
@@ -354,8 +328,7 @@ def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     # Recomputed layers keep their input; the others (all of them without full recompute) keep
     # their saved tensors. The backward of a recomputed layer holds its saved tensors again.
     recomputed = cfg.recomputed_layers
-    kept_attention = kept_attention_bytes(cfg)
-    checkpoint = a * T * w["hidden"] + kept_attention
+    checkpoint = a * T * w["hidden"]
     kept = (recomputed * checkpoint + (layers - recomputed) * saved) * in_flight
     loss_moment = kept + final_norm + logits
     layer_moment = kept + (saved if recomputed else 0.0) + layer_backward
@@ -367,7 +340,6 @@ def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     return {"weights": weights, "adapters": adapters, "gradients": gradients,
             "optimizer": optimizer, "activations": activations,
             "attention_workspace": attention_workspace,
-            "kept_attention": recomputed * kept_attention * in_flight,
             "total": weights + adapters + gradients + optimizer + activations}
 
 

@@ -160,15 +160,8 @@ def _cases(w) -> dict:
             "--loss-chunk-tokens must be >= 0"),
         "train: block recompute without full": Case(TRAIN, _train(w, "--recompute-method", "block"),
             "--recompute-method block needs --recompute-granularity full"),
-        "train: kept attention without full recompute": Case(TRAIN, _train(
-            w, "--recompute-granularity", "selective", "--recompute-keep-attention"),
-            "--recompute-keep-attention needs --recompute-granularity full"),
         "train: recompute modules without selective recompute": Case(TRAIN, _train(
             w, "--recompute-modules", "mlp"), "add --recompute-granularity selective"),
-        "train: kept attention under context parallel": Case(TRAIN, _train(
-            w, "--recompute-granularity", "full", "--recompute-keep-attention",
-            "--context-parallel-size", "2"), "cannot be combined with --context-parallel-size",
-            env={"WORLD_SIZE": "2"}),
         "train: flash-attn kernel in float32": Case(TRAIN, _train(w, "--attention-kernel", "flash"),
             "runs in half precision only; add --bf16"),
         "train: TE attention kernel in float32": Case(TRAIN, _train(w, "--attention-kernel", "te"),

@@ -208,8 +208,8 @@ def _reduced(outputs, group):
 
 
 def run_layouts(ckpt, layouts):
-    """On every rank, per (tp, cp, G, recompute: None, "full" or "keep", full recompute with
-    attention kept through it): loss, trainable gradients (after megatron DDP
+    """On every rank, per (tp, cp, G, recompute: None or "full"): loss, trainable gradients
+    (after megatron DDP
     and finalize_model_grads), eval loss and logits; gradients only from the first rank of each
     TP shard's DP x CP group (they are all-reduced there), halo bytes from every rank."""
     from megatron.core import parallel_state
@@ -230,8 +230,7 @@ def run_layouts(ckpt, layouts):
         model = build_llama(LlamaArch(**meta["arch"]), ModelOptions(
             seq_length=SEQ, padded_vocab_size=meta["padded_vocab_size"], group_size=group_size,
             interpolation_factor=meta["interpolation_factor"], initialize=False,
-            recompute_granularity=recompute and "full",
-            recompute_keep_attention=recompute == "keep"))
+            recompute_granularity=recompute))
         load_checkpoint([model], ckpt)
         ddp = wrap_data_parallel([model], SimpleNamespace(
             overlap_grad_reduce=False, overlap_param_gather=False, use_distributed_optimizer=False,
@@ -284,11 +283,11 @@ def test_cp_layouts_equal_cp1(tiny_megatron_ckpt):
     """CP = 2, 4, 8 (L = G/2) and TP=2 x CP=2, TP=2 x CP=4 (L = G/2, TP shards holding one
     half each) on 8 gloo ranks: loss, gradients, eval loss (dense, all-gathered K/V) and
     logits equal CP=1's within 1e-5; forward halo bytes as DESIGN.md §6; recompute repeats
-    the forward exchange only, and not at all when it keeps attention."""
+    the forward exchange only."""
     g16, g32 = 16, 32
     references = [(1, 1, g16, None), (2, 1, g16, None), (2, 1, g32, None)]
     layouts = [(1, 2, g16, None), (1, 4, g16, None), (1, 8, g16, None), (2, 2, g16, None),
-               (2, 4, g32, None), (1, 4, g16, "full"), (2, 2, g16, "keep")]
+               (2, 4, g32, None), (1, 4, g16, "full"), (2, 2, g16, "full")]
     per_rank = run_on_ranks(run_layouts, 8, tiny_megatron_ckpt, references + layouts,
                             timeout_s=200)
     by_layout = list(zip(*per_rank))  # [layout][rank]
@@ -297,7 +296,7 @@ def test_cp_layouts_equal_cp1(tiny_megatron_ckpt):
                for ranks in by_layout[:len(references)] for r in ranks)
     for index, layout in enumerate(layouts, start=len(references)):
         tp, cp, group_size, recompute = layout
-        repeats = 2 if recompute == "full" else 1  # "keep" runs the forward exchange once
+        repeats = 2 if recompute == "full" else 1  # the recompute repeats the forward exchange
         ranks, reference = by_layout[index], ref_of[(tp, group_size)]
         ref0 = reference[0]
         for r in ranks:

@@ -11,7 +11,7 @@ import pytest
 
 from megalong.errors import MegalongError
 from megalong.model.arch import PRESETS, LlamaArch
-from megalong.plan import (PlanConfig, adapter_params, attention_pairs, kept_attention_bytes,
+from megalong.plan import (PlanConfig, adapter_params, attention_pairs,
                            layer_activation_bytes, memory_breakdown, parameter_counts, step_flops)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,34 +127,6 @@ def test_block_recompute_sits_between_none_and_full():
         PlanConfig(**base, recompute="full", recompute_layers=33)
 
 
-def test_kept_attention_trades_memory_for_the_repeated_attention_forward():
-    """Keeping attention through full recompute: each recomputed layer also holds attention's
-    graph (below its no-recompute tensors), and the recompute repeats the forward minus
-    attention's."""
-    base = dict(arch=PRESETS["llama2-7b"], seq_length=32768, tp=8, sequence_parallel=True,
-                recompute="full")
-    full, keep = PlanConfig(**base), PlanConfig(**base, keep_attention=True)
-    none = PlanConfig(**{**base, "recompute": "none"})
-    totals = [memory_breakdown(c)["total"] for c in (full, keep, none)]
-    assert totals[0] < totals[1] < totals[2]
-    kept = memory_breakdown(keep)["kept_attention"]
-    assert kept == pytest.approx(32 * kept_attention_bytes(keep))
-    assert kept_attention_bytes(full) == 0 and memory_breakdown(full)["kept_attention"] == 0
-    # The kept graph holds only what the kernel saves: on CPU views of q, k and v, for S² on
-    # GPUs copies of the folded pieces, and the layer's own tensors go (GQA: they differ).
-    gqa = PlanConfig(**{**base, "arch": PRESETS["llama2-70b"]}, keep_attention=True)
-    gpu, cpu = (layer_activation_bytes(c) for c in (gqa, dataclasses.replace(gqa, gpu=False)))
-    assert kept_attention_bytes(gqa) - kept_attention_bytes(dataclasses.replace(gqa, gpu=False)) \
-        == pytest.approx(gpu["s2_kernel_inputs"] - cpu["value"] - cpu["rope_qk"])
-    repeat = (lambda c: step_flops(c)["hardware"] - step_flops(c)["model"])
-    flops = step_flops(full)
-    assert step_flops(keep)["model"] == flops["model"]
-    assert repeat(full) - repeat(keep) == pytest.approx(flops["attention"] / 3)  # one forward
-    assert keep.recompute_label == "full, attention kept"
-    with pytest.raises(MegalongError, match="needs full recompute"):
-        PlanConfig(**{**base, "recompute": "selective"}, keep_attention=True)
-
-
 def test_bad_configs_raise_clear_errors():
     with pytest.raises(MegalongError, match="tp 3 must divide"):
         PlanConfig(arch=PRESETS["llama2-70b"], seq_length=4096, tp=3)
@@ -181,16 +153,6 @@ def test_cli_table_and_errors():
                              "32768", "--bf16", "--search", "8"], capture_output=True, text=True,
                             check=True).stdout
     assert "at most 72.00 GiB planned" in search and "| block " in search
-    assert "| full, attention kept |" in search
-    kept = subprocess.run([sys.executable, tool, "--model", "llama2-7b", "--seq-length", "32768",
-                           "--tp", "8", "--sequence-parallel", "--bf16",
-                           "--recompute-keep-attention"], capture_output=True, text=True,
-                          check=True).stdout
-    assert "recompute full, attention kept" in kept and "attention kept through recompute" in kept
-    bad = subprocess.run([sys.executable, tool, "--model", "llama2-7b", "--seq-length", "8192",
-                          "--recompute", "none", "--recompute-keep-attention"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "needs full recompute" in bad.stderr
     table = subprocess.run([sys.executable, tool, "--table"], capture_output=True, text=True,
                            check=True)
     assert table.stdout.count("| llama2-") == 9
@@ -207,14 +169,10 @@ MEASURED_SHAPE = ["--hidden-size", "256", "--ffn-hidden-size", "704", "--num-lay
 @pytest.mark.parametrize("arm,recompute,chunk,block", [
     ("megalong-s2", "full", 2048, None), ("megalong-fft", "full", 2048, None),
     ("megalong-s2", "none", 2048, None), ("megalong-s2", "full", 0, None),
-    ("megalong-fft", "full", 256, None), ("megalong-s2", "full", 2048, 2),
-    ("megalong-s2", "full", 2048, "keep"), ("megalong-dense", "full", 2048, "keep")])
+    ("megalong-fft", "full", 256, None), ("megalong-s2", "full", 2048, 2)])
 def test_estimate_within_15_percent_of_measured_peak(arm, recompute, chunk, block):
     seq_length = 2048
-    keep = block == "keep"
-    block = None if keep else block
     extra = f" --recompute-method block --recompute-num-layers {block}" if block else ""
-    extra += " --recompute-keep-attention" if keep else ""
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--child", arm,
          "--recompute", recompute, "--seq-lengths", str(seq_length), "--tensor-peak",
@@ -225,7 +183,7 @@ def test_estimate_within_15_percent_of_measured_peak(arm, recompute, chunk, bloc
     measured = json.loads(done.stdout.strip().splitlines()[-1])["tensor_peak"]
     cfg = PlanConfig(arch=LlamaArch(256, 4, 4, 2, 704, 8000), seq_length=seq_length, bf16=False,
                      recompute=recompute, full_finetune=arm == "megalong-fft", gpu=False,
-                     loss_chunk_tokens=chunk, recompute_layers=block, keep_attention=keep,
+                     loss_chunk_tokens=chunk, recompute_layers=block,
                      attention="full" if arm == "megalong-dense" else "s2")
     estimate = memory_breakdown(cfg)["total"]
     assert abs(estimate - measured) <= 0.15 * measured, (estimate, measured)

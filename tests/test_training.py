@@ -47,16 +47,15 @@ def test_parallel_layouts_train_to_the_single_rank_losses(tiny_megatron_ckpt, co
         base + ["--tensor-model-parallel-size", "2"],
         base + ["--pipeline-model-parallel-size", "2"],
         base,  # data parallel 2
-        # 4 micro-batches in flight through 1F1B, each layer's attention kept through recompute
-        base + ["--pipeline-model-parallel-size", "2", "--recompute-granularity", "full",
-                "--recompute-keep-attention"],
+        # 4 micro-batches in flight through 1F1B, each layer recomputed
+        base + ["--pipeline-model-parallel-size", "2", "--recompute-granularity", "full"],
         # megatron's selective recompute of every submodule a Llama layer has, under TP
         base + ["--tensor-model-parallel-size", "2", "--recompute-granularity", "selective",
                 "--recompute-modules", "core_attn", "layernorm", "mlp"],
     ])[0]
     (tp2_dp2,), *_ = run_on_ranks(train_layouts, 4, [base + ["--tensor-model-parallel-size", "2"]])
     assert len(reference) == 5
-    for name, losses in zip(["tp2", "pp2", "dp2", "pp2 kept", "tp2 selective", "tp2xdp2"],
+    for name, losses in zip(["tp2", "pp2", "dp2", "pp2 recompute", "tp2 selective", "tp2xdp2"],
                             [*two, tp2_dp2]):
         assert rel_close(losses, reference), (name, losses, reference)
 

@@ -2,7 +2,7 @@
 """Per-GPU memory and step FLOPs of a megalong training configuration, before launching it.
 
   plan.py --model llama2-70b --seq-length 32768 --tp 8 [--cp 1] [--pp 1] [--micro-batch-size 1]
-          [--recompute full|selective|none [--recompute-layers K] [--recompute-keep-attention]]
+          [--recompute full|selective|none [--recompute-layers K]]
           [--lora-rank 8 | --full-finetune] [--bf16] [--sequence-parallel] [--attention s2|full]
           [--gpu-memory-gib 80]
   plan.py --model llama2-70b --seq-length 32768 --bf16 --search 8     layouts of 8 GPUs that fit
@@ -50,10 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --recompute full: recompute only the first K layers of each "
                              "pipeline stage (pretrain's --recompute-method block "
                              "--recompute-num-layers K); default every layer")
-    parser.add_argument("--recompute-keep-attention", action="store_true",
-                        help="with --recompute full: keep each recomputed layer's attention "
-                             "graph so the recompute skips the attention kernel (pretrain's "
-                             "flag of the same name): fewer FLOPs, more memory")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--full-finetune", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 weights and activations")
@@ -73,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "most (1 - headroom) x --gpu-memory-gib (default 0.1)")
     parser.add_argument("--search", type=int, metavar="GPUS", default=None,
                         help="list the tp x cp x pp layouts of GPUS GPUs and recompute choices "
-                             "(none, selective, full with and without attention kept, block of "
-                             "1/4, 1/2, 3/4 of a stage's layers), those that fit first, cheapest "
+                             "(none, selective, full, block of 1/4, 1/2, 3/4 of a stage's "
+                             "layers), those that fit first, cheapest "
                              "(least recompute FLOPs, then fewer pipeline stages, then memory) "
                              "first")
     parser.add_argument("--table", action="store_true",
@@ -86,7 +82,6 @@ def config_from_args(args, **changes) -> PlanConfig:
     values = dict(arch=PRESETS[args.model], seq_length=args.seq_length,
                   micro_batch_size=args.micro_batch_size, tp=args.tp, cp=args.cp, pp=args.pp,
                   recompute=args.recompute, recompute_layers=args.recompute_layers,
-                  keep_attention=args.recompute_keep_attention,
                   lora_rank=args.lora_rank,
                   full_finetune=args.full_finetune, bf16=args.bf16, attention=args.attention,
                   group_size_ratio=args.group_size_ratio,
@@ -118,8 +113,6 @@ def describe(cfg: PlanConfig, args) -> str:
             ("optimizer state (Adam" + (" + fp32 master)" if cfg.bf16 else ")"), mem["optimizer"]),
             (f"activations (recompute {cfg.recompute_label})", mem["activations"]),
             ("  of which attention workspace", mem["attention_workspace"]),
-            *([("  of which attention kept through recompute", mem["kept_attention"])]
-              if cfg.keep_attention else []),
             ("**total per GPU**", mem["total"])]
     verdict = "fits" if mem["total"] <= usable_bytes(args) else "does NOT fit"
     lines = [f"{cfg.arch.num_layers}-layer model, N = {cfg.seq_length}: {layout}", "",
@@ -138,26 +131,24 @@ def describe(cfg: PlanConfig, args) -> str:
 
 def layouts(args, gpus: int):
     """(config, memory) for every tp x cp x pp = gpus and recompute choice that validates:
-    none, selective, full (with and without attention kept through it), and block recompute of
-    a quarter, half and three quarters of a stage's layers."""
+    none, selective, full, and block recompute of a quarter, half and three quarters of a
+    stage's layers."""
     found = []
     for tp, cp, pp in itertools.product(_divisors(gpus), repeat=3):
         if tp * cp * pp != gpus:
             continue
         try:  # PlanConfig refuses a tp, cp or pp that does not divide the model
             base = config_from_args(args, tp=tp, cp=cp, pp=pp, recompute="none",
-                                    recompute_layers=None, keep_attention=False,
+                                    recompute_layers=None,
                                     sequence_parallel=tp > 1)
         except MegalongError:
             continue
         if base.attention == "s2" and (base.seq_length // cp) % (base.group_size // 2):
             continue  # a CP slice must be a multiple of G/2 (DESIGN.md §6)
         blocks = sorted({base.stage_layers * q // 4 for q in (1, 2, 3)} - {0})
-        choices = [(r, None, False) for r in RECOMPUTE] + [("full", None, True)] + \
-            [("full", k, False) for k in blocks]
-        for recompute, block, keep in choices:
-            cfg = dataclasses.replace(base, recompute=recompute, recompute_layers=block,
-                                      keep_attention=keep)
+        choices = [(r, None) for r in RECOMPUTE] + [("full", k) for k in blocks]
+        for recompute, block in choices:
+            cfg = dataclasses.replace(base, recompute=recompute, recompute_layers=block)
             found.append((cfg, memory_breakdown(cfg)["total"]))
     return found
 
@@ -197,8 +188,7 @@ def table(args) -> str:
         args.model, args.seq_length = model, length
         rows = [r for r in layouts(args, 8) if r[1] <= limit]
         rows.sort(key=lambda r: (_recompute_flops(r[0]), r[0].pp, r[1]))
-        tp8 = config_from_args(args, tp=8, cp=1, pp=1, recompute="full", keep_attention=False,
-                               sequence_parallel=True)
+        tp8 = config_from_args(args, tp=8, cp=1, pp=1, recompute="full", sequence_parallel=True)
         flops = step_flops(tp8)["model"] / 1e12
         if rows:
             cfg, total = rows[0]

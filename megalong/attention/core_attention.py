@@ -1,9 +1,7 @@
 """S2CoreAttention: the `core_attention` slot of megatron-core's SelfAttention.
 
 A drop-in for megatron's DotProductAttention (same constructor and forward), built from a
-ModuleSpec with params {"attention": "s2" | "full", "group_size": int | None, "kernel": ...,
-"keep_through_recompute": bool}; the last keeps attention's output through full recompute
-(kept_outputs.py).
+ModuleSpec with params {"attention": "s2" | "full", "group_size": int | None, "kernel": ...}.
 S²-Attn runs only while training with attention "s2" on a full sequence (sq == sk); eval()
 or attention "full" gives dense attention that honours megatron's attn_mask_type.
 Under context parallel each rank holds a contiguous slice of the sequence: S²-Attn receives a
@@ -20,7 +18,6 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megalong.attention.context_parallel import cp_dense_attention, cp_s2_attention
-from megalong.attention.kept_outputs import KeptAttentionOutputs
 from megalong.attention.kernels import KERNELS
 from megalong.attention.s2 import dense_causal_attention, s2_attention
 from megalong.errors import MegalongError
@@ -36,7 +33,7 @@ class S2CoreAttention(MegatronModule):
                  attention_type: str = "self", attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection=None, *, attention: str = "s2", group_size: Optional[int] = None,
-                 kernel: str = "auto", keep_through_recompute: bool = False):
+                 kernel: str = "auto"):
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if attention not in ("s2", "full"):
@@ -54,10 +51,6 @@ class S2CoreAttention(MegatronModule):
         self.attention_type = attention_type
         self.attention, self.group_size, self.kernel = attention, group_size, kernel
         self.softmax_scale = softmax_scale
-        if keep_through_recompute and config.recompute_granularity != "full":
-            raise MegalongError("keeping attention through recompute needs full recompute "
-                                "(--recompute-granularity full)")
-        self.kept_outputs = KeptAttentionOutputs() if keep_through_recompute else None
         if pg_collection is None:
             self.tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
         else:
@@ -81,11 +74,7 @@ class S2CoreAttention(MegatronModule):
         value = value.contiguous()
         attend = self._attention(len_q, key.shape[0], dim, attention_mask,
                                  self.attn_mask_type if attn_mask_type is None else attn_mask_type)
-        if self.kept_outputs is not None and self.training:
-            out = self.kept_outputs(attend, query, key, value)
-        else:
-            out = attend(query, key, value)
-        return out.view(len_q, batch, heads * dim)
+        return attend(query, key, value).view(len_q, batch, heads * dim)
 
     def _attention(self, len_q: int, len_k: int, dim: int, attention_mask, mask_type):
         """The attention this call runs, as a function of (q, k, v)."""

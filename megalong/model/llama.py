@@ -38,9 +38,6 @@ class ModelOptions:
     recompute_num_layers: int = 1
     # With selective recompute: megatron's submodules to recompute (None: its default, core_attn).
     recompute_modules: Optional[tuple] = None
-    # With full recompute: keep each layer's attention output so its kernel runs once
-    # (attention/kept_outputs.py).
-    recompute_keep_attention: bool = False
     # False when weights are loaded right after building (conversion, eval): skips random init.
     initialize: bool = True
     fp8_format: Optional[str] = None  # "hybrid" | "e4m3": FP8 GEMMs through Transformer Engine
@@ -110,7 +107,6 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
         group_size=group_size,
         kernel=opts.attention_kernel,
         num_layers_this_stage=num_layers_here,
-        keep_attention_through_recompute=opts.recompute_keep_attention,
     )
     llama3 = arch.llama3_rope
     if llama3 is not None and (

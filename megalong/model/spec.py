@@ -39,12 +39,10 @@ NORM_KEYS_TO_TE = {
 }
 
 
-def core_attention_spec(attention: str, group_size, kernel: str,
-                        keep_through_recompute: bool = False) -> ModuleSpec:
+def core_attention_spec(attention: str, group_size, kernel: str) -> ModuleSpec:
     return ModuleSpec(
         module=S2CoreAttention,
-        params={"attention": attention, "group_size": group_size, "kernel": kernel,
-                "keep_through_recompute": keep_through_recompute},
+        params={"attention": attention, "group_size": group_size, "kernel": kernel},
     )
 
 
@@ -110,9 +108,8 @@ def te_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
 
 
 def llama_block_spec(*, impl: str, attention: str, group_size, kernel: str,
-                     num_layers_this_stage: int,
-                     keep_attention_through_recompute: bool = False) -> TransformerBlockSubmodules:
-    core = core_attention_spec(attention, group_size, kernel, keep_attention_through_recompute)
+                     num_layers_this_stage: int) -> TransformerBlockSubmodules:
+    core = core_attention_spec(attention, group_size, kernel)
     layer = local_layer_spec(core) if impl == "local" else te_layer_spec(core)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * num_layers_this_stage, layer_norm=RMSNorm

@@ -10,7 +10,6 @@ from megatron.core import parallel_state
 
 from megalong import runtime
 from megalong.attention.context_parallel import HALO_COUNTER
-from megalong.attention.kept_outputs import clear_kept_attention
 from megalong.errors import MegalongError
 from megalong.model.forward import run_microbatches
 from megalong.training.batches import microbatches
@@ -33,21 +32,6 @@ def _reduced_loss(outputs) -> tuple[float, int]:
     return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
 
 
-_warned = set()
-
-
-def _drop_kept_attention(trainer: Trainer) -> None:
-    """Frees what --recompute-keep-attention kept and no backward claimed; says once if a
-    recompute did not match its kept inputs (the attention then ran again: correct, slower)."""
-    if not trainer.args.recompute_keep_attention:
-        return  # nothing kept: no need to walk the model's modules every step
-    if clear_kept_attention(trainer.models) and "kept" not in _warned:
-        _warned.add("kept")
-        log(f"warning (rank {dist.get_rank()}): a recomputed layer's attention inputs differed "
-            "from those kept in its forward by more than rounding, so its attention ran again "
-            "(correct, but --recompute-keep-attention saved no time there)")
-
-
 def train_step(trainer: Trainer, iteration: int):
     args = trainer.args
     dp_rank, dp_size = data_parallel_rank_and_size()
@@ -56,7 +40,6 @@ def train_step(trainer: Trainer, iteration: int):
     for model in trainer.ddp_models:
         model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    _drop_kept_attention(trainer)
     outputs = run_microbatches(trainer.ddp_models, batches, forward_only=False)
     loss, _ = _reduced_loss(outputs)
     loss = faults.corrupt_loss(iteration, loss)

@@ -117,7 +117,6 @@ def build_model_chunks(args, arch, metadata) -> list:
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
         recompute_modules=tuple(args.recompute_modules) if args.recompute_modules else None,
-        recompute_keep_attention=args.recompute_keep_attention,
         loss_chunk_tokens=args.loss_chunk_tokens,
         initialize=not args.load,
         fp8_format=args.fp8_format,

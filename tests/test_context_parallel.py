@@ -85,10 +85,7 @@ def test_straddling_group_runs_bottom_right_through_a_varlen_kernel(
     kernel = BottomRightVarlen()
     monkeypatch.setattr(s2, "resolve_kernel", lambda *a: kernel)
     monkeypatch.setattr(context_parallel, "resolve_kernel", lambda *a: kernel)
-    gen = torch.Generator().manual_seed(seq_len + heads)
-    q, k, v = (torch.randn(seq_len, batch, h, 8, generator=gen, dtype=torch.float64,
-                           requires_grad=True) for h in (heads, kv_heads, kv_heads))
-    weight = torch.randn(seq_len, batch, heads, 8, generator=gen, dtype=torch.float64)
+    q, k, v, weight = _inputs_and_weight(seq_len, batch, heads, kv_heads)
     want = reference_s2(q, k, v, group_size)
     want_grads = torch.autograd.grad((want * weight).sum(), (q, k, v))
     for cp in valid_cp_sizes(seq_len, group_size)[1:]:
@@ -115,6 +112,14 @@ def test_second_slice_call_builds_no_tensor_from_host_data(monkeypatch):
     assert first > 0 and second == 0
 
 
+def _inputs_and_weight(seq_len, batch, heads, kv_heads):
+    """float64 q, k, v (requiring grad) and a random output weight for gradient checks."""
+    gen = torch.Generator().manual_seed(seq_len + heads)
+    q, k, v = (torch.randn(seq_len, batch, h, 8, generator=gen, dtype=torch.float64,
+                           requires_grad=True) for h in (heads, kv_heads, kv_heads))
+    return q, k, v, torch.randn(seq_len, batch, heads, 8, generator=gen, dtype=torch.float64)
+
+
 def valid_cp_sizes(seq_len, group_size):
     return [c for c in range(1, 2 * seq_len // group_size + 1)
             if seq_len % c == 0 and (seq_len // c) % (group_size // 2) == 0]
@@ -124,10 +129,7 @@ def valid_cp_sizes(seq_len, group_size):
 def test_slices_with_halo_equal_the_full_sequence(seq_len, group_size, heads, kv_heads, batch):
     """Outputs and q/k/v gradients (halo gradients included, as the backward exchange returns
     them) equal `s2_attention` on the whole sequence for every valid c, also on TP shards."""
-    gen = torch.Generator().manual_seed(seq_len + heads)
-    q, k, v = (torch.randn(seq_len, batch, h, 8, generator=gen, dtype=torch.float64,
-                           requires_grad=True) for h in (heads, kv_heads, kv_heads))
-    weight = torch.randn(seq_len, batch, heads, 8, generator=gen, dtype=torch.float64)
+    q, k, v, weight = _inputs_and_weight(seq_len, batch, heads, kv_heads)
     want = s2_attention(q, k, v, group_size)
     want_grads = torch.autograd.grad((want * weight).sum(), (q, k, v))
     for cp in valid_cp_sizes(seq_len, group_size):

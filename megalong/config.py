@@ -239,7 +239,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                        help="CPU runs only: 'reuse' keeps freed memory in the process for the "
                             "next step (glibc serves big blocks from its heap and never trims "
                             "it, so steps do not page-fault their activations in again: 10-20 %% "
-                            "faster at 8k in docs/PERF.md, but the resident set stays at a "
+                            "faster at 8k in docs/perf_log.md, but the resident set stays at a "
                             "fragmented high-water mark); 'release' returns big blocks to the "
                             "kernel, glibc's default (least resident memory: the longest context "
                             "in a budget)")

@@ -146,12 +146,11 @@ def keep_freed_memory() -> bool:
 
     By default every block over 32 MiB (an activation at long context, a logits chunk) is a
     fresh mmap, returned on free, so each training step pays a page fault and a kernel zeroing
-    for every 4 KiB it touches again: at 8k tokens without recompute, 27 s of system time in a
-    4-step run, against 11.7 s with this (docs/PERF.md). Serving big blocks from the heap and never
-    trimming it reuses them, as CUDA's caching allocator does on GPUs; the resident set stays
-    at its high-water mark. For loops that reallocate the same tensors (training), not one-pass
-    work such as conversion, where a heap fragmented by thousands of differently sized weights
-    could raise the peak. False where the C library is not glibc (the default stays)."""
+    for every 4 KiB it touches again (the measurement: docs/perf_log.md). Serving big blocks from
+    the heap and never trimming it reuses them, as CUDA's caching allocator does on GPUs; the
+    resident set stays at its high-water mark. For loops that reallocate the same tensors
+    (training), not one-pass work such as conversion, where a heap fragmented by thousands of
+    differently sized weights could raise the peak. False where the C library is not glibc (the default stays)."""
     import ctypes
     import ctypes.util
 

@@ -65,9 +65,9 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         attention_dropout=0.0,
         # On GPUs, megatron's own fused SwiGLU (no TE or apex needed): fewer passes over
         # [s, b, ffn]. Not its "native" fused cross entropy: its logits gradient reaches the
-        # output layer's backward in a layout torch.matmul runs as N tiny GEMMs (1.2 s of a
-        # 1.5 s step at 16k on an H100). The other fused kernels need TE/apex; the local spec
-        # runs their plain-torch paths.
+        # output layer's backward in a layout torch.matmul runs as N tiny GEMMs (most of an
+        # H100 step, docs/PERF.md). The other fused kernels need TE/apex; the local spec runs
+        # their plain-torch paths.
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=False,
         # TE's fused RoPE kernel (megatron-LM's default) when TE is in use, checked against the

@@ -150,7 +150,8 @@ def keep_freed_memory() -> bool:
     the heap and never trimming it reuses them, as CUDA's caching allocator does on GPUs; the
     resident set stays at its high-water mark. For loops that reallocate the same tensors
     (training), not one-pass work such as conversion, where a heap fragmented by thousands of
-    differently sized weights could raise the peak. False where the C library is not glibc (the default stays)."""
+    differently sized weights could raise the peak. False where the C library is not glibc
+    (the default stays)."""
     import ctypes
     import ctypes.util
 

@@ -25,12 +25,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megalong import runtime
+from megalong import faults, runtime
 from megalong.checkpoint_manifest import (candidate_iterations, check_checkpoint, damaged_message,
                                           file_entries, list_files, write_manifest)
 from megalong.checkpoint_meta import METADATA, TRACKER, iteration_dir
 from megalong.errors import MegalongError
-from megalong.training import faults
 
 
 def _chunk_keys(model_chunks):

@@ -1,7 +1,7 @@
 """Reliability: numeric faults skip steps; too many in a row stop the run with the last good
 state saved. Process faults: SIGKILL at seeded points (one in the middle of writing a checkpoint),
 SIGTERM, a damaged checkpoint, a hung rank and ranks launched with different flags — on real
-`torchrun` jobs of the training CLI, with the fault injection of megalong/training/faults.py."""
+`torchrun` jobs of the training CLI, with the fault injection of megalong/faults.py."""
 
 import json
 import math

@@ -8,12 +8,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megalong import runtime
+from megalong import faults, runtime
 from megalong.attention.context_parallel import HALO_COUNTER
 from megalong.errors import MegalongError
 from megalong.model.forward import run_microbatches
 from megalong.training.batches import microbatches
-from megalong.training import faults
 from megalong.training.numerics import guarded_step
 from megalong.training.progress import Progress, log
 from megalong.training.setup import Trainer, build_trainer, data_parallel_rank_and_size

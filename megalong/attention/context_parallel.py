@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megalong.attention.groups import HeadHalf, cu_seqlens, head_halves, kv_head_index
+from megalong.attention.groups import (HeadHalf, cu_seqlens, head_halves, kv_head_index,
+                                      varlen_tokens)
 from megalong.attention.kernels import resolve_kernel
 from megalong.attention.s2 import dense_causal_attention, s2_attention
 from megalong.errors import MegalongError
@@ -201,7 +202,7 @@ def _straddling_group(q, k, v, kernel: str, scale: float) -> torch.Tensor:
         return padded[length:]
     if not impl.supports_gqa and k.shape[2] != heads:
         k, v = (x.repeat_interleave(heads // k.shape[2], dim=2) for x in (k, v))
-    tokens = [x.transpose(0, 1).reshape(-1, *x.shape[2:]) for x in (q, k, v)]
+    tokens = [varlen_tokens(x) for x in (q, k, v)]
     out = impl.attend_varlen(*tokens, cu_seqlens(length, length, False, batch, q.device), length,
                              scale, cu_seqlens_k=cu_seqlens(2 * length, 2 * length, False, batch,
                                                             q.device),

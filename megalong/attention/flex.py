@@ -15,7 +15,8 @@ from typing import Dict, Optional
 
 import torch
 
-from megalong.attention.groups import check_group_size, first_shifted_head as _first_shifted
+from megalong.attention.groups import cache_device, check_group_size
+from megalong.attention.groups import first_shifted_head as _first_shifted
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -26,13 +27,6 @@ else:
     _IMPORT_ERROR = None
 
 
-def _normalise_device(device) -> torch.device:
-    device = torch.device("cpu" if device is None else device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def s2_mask_mod(group_size: int, first_shifted_head: int, head_offset: int, *, device=None):
     """FlexAttention mask_mod for S²-Attn: (b, h, q_idx, kv_idx) -> bool tensor.
 
@@ -40,7 +34,7 @@ def s2_mask_mod(group_size: int, first_shifted_head: int, head_offset: int, *, d
     >= first_shifted_head. The parameters are captured as 0-d tensors on `device`, not Python
     ints: compiled flex lifts captured tensors into buffers and guards only on their
     dtype/shape, so a different G or head split reuses the compiled kernel."""
-    device = _normalise_device(device)
+    device = cache_device(device)
     as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
     G, half = as_tensor(group_size), as_tensor(group_size // 2)
     first_local = as_tensor(first_shifted_head - head_offset)
@@ -91,7 +85,7 @@ def s2_block_mask(seq_len: int, group_size: int, *, num_heads: int, head_offset:
     allowed pair are partial and get the mask_mod. block = min(block_size, N) must divide N."""
     if _IMPORT_ERROR is not None:
         raise ImportError(f"FlexAttention needs torch >= 2.5: {_IMPORT_ERROR}")
-    device = _normalise_device(device)
+    device = cache_device(device)
     key = (seq_len, group_size, num_heads, head_offset, first_shifted_head, block_size, device)
     if key in _block_masks:
         return _block_masks[key]

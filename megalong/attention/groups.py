@@ -234,10 +234,17 @@ def unfold_spans(pieces, spans, group_size: int, shape) -> torch.Tensor:
 _device_constants: Dict[tuple, torch.Tensor] = {}
 
 
-def _cached(key: tuple, device, build) -> torch.Tensor:
+def cache_device(device) -> torch.device:
+    """The device as a cache key: None is the CPU, a bare "cuda" the current GPU (tensors
+    report their index, so both spellings must meet)."""
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _cached(key: tuple, device, build) -> torch.Tensor:
+    device = cache_device(device)
     key = (*key, device)
     if key not in _device_constants:
         _device_constants[key] = build().to(device)
@@ -268,6 +275,11 @@ def cu_seqlens_both_halves(seq_len: int, group_size: int, batch: int,
         return torch.cat([unshifted[:-1], shifted + batch * seq_len])
 
     return _cached(("cu_seqlens_both_halves", seq_len, group_size, batch), device, build)
+
+
+def varlen_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[s, b, h, d] -> [b·s, h, d]: the b sequences end to end, as varlen kernels take them."""
+    return x.transpose(0, 1).reshape(-1, *x.shape[2:])
 
 
 def kv_head_index(half: HeadHalf, device=None) -> torch.Tensor:

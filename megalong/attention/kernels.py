@@ -141,6 +141,9 @@ _INSTALL_HINT = {
     "flash": "the flash-attn package (pip install flash-attn; CUDA only)",
     "te": "Transformer Engine (pip install 'transformer-engine[pytorch]'; CUDA only)",
 }
+# A package that is installed but cannot load (missing CUDA libraries, an ABI mismatch) raises
+# these, not only ImportError.
+PACKAGE_LOAD_ERRORS = (ImportError, OSError, RuntimeError)
 _instances: Dict[str, object] = {}
 _import_errors: Dict[str, Exception] = {}
 
@@ -149,9 +152,7 @@ def _load(name: str):
     if name not in _instances and name not in _import_errors:
         try:
             _instances[name] = _FACTORIES[name]()
-        # A package that is installed but cannot load (missing CUDA libraries, ABI mismatch)
-        # raises OSError or RuntimeError rather than ImportError.
-        except (ImportError, OSError, RuntimeError) as err:
+        except PACKAGE_LOAD_ERRORS as err:
             _import_errors[name] = err
     return _instances.get(name)
 

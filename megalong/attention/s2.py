@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from megalong.attention.groups import (
     check_group_size, cu_seqlens, cu_seqlens_both_halves, fold_spans, head_halves, kv_head_index,
-    pieces_per_span, unfold_spans,
+    pieces_per_span, unfold_spans, varlen_tokens,
 )
 from megalong.attention.kernels import resolve_kernel
 
@@ -106,8 +106,7 @@ def _s2_varlen(impl, q, k, v, halves, group_size, scale):
     for half in halves:
         k_half, v_half = _kv_for(half, impl, k[:, :, half.kv_start:half.kv_end],
                                  v[:, :, half.kv_start:half.kv_end])
-        tokens = [x.transpose(0, 1).reshape(batch * seq_len, *x.shape[2:])
-                  for x in (q[:, :, half.q_start:half.q_end], k_half, v_half)]
+        tokens = [varlen_tokens(x) for x in (q[:, :, half.q_start:half.q_end], k_half, v_half)]
         bounds = cu_seqlens(seq_len, group_size, half.shifted, batch, device=q.device)
         longest = group_size // 2 if half.shifted and seq_len == group_size else group_size
         res = impl.attend_varlen(*tokens, bounds, longest, scale)

@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megalong.attention.core_attention import S2CoreAttention
+from megalong.attention.kernels import PACKAGE_LOAD_ERRORS
 from megalong.errors import MegalongError
 from megalong.model.norm import RMSNorm
 from megalong.model.swiglu import SwiGLUMLP
@@ -75,11 +76,6 @@ def local_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
     )
 
 
-# A Transformer Engine install that cannot load (a missing CUDA library, an ABI mismatch) fails
-# with these, not only ImportError.
-TE_IMPORT_ERRORS = (ImportError, OSError, RuntimeError)
-
-
 def _te_missing(err: BaseException) -> MegalongError:
     return MegalongError(
         "--transformer-impl transformer_engine needs Transformer Engine (pip install "
@@ -93,13 +89,13 @@ def te_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
     0.16's spec function takes no normalization argument)."""
     try:
         from megatron.core.models.gpt import gpt_layer_specs
-    except TE_IMPORT_ERRORS as err:  # megatron imports TE at module level, catching ImportError
+    except PACKAGE_LOAD_ERRORS as err:  # megatron imports TE at module level, catching ImportError
         raise _te_missing(err) from err
     if not gpt_layer_specs.HAVE_TE:  # its spec function would raise NameError (TESpecProvider)
         try:
             import transformer_engine.pytorch  # noqa: F401  (only to name why it failed)
             err = ImportError("megatron-core could not import its Transformer Engine extensions")
-        except TE_IMPORT_ERRORS as import_err:
+        except PACKAGE_LOAD_ERRORS as import_err:
             err = import_err
         raise _te_missing(err)
     spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)

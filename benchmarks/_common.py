@@ -75,13 +75,13 @@ def current_rss_bytes() -> int:
 def megalong_trainer(shape: Shape, seq_length: int, *, attention="s2", recompute="full",
                      full_finetune=False, bf16=False, micro_batch_size=1, lr=2e-5,
                      extra_argv=()):
-    """megalong's Trainer, assembled from training/setup.py's steps in build_trainer's order,
-    for an architecture given by shape (no preset) and synthetic data."""
+    """megalong's Trainer from build_trainer, for an architecture given by shape (no preset) and
+    synthetic data. `extra_argv`: more training flags (--megalong-args)."""
     sys.path.insert(0, ROOT)
-    from megalong import config
-    from megalong.convert.layouts import padded_vocab_size
-    from megalong.training import setup
-    from megalong.training.pretrain import build_parser
+    import dataclasses
+
+    from megalong.config.job import JobConfig
+    from megalong.training.setup import build_trainer
 
     argv = ["--seq-length", str(seq_length), "--train-iters", "1000000", "--lr", str(lr),
             "--lr-warmup-iters", "0", "--micro-batch-size", str(micro_batch_size),
@@ -92,23 +92,12 @@ def megalong_trainer(shape: Shape, seq_length: int, *, attention="s2", recompute
         argv += ["--full-finetune"]
     if bf16:
         argv += ["--bf16"]
-    args = build_parser().parse_args(argv + list(extra_argv))
+    job = JobConfig.from_args(JobConfig.parser().parse_args(argv + list(extra_argv)))
     arch = arch_of(shape, seq_length)
-    config.validate_model_args(args, arch)
-    config.validate_lora_args(args)
-    args.global_batch_size = micro_batch_size
-    metadata = {"format": "megalong-1", "arch": asdict(arch), "seq_length": seq_length,
-                "padded_vocab_size": padded_vocab_size(arch.vocab_size, 128, 1),
-                "interpolation_factor": config.default_interpolation_factor(
-                    seq_length, arch.max_position_embeddings),
-                "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}
-    setup.bring_up_runtime(args)
-    models = setup.build_model_chunks(args, arch, metadata)
-    setup.add_adapters_and_freeze(models, args, metadata)
-    ddp_models = setup.wrap_data_parallel(models, args)
-    optimizer, scheduler = setup.build_optimizer_and_schedule(ddp_models, args)
+    job = job.replace(model=dataclasses.replace(job.model, arch=arch))
+    job = job.resolved(world_size=1, arch=arch, with_data=False)
     data = SyntheticTokens(seq_length, arch.vocab_size)
-    return setup.Trainer(args, arch, metadata, models, ddp_models, optimizer, scheduler, data, None)
+    return build_trainer(job, datasets=(data, None))
 
 
 class SyntheticTokens:

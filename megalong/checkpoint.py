@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megalong import faults, runtime
 from megalong.checkpoint_manifest import (candidate_iterations, check_checkpoint, damaged_message,
                                           file_entries, list_files, write_manifest)
-from megalong.checkpoint_meta import METADATA, TRACKER, iteration_dir
+from megalong.checkpoint_meta import (METADATA, TRACKER, CheckpointMetadata, iteration_dir,
+                                      read_metadata)
 from megalong.errors import MegalongError
 
 
@@ -96,7 +97,7 @@ def _full_state(model_chunks, optimizer, scheduler, common, is_loading, with_rng
     return state
 
 
-def save_checkpoint(model_chunks, root: str, iteration: int, metadata: dict, *,
+def save_checkpoint(model_chunks, root: str, iteration: int, metadata: CheckpointMetadata, *,
                     optimizer=None, scheduler=None, common=None) -> str:
     final = iteration_dir(root, iteration)
     staging = final + ".tmp"
@@ -112,9 +113,9 @@ def save_checkpoint(model_chunks, root: str, iteration: int, metadata: dict, *,
     except (Exception, CheckpointException) as err:  # e.g. a full disk; the old checkpoints stay
         raise MegalongError(f"cannot save checkpoint {staging}: {_one_line(err)}") from err
     if rank == 0:
-        _write_durably(os.path.join(staging, METADATA), json.dumps(
-            {**metadata, "iteration": iteration, "world_size": world,
-             "has_training_state": optimizer is not None}, indent=2))
+        written = metadata.replace(iteration=iteration, world_size=world,
+                                   has_training_state=optimizer is not None)
+        _write_durably(os.path.join(staging, METADATA), json.dumps(written.to_json(), indent=2))
     dist.barrier()  # every file of the checkpoint is written
     # The manifest (size + CRC-32 of every file) is written last: the ranks split the reading,
     # rank 0 lists the files (one listing, whatever a shared file system shows each node).
@@ -203,17 +204,16 @@ def load_checkpoint(model_chunks, root: str, iteration: int | None = None, *, op
     common state)."""
     iteration = verified_iteration(root, iteration, fallback=fallback)
     directory = iteration_dir(root, iteration)
-    with open(os.path.join(directory, METADATA)) as handle:
-        saved = json.load(handle)
+    saved = read_metadata(root, iteration)
     from megalong.lora.apply import is_adapter_param
 
-    if saved.get("lora") and not any(is_adapter_param(name) for m in model_chunks
+    if saved.lora and not any(is_adapter_param(name) for m in model_chunks
                                      for name, _ in m.named_parameters()):
         raise MegalongError(f"checkpoint {directory} holds LoRA adapters but the model has none: "
-                            "build it with megalong.model.from_checkpoint, or export with --merge-lora")
-    load_training = optimizer is not None and saved.get("has_training_state", False)
+                            "load it with megalong.build.load_model, or export with --merge-lora")
+    load_training = optimizer is not None and saved.has_training_state
     # RNG streams are per rank: they carry over only to the same number of ranks.
-    same_ranks = saved.get("world_size") == dist.get_world_size()
+    same_ranks = saved.world_size == dist.get_world_size()
     request = _full_state(model_chunks, optimizer if load_training else None,
                           scheduler, None, is_loading=True, with_rng=same_ranks)
     try:

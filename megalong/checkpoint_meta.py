@@ -6,10 +6,14 @@
     ROOT/tokenizer/                          tokenizer files, when the source model had them
 """
 
+import dataclasses
 import json
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 from megalong.errors import MegalongError
+from megalong.model.arch import LlamaArch
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "megalong.json"
@@ -32,13 +36,55 @@ def latest_iteration(root: str) -> int:
     return int(text)
 
 
-def read_metadata(root: str, iteration: int | None = None) -> dict:
+FORMAT = "megalong-1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointMetadata:
+    """megalong.json: what is needed to rebuild the model a checkpoint holds."""
+
+    arch: LlamaArch
+    padded_vocab_size: int
+    seq_length: int
+    interpolation_factor: Optional[float] = None
+    # The layout it was written at (a distributed checkpoint loads at any other).
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # LoRA adapters it carries: rank, alpha, dropout, parts, trainable_params (lora_metadata()).
+    lora: Optional[dict] = None
+    source: Optional[str] = None  # the HF directory it was converted from
+    hf_config: Optional[dict] = None  # that directory's config.json, the base of an export
+    # Written by save_checkpoint:
+    iteration: Optional[int] = None
+    world_size: Optional[int] = None
+    has_training_state: bool = False
+    format: str = FORMAT
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "arch": dataclasses.asdict(self.arch)}
+
+    @classmethod
+    def from_json(cls, data: dict, path: str = "megalong.json") -> "CheckpointMetadata":
+        if data.get("format", FORMAT) != FORMAT:
+            raise MegalongError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{**{k: v for k, v in data.items() if k in known},
+                          "arch": LlamaArch(**data["arch"])})
+        except (KeyError, TypeError) as err:
+            raise MegalongError(f"{path} is not megalong checkpoint metadata: {err}") from None
+
+    def replace(self, **changes) -> "CheckpointMetadata":
+        return dataclasses.replace(self, **changes)
+
+
+def read_metadata(root: str, iteration: int | None = None) -> CheckpointMetadata:
     if iteration is None:
         iteration = latest_iteration(root)
     path = os.path.join(iteration_dir(root, iteration), METADATA)
     try:
         with open(path) as handle:
-            return json.load(handle)
+            return CheckpointMetadata.from_json(json.load(handle), path)
     except FileNotFoundError:
         raise MegalongError(f"{path} is missing: the checkpoint is incomplete") from None
     except (OSError, json.JSONDecodeError) as err:

@@ -10,7 +10,7 @@ peaks.
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from megalong.config import LOSS_CHUNK_TOKENS
+from megalong.config.model import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
 

@@ -14,11 +14,11 @@ With a GPU none of this is installed and megatron-core runs as shipped.
 import contextlib
 import datetime
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from megalong.config.parallel import ParallelConfig
 from megalong.device_policy import cpu_forced
 from megalong.errors import MegalongError
 
@@ -167,18 +167,8 @@ def keep_freed_memory() -> bool:
 # ---------------------------------------------------------------- distributed bring-up
 
 
-@dataclass(frozen=True)
-class ParallelSizes:
-    tensor: int = 1
-    pipeline: int = 1
-    context: int = 1
-
-    def model_parallel(self) -> int:
-        return self.tensor * self.pipeline * self.context
-
-
 def init_distributed(
-    sizes: ParallelSizes = ParallelSizes(), *, seed: int = 1234, timeout_s: float = 600.0
+    parallel: ParallelConfig = ParallelConfig(), *, seed: int = 1234, timeout_s: float = 600.0
 ) -> None:
     """torch.distributed from the torchrun environment (or a 1-process group without it),
     then megatron-core's parallel_state and RNG seeds. Calling it again re-lays out the same ranks."""
@@ -201,22 +191,17 @@ def init_distributed(
             backend="cpu:gloo,cuda:nccl" if use_cuda() else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    world = dist.get_world_size()
-    if world % sizes.model_parallel() != 0:
-        raise MegalongError(
-            f"world size {world} is not divisible by tensor({sizes.tensor}) x "
-            f"pipeline({sizes.pipeline}) x context({sizes.context}) parallel sizes"
-        )
+    parallel.data_parallel_size(dist.get_world_size())  # the world splits into these groups
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()  # re-laying out the same ranks (tests, tools)
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=sizes.tensor,
-        pipeline_model_parallel_size=sizes.pipeline,
-        context_parallel_size=sizes.context,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
         # megatron's TP/PP/DP/CP groups: the same timeout as the world group (its default is 30).
         distributed_timeout_minutes=timeout_s / 60.0,
     )
-    if use_cuda() and sizes.context > 1:
+    if use_cuda() and parallel.context_parallel_size > 1:
         _create_context_parallel_communicator()
     seed_everything(seed)
 

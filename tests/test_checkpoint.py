@@ -42,17 +42,16 @@ def checkpoints_with_and_without_extra_state(local_ckpt: str, out: str):
     from megalong import runtime
     from megalong.checkpoint import load_checkpoint, save_checkpoint
     from megalong.checkpoint_meta import read_metadata
-    from megalong.model.arch import LlamaArch
     from megalong.model.llama import ModelOptions, build_llama
 
     runtime.init_distributed()
     meta = read_metadata(local_ckpt)
-    arch = LlamaArch(**meta["arch"])
+    arch = meta.arch
     kinds = {"none": None, "local": "local", "te": 1.0}
 
     def build(kind):
         model = build_llama(arch, ModelOptions(seq_length=64, attention="full", initialize=False,
-                                               padded_vocab_size=meta["padded_vocab_size"]))
+                                               padded_vocab_size=meta.padded_vocab_size))
         if kinds[kind] != "local":
             _set_extra_state(model, kinds[kind])
         return model

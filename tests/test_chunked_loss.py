@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from megalong.model.chunked_loss import chunked_cross_entropy
 from megalong.spawn import run_on_ranks
 from test_model import VOCAB, hf_logits
+from megalong.config.parallel import ParallelConfig
 
 
 @pytest.mark.parametrize("trainable_weight", [False, True])
@@ -69,7 +70,7 @@ def model_loss_and_grads(hf_dir, tokens, layouts):
     upstream = torch.rand(labels.shape, generator=torch.Generator().manual_seed(3))
     results = []
     for tp, sp, trainable_head, recompute in layouts:
-        runtime.init_distributed(runtime.ParallelSizes(tensor=tp))
+        runtime.init_distributed(ParallelConfig(tensor_model_parallel_size=tp))
         reader = HFCheckpointReader(hf_dir)
         arch, _ = arch_from_hf_config(reader.config, hf_dir)
         padded = padded_vocab_size(arch.vocab_size, 128, tp)

@@ -1,20 +1,22 @@
 """Flag validation (torch-free): clear messages naming the values and the fix."""
 
-import argparse
 import subprocess
 import sys
 
 import pytest
 
-from megalong.config import add_model_args, resolve_group_size, validate_model_args
+from megalong.config.job import JobConfig
+from megalong.config.model import resolve_group_size
 from megalong.errors import MegalongError
 from megalong.model.arch import PRESETS
 
 
-def parse(*argv):
-    parser = argparse.ArgumentParser()
-    add_model_args(parser)
-    return parser.parse_args(list(argv))
+def parse(*argv) -> JobConfig:
+    return JobConfig.from_args(JobConfig.parser().parse_args(list(argv)))
+
+
+def validate_model_args(job: JobConfig, arch) -> None:
+    job.model.validate(arch, job.parallel)
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -49,7 +51,7 @@ def test_group_size_from_ratio_and_flag():
 
 
 def test_config_and_converter_validation_do_not_import_torch():
-    code = ("import sys, argparse; import megalong.config, megalong.convert.hf_config, "
+    code = ("import sys, argparse; import megalong.config.job, megalong.convert.hf_config, "
             "megalong.checkpoint_meta, megalong.cli; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -66,17 +68,17 @@ def test_config_and_converter_validation_do_not_import_torch():
 ])
 def test_gpu_attention_kernels_need_bf16_a_gpu_and_their_package(kernel, bf16, gpu, fragment,
                                                                   monkeypatch):
-    from megalong import config
+    from megalong.config import model as config
 
     monkeypatch.setattr(config, "cuda_possible", lambda: gpu)
-    monkeypatch.setattr(config, "_importable", lambda package: False)
+    monkeypatch.setattr(config, "importable", lambda package: False)
     with pytest.raises(MegalongError, match=fragment):
         config.validate_attention_kernel(kernel, bf16=bf16)
-    monkeypatch.setattr(config, "_importable", lambda package: True)
+    monkeypatch.setattr(config, "importable", lambda package: True)
     if bf16 and gpu:
         config.validate_attention_kernel(kernel, bf16=bf16)  # all there: accepted
     if kernel in ("torch-varlen", "flex"):  # torch's own: no package to install
-        monkeypatch.setattr(config, "_importable", lambda package: False)
+        monkeypatch.setattr(config, "importable", lambda package: False)
         monkeypatch.setattr(config, "cuda_possible", lambda: True)
         config.validate_attention_kernel(kernel, bf16=True)
     for fine in ("auto", "sdpa"):

@@ -3,7 +3,6 @@ the halo plan and volumes, every CP layout against CP=1 on a tiny model (loss, g
 eval loss, logits, halo bytes), exact resume of a CP=2 training run, and flag validation."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from megalong.attention.context_parallel import (
 )
 from megalong.errors import MegalongError
 from megalong.spawn import run_on_ranks
+from megalong.config.parallel import ParallelConfig
 
 # ------------------------------------------------------------------ the slice math (one process)
 
@@ -167,7 +167,7 @@ def test_halo_over_ring_volume_is_gc_over_4n_c_minus_1(seq_len, group_size, cp):
 
 
 def test_cp_validation_accepts_up_to_2n_over_g_and_suggests_working_sizes():
-    from megalong.config import validate_context_parallel
+    from megalong.config.model import validate_context_parallel
 
     for cp in (1, 2, 4, 8):  # N = 8192, G = 2048: L = 4096 ... 1024 = G/2
         validate_context_parallel(8192, cp, 2048)
@@ -220,7 +220,7 @@ def run_layouts(ckpt, layouts):
     from megalong.attention.context_parallel import HALO_COUNTER
     from megalong.checkpoint import load_checkpoint
     from megalong.checkpoint_meta import read_metadata
-    from megalong.model.arch import LlamaArch
+    from megalong.config.job import JobConfig
     from megalong.model.forward import full_logits, run_microbatches
     from megalong.model.llama import ModelOptions, build_llama
     from megalong.training.setup import wrap_data_parallel
@@ -228,15 +228,13 @@ def run_layouts(ckpt, layouts):
     meta = read_metadata(ckpt)
     results = []
     for tp, cp, group_size, recompute in layouts:
-        runtime.init_distributed(runtime.ParallelSizes(tensor=tp, context=cp))
-        model = build_llama(LlamaArch(**meta["arch"]), ModelOptions(
-            seq_length=SEQ, padded_vocab_size=meta["padded_vocab_size"], group_size=group_size,
-            interpolation_factor=meta["interpolation_factor"], initialize=False,
+        runtime.init_distributed(ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=cp))
+        model = build_llama(meta.arch, ModelOptions(
+            seq_length=SEQ, padded_vocab_size=meta.padded_vocab_size, group_size=group_size,
+            interpolation_factor=meta.interpolation_factor, initialize=False,
             recompute_granularity=recompute))
         load_checkpoint([model], ckpt)
-        ddp = wrap_data_parallel([model], SimpleNamespace(
-            overlap_grad_reduce=False, overlap_param_gather=False, use_distributed_optimizer=False,
-            pipeline_model_parallel_size=1))
+        ddp = wrap_data_parallel([model], JobConfig())
         dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
         HALO_COUNTER.reset()
         loss = _reduced(run_microbatches(ddp, _batches(), forward_only=False), dp_cp)

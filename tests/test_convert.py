@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from conftest import make_hf_llama
 from megalong.spawn import run_on_ranks
 from test_model import hf_logits
+from megalong.config.parallel import ParallelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = os.path.join(ROOT, "tools", "checkpoint_convert.py")
@@ -36,22 +37,21 @@ def logits_from_checkpoint(load, tokens, layouts):
     from megalong import runtime
     from megalong.checkpoint import load_checkpoint
     from megalong.checkpoint_meta import read_metadata
-    from megalong.model.arch import LlamaArch
     from megalong.model.forward import full_logits
     from megalong.model.llama import ModelOptions, build_llama
 
     meta = read_metadata(load)
     out = []
     for tp, pp in layouts:
-        runtime.init_distributed(runtime.ParallelSizes(tensor=tp, pipeline=pp))
-        opts = ModelOptions(seq_length=tokens.shape[1], padded_vocab_size=meta["padded_vocab_size"],
-                            attention="full", interpolation_factor=meta["interpolation_factor"],
+        runtime.init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+        opts = ModelOptions(seq_length=tokens.shape[1], padded_vocab_size=meta.padded_vocab_size,
+                            attention="full", interpolation_factor=meta.interpolation_factor,
                             initialize=False)
-        model = build_llama(LlamaArch(**meta["arch"]), opts)
+        model = build_llama(meta.arch, opts)
         load_checkpoint([model], load)
         model.eval()
         logits = full_logits(model, tokens)
-        out.append(None if logits is None else logits[..., : meta["arch"]["vocab_size"]])
+        out.append(None if logits is None else logits[..., : meta.arch.vocab_size])
     return out
 
 
@@ -60,16 +60,15 @@ def resave_at_tp2(load, save):
     from megalong import runtime
     from megalong.checkpoint import load_checkpoint, save_checkpoint
     from megalong.checkpoint_meta import read_metadata
-    from megalong.model.arch import LlamaArch
     from megalong.model.llama import ModelOptions, build_llama
 
     meta = read_metadata(load)
-    runtime.init_distributed(runtime.ParallelSizes(tensor=2))
-    opts = ModelOptions(seq_length=32, padded_vocab_size=meta["padded_vocab_size"],
-                        interpolation_factor=meta["interpolation_factor"], initialize=False)
-    model = build_llama(LlamaArch(**meta["arch"]), opts)
+    runtime.init_distributed(ParallelConfig(tensor_model_parallel_size=2))
+    opts = ModelOptions(seq_length=32, padded_vocab_size=meta.padded_vocab_size,
+                        interpolation_factor=meta.interpolation_factor, initialize=False)
+    model = build_llama(meta.arch, opts)
     load_checkpoint([model], load)
-    save_checkpoint([model], save, iteration=5, metadata={**meta, "tensor_model_parallel_size": 2})
+    save_checkpoint([model], save, iteration=5, metadata=meta.replace(tensor_model_parallel_size=2))
 
 
 @pytest.mark.slow

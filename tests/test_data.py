@@ -14,7 +14,8 @@ from megalong.data.demo_text import demo_documents, write_demo_jsonl
 from megalong.data.preprocess import (
     load_token_file, preprocess_to_indexed, read_index_summary, write_token_file,
 )
-from megalong.data.pretrain import check_pretrain_data, parse_data_prefix, split_bounds
+from megalong.config.data import parse_data_prefix
+from megalong.data.pretrain import check_pretrain_data, split_bounds
 from megalong.data.sft import (
     LLAMA2_SYSTEM_PROMPT, SftDataset, build_sft_sample, collate_sft, llama2_chat_prompt,
     load_sft_records,

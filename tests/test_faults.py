@@ -17,6 +17,7 @@ import pytest
 from megalong.errors import MegalongError
 from megalong.spawn import _free_port, run_on_ranks
 from test_training import ENTRY, train_args, train_layouts
+from megalong.config.parallel import ParallelConfig
 
 
 @pytest.mark.slow
@@ -95,10 +96,11 @@ def _weights_equal_then_damage_is_caught(reference, resumed, damaged_file):
 
     from megalong import runtime
     from megalong.checkpoint import load_checkpoint
-    from megalong.model.from_checkpoint import model_from_checkpoint
+    from megalong.build import load_model
+    from megalong.config.source import resolve_model_source
 
-    runtime.init_distributed(runtime.ParallelSizes())
-    models = [model_from_checkpoint(path)[0] for path in (reference, resumed)]
+    runtime.init_distributed(ParallelConfig())
+    models = [load_model(resolve_model_source(load=path)) for path in (reference, resumed)]
     a, b = (m.state_dict() for m in models)
     tensors = [k for k in a if isinstance(a[k], torch.Tensor) and not k.endswith("_extra_state")]
     unequal = [k for k in tensors if not torch.equal(a[k], b[k])]

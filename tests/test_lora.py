@@ -13,6 +13,7 @@ from megalong.errors import MegalongError
 from layout_inverses import fuse_parts_last_dim
 from megalong.lora.merge import column_delta, fuse_parts, row_delta
 from megalong.spawn import run_on_ranks
+from megalong.config.parallel import ParallelConfig
 
 VOCAB = 1001
 ALL_PARTS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -69,20 +70,23 @@ def test_fc1_and_row_merges_and_activation_layout():
 
 
 def test_lora_flags_validate_with_clear_errors():
-    from megalong.config import add_lora_args, validate_lora_args
+    from megalong.config.lora import LoraConfig
     from megalong.lora.options import parts_for_targets
 
     parser = argparse.ArgumentParser()
-    add_lora_args(parser)
-    args = parser.parse_args([])
-    validate_lora_args(args)
-    assert (args.lora_rank, args.lora_alpha, args.lora_dropout) == (8, 16.0, 0.0)
-    assert args.lora_target_list == ["q", "k", "v", "o"]
-    assert args.trainable_param_list == ["embed", "norm"]
+    LoraConfig.add_args(parser)
+
+    def lora(argv):
+        config = LoraConfig.from_args(parser.parse_args(argv))
+        config.validate()
+        return config
+
+    config = lora([])
+    assert (config.lora_rank, config.lora_alpha, config.lora_dropout) == (8, 16.0, 0.0)
+    assert config.lora_targets == ("q", "k", "v", "o")
+    assert config.trainable_params == ("embed", "norm")
     assert parts_for_targets(["fc2", "q", "fc1"]) == ("q", "gate", "up", "down")
-    args = parser.parse_args(["--trainable-params", "none"])
-    validate_lora_args(args)
-    assert args.trainable_param_list == []
+    assert lora(["--trainable-params", "none"]).trainable_params == ()
     bad = [
         (["--lora-targets", "q,gate_proj,x"], "gate_proj, x; valid: q,k,v,o,fc1,fc2"),
         (["--trainable-params", "embed,lm_head"], "lm_head; valid: embed,norm or none"),
@@ -92,7 +96,7 @@ def test_lora_flags_validate_with_clear_errors():
     ]
     for argv, fragment in bad:
         with pytest.raises(MegalongError, match=fragment.replace("(", r"\(")):
-            validate_lora_args(parser.parse_args(argv))
+            lora(argv)
     with pytest.raises(MegalongError, match="unknown LoRA target"):
         parts_for_targets(["qkv"])
 
@@ -106,7 +110,7 @@ def _build(hf_dir, tokens, tp, sp, pp=1):
     from megalong.convert.model_io import load_hf_weights
     from megalong.model.llama import ModelOptions, build_llama
 
-    runtime.init_distributed(runtime.ParallelSizes(tensor=tp, pipeline=pp))
+    runtime.init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     reader = HFCheckpointReader(hf_dir)
     arch, _ = reader.arch()
     opts = ModelOptions(seq_length=tokens.shape[1], padded_vocab_size=1024, attention="full",
@@ -150,6 +154,7 @@ def tp_layout_checks(hf_dir, tokens, checkpoint_root):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megalong.checkpoint import load_checkpoint, save_checkpoint
+    from megalong.checkpoint_meta import CheckpointMetadata
     from megalong.lora.apply import (LoraOptions, add_lora, describe_trainable, init_lora,
                                      iter_adapters, merge_lora, set_trainable)
     from megalong.model.forward import full_logits
@@ -167,7 +172,9 @@ def tp_layout_checks(hf_dir, tokens, checkpoint_root):
         summary = describe_trainable(model)
         lora = full_logits(model, tokens)
         if (tp, sp) == (2, False):
-            save_checkpoint([model], checkpoint_root, iteration=3, metadata={"lora": options.to_metadata()})
+            metadata = CheckpointMetadata(arch=arch, padded_vocab_size=1024,
+                                          seq_length=tokens.shape[1], lora=options.to_metadata())
+            save_checkpoint([model], checkpoint_root, iteration=3, metadata=metadata)
         model.train()
         ddp = DistributedDataParallel(
             model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
@@ -309,7 +316,7 @@ def te_vs_local():
     from megalong.model.forward import full_logits
     from megalong.model.llama import ModelOptions, build_llama
 
-    runtime.init_distributed(runtime.ParallelSizes())
+    runtime.init_distributed(ParallelConfig())
     tokens = torch.randint(0, VOCAB, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
     logits, local_state = [], None
     for impl in ("local", "transformer_engine"):

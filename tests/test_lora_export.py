@@ -2,7 +2,6 @@
 base, a merged HF model, and the adapter (or LongLoRA's adapter + trainable_params.bin) imported
 back — all giving megalong's logits. Bad adapters fail in one line and leave nothing behind."""
 
-import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import make_hf_llama
 from megalong.spawn import run_on_ranks
 from test_model import hf_logits
+from megalong.config.parallel import ParallelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = os.path.join(ROOT, "tools", "checkpoint_convert.py")
@@ -33,6 +33,7 @@ def make_lora_checkpoint(hf_dir, root, tokens):
     (trained LoRA+ extras), saved as a megalong checkpoint. Returns megalong's logits."""
     from megalong import runtime
     from megalong.checkpoint import save_checkpoint
+    from megalong.checkpoint_meta import CheckpointMetadata
     from megalong.convert.hf_checkpoint import HFCheckpointReader
     from megalong.convert.layouts import tp_shard
     from megalong.convert.model_io import load_hf_weights
@@ -41,7 +42,7 @@ def make_lora_checkpoint(hf_dir, root, tokens):
     from megalong.model.llama import ModelOptions, build_llama
 
     tp = 2
-    runtime.init_distributed(runtime.ParallelSizes(tensor=tp))
+    runtime.init_distributed(ParallelConfig(tensor_model_parallel_size=tp))
     reader = HFCheckpointReader(hf_dir)
     arch, _ = reader.arch()
     model = build_llama(arch, ModelOptions(seq_length=128, padded_vocab_size=1024, attention="full",
@@ -60,12 +61,9 @@ def make_lora_checkpoint(hf_dir, root, tokens):
                 param.add_(0.1 * torch.randn(param.shape, generator=gen))
     model.eval()
     logits = full_logits(model, tokens)
-    metadata = {
-        "format": "megalong-1", "arch": dataclasses.asdict(arch), "padded_vocab_size": 1024,
-        "interpolation_factor": None, "seq_length": 128, "tensor_model_parallel_size": tp,
-        "pipeline_model_parallel_size": 1, "source": hf_dir, "hf_config": reader.config,
-        "lora": lora_metadata(options, ("embed", "norm")),
-    }
+    metadata = CheckpointMetadata(
+        arch=arch, padded_vocab_size=1024, seq_length=128, tensor_model_parallel_size=tp,
+        source=hf_dir, hf_config=reader.config, lora=lora_metadata(options, ("embed", "norm")))
     save_checkpoint([model], root, iteration=7, metadata=metadata)
     return logits[..., :VOCAB]
 
@@ -76,18 +74,17 @@ def lora_checkpoint_logits(loads, tokens):
     from megalong.checkpoint import load_checkpoint
     from megalong.checkpoint_meta import read_metadata
     from megalong.lora.apply import LoraOptions, add_lora
-    from megalong.model.arch import LlamaArch
     from megalong.model.forward import full_logits
     from megalong.model.llama import ModelOptions, build_llama
 
-    runtime.init_distributed(runtime.ParallelSizes())
+    runtime.init_distributed(ParallelConfig())
     out = []
     for load in loads:
         meta = read_metadata(load)
-        model = build_llama(LlamaArch(**meta["arch"]), ModelOptions(
-            seq_length=128, padded_vocab_size=meta["padded_vocab_size"], attention="full",
+        model = build_llama(meta.arch, ModelOptions(
+            seq_length=128, padded_vocab_size=meta.padded_vocab_size, attention="full",
             initialize=False))
-        add_lora(model, LoraOptions.from_metadata(meta["lora"]))
+        add_lora(model, LoraOptions.from_metadata(meta.lora))
         load_checkpoint([model], load)
         model.eval()
         out.append((full_logits(model, tokens), meta))
@@ -195,10 +192,10 @@ def test_imported_adapters_give_megalong_logits(lora_ckpt, exported, tiny_hf_dir
         assert result.returncode == 0, result.stderr
     (peft_logits_tp1, meta), (longlora_logits, longlora_meta) = run_on_ranks(
         lora_checkpoint_logits, 1, [str(peft_tp2), str(longlora_tp1)], tiny_tokens)[0]
-    assert meta["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0, "parts": list(ALL_PARTS),
+    assert meta.lora == {"rank": 4, "alpha": 8.0, "dropout": 0.0, "parts": list(ALL_PARTS),
                             "trainable_params": ["embed", "norm"]}
     assert (peft_logits_tp1[..., :VOCAB] - reference).abs().max() <= 1e-4
-    assert longlora_meta["arch"]["vocab_size"] == VOCAB + 1, "the pad row grows the vocabulary"
+    assert longlora_meta.arch.vocab_size == VOCAB + 1, "the pad row grows the vocabulary"
     assert (longlora_logits[..., :VOCAB] - reference).abs().max() <= 1e-4
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megalong.spawn import run_on_ranks
+from megalong.config.parallel import ParallelConfig
 
 VOCAB = 1001
 
@@ -39,7 +40,7 @@ def megatron_logits_for_layouts(hf_dir, tokens, layouts):
 
     results = []
     for tp, pp, sp, factor, *dtype in layouts:
-        runtime.init_distributed(runtime.ParallelSizes(tensor=tp, pipeline=pp))
+        runtime.init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
         reader = HFCheckpointReader(hf_dir)
         arch, _ = arch_from_hf_config(reader.config, hf_dir)
         padded = padded_vocab_size(arch.vocab_size, 128, tp)

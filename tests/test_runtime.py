@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megalong import runtime
+from megalong.config.parallel import ParallelConfig
 
 
 def _faults_to_fill(num_bytes: int) -> int:
@@ -31,6 +32,7 @@ def test_freed_blocks_are_reused_without_page_faults():
 
 
 def test_training_keeps_freed_memory_only_with_cpu_malloc_reuse(monkeypatch):
+    from megalong.config.job import JobConfig
     from megalong.training import setup
     from megalong.training.pretrain import build_parser
 
@@ -43,7 +45,7 @@ def test_training_keeps_freed_memory_only_with_cpu_malloc_reuse(monkeypatch):
     cases = (([], 1), (["--cpu-malloc", "release"], 0), (["--cpu-malloc", "reuse"], 1))
     for flags, expected in cases:
         calls.clear()
-        setup.bring_up_runtime(parser.parse_args(flags))
+        setup.bring_up_runtime(JobConfig.from_args(parser.parse_args(flags)))
         assert len(calls) == expected, flags
 
 
@@ -62,14 +64,14 @@ def context_parallel_collectives_at_init():
         return real_all_reduce(tensor, *args, group=group, **kwargs)
 
     dist.all_reduce = recording_all_reduce
-    runtime.init_distributed(runtime.ParallelSizes(context=2))
+    runtime.init_distributed(ParallelConfig(context_parallel_size=2))
     on_cpu = list(collectives)
     collectives.clear()
     runtime.use_cuda = lambda: True
     runtime.device = lambda: torch.device("cpu")
     torch.cuda.set_device = lambda *_: None
     dist.init_process_group = lambda *a, backend=None, **k: real_init(*a, backend="gloo", **k)
-    runtime.init_distributed(runtime.ParallelSizes(context=2))
+    runtime.init_distributed(ParallelConfig(context_parallel_size=2))
     cp_ranks = tuple(dist.get_process_group_ranks(parallel_state.get_context_parallel_group()))
     return on_cpu, collectives, cp_ranks
 

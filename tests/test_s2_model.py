@@ -7,6 +7,7 @@ import torch
 from megalong.spawn import run_on_ranks
 from test_model import VOCAB, hf_logits
 from test_training import train_args, train_layouts
+from megalong.config.parallel import ParallelConfig
 
 SEQ = 64  # G = 16: four groups, shifted half with 8-token end groups
 
@@ -36,7 +37,7 @@ def s2_loss_grads_and_eval_logits(hf_dir, tokens, tp):
     from megalong.model.forward import full_logits, run_microbatches
     from megalong.model.llama import ModelOptions, build_llama
 
-    runtime.init_distributed(runtime.ParallelSizes(tensor=tp))
+    runtime.init_distributed(ParallelConfig(tensor_model_parallel_size=tp))
     reader = HFCheckpointReader(hf_dir)
     arch, _ = arch_from_hf_config(reader.config, hf_dir)
     padded = padded_vocab_size(arch.vocab_size, 128, tp)

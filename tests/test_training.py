@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from megalong.config.job import JobConfig
+from megalong.config.parallel import ParallelConfig
 from megalong.spawn import run_on_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,11 +89,11 @@ def heldout_loss(load, tokens):
     """megalong's mean token loss of `tokens` [b, s+1] with the checkpoint's weights (TP=1)."""
     from megalong import runtime
     from megalong.model.forward import run_microbatches
-    from megalong.model.from_checkpoint import model_from_checkpoint
+    from megalong.build import load_model
+    from megalong.config.source import resolve_model_source
 
-    runtime.init_distributed(runtime.ParallelSizes())
-    model, _, _ = model_from_checkpoint(load, seq_length=tokens.shape[1] - 1)
-    model.eval()
+    runtime.init_distributed(ParallelConfig())
+    model = load_model(resolve_model_source(load=load), seq_length=tokens.shape[1] - 1)
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
              "loss_mask": torch.ones(tokens.shape[0], tokens.shape[1] - 1)}
     with torch.no_grad():
@@ -258,13 +260,14 @@ def test_ddp_config_carries_the_overlap_flags():
     from megalong.training import setup
     from megalong.training.pretrain import build_parser
 
-    parser = build_parser()
-    plain = setup.ddp_config(parser.parse_args([]))
+    def job(argv):
+        return JobConfig.from_args(build_parser().parse_args(argv))
+
+    plain = setup.ddp_config(job([]))
     assert not (plain.overlap_grad_reduce or plain.overlap_param_gather
                 or plain.use_distributed_optimizer)
     for pp, aligned in ((1, False), (2, True)):
-        config = setup.ddp_config(parser.parse_args(
-            OVERLAP_FLAGS + ["--pipeline-model-parallel-size", str(pp)]))
+        config = setup.ddp_config(job(OVERLAP_FLAGS + ["--pipeline-model-parallel-size", str(pp)]))
         assert config.overlap_grad_reduce and config.overlap_param_gather
         assert config.use_distributed_optimizer
         assert config.align_param_gather == aligned, pp
@@ -304,8 +307,9 @@ def test_schedules_get_megatron_lm_sync_functions():
                                    (OVERLAP_FLAGS, 2, True, True)):
         ddp = _RecordingDDP([])
         config = SimpleNamespace(no_sync_func=None, grad_sync_func=None, param_sync_func=None)
-        args = parser.parse_args(flags + ["--pipeline-model-parallel-size", str(pp)])
-        setup.set_schedule_sync_funcs(config, [ddp], setup.ddp_config(args))
+        job = JobConfig.from_args(parser.parse_args(flags + ["--pipeline-model-parallel-size",
+                                                              str(pp)]))
+        setup.set_schedule_sync_funcs(config, [ddp], setup.ddp_config(job))
         assert config.no_sync_func == ddp.no_sync
         assert (config.grad_sync_func == ddp.start_grad_sync) == grad, (flags, pp)
         assert (config.param_sync_func == ddp.start_param_sync) == param, (flags, pp)
@@ -322,8 +326,8 @@ def test_parameters_are_gathered_before_saving_and_evaluating(flags, synced, mon
     events = []
     monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *a, **k: events.append("save"))
     monkeypatch.setattr(loop, "_evaluate", lambda trainer: events.append("evaluate") or 1.0)
-    args = build_parser().parse_args(flags + ["--save", "unused"])
-    trainer = loop.Trainer(args, None, {}, [None], [_RecordingDDP(events)], None, None, None, None)
+    job = JobConfig.from_args(build_parser().parse_args(flags + ["--save", "unused"]))
+    trainer = loop.Trainer(job, None, None, [None], [_RecordingDDP(events)], None, None, None, None)
     loop.save(trainer, 3)
     loop.evaluate(trainer)
     if synced:

@@ -6,14 +6,16 @@ together. megatron-to-hf rebuilds the model at TP=1, PP=1 in one process and str
 into safetensors shards, so the model is held once, never twice.
 """
 
-import dataclasses
 import os
 import shutil
 import sys
 import tempfile
 
-from megalong.checkpoint_meta import TOKENIZER_SUBDIR, read_metadata
-from megalong.config import default_interpolation_factor
+from megalong.checkpoint_meta import TOKENIZER_SUBDIR, CheckpointMetadata
+from megalong.config.model import default_interpolation_factor
+from megalong.config.parallel import ParallelConfig
+from megalong.config.source import (VOCAB_DIVISIBLE_BY, ModelSource, padded_vocab_size,
+                                    resolve_model_source)
 from megalong.convert.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
@@ -35,44 +37,23 @@ def _check_out_dir(out: str, overwrite: bool) -> None:
         raise MegalongError(f"output directory {out} exists and is not empty; pass --overwrite")
 
 
-def _convert_rank(hf_dir, staging, tp, pp, metadata, peft_adapter=None):
-    """One rank of hf-to-megatron: build this rank's shard, fill it from HF (and a PEFT adapter
-    over it), save collectively."""
+def _convert_rank(source: ModelSource, staging, metadata: CheckpointMetadata, peft_adapter=None):
+    """One rank of hf-to-megatron: build this rank's shard with the HF weights (and a PEFT adapter
+    over them), save collectively."""
     from megalong import runtime
+    from megalong.build import load_model
     from megalong.checkpoint import save_checkpoint
-    from megalong.convert.hf_checkpoint import HFCheckpointReader
-    from megalong.convert.model_io import load_hf_weights
-    from megalong.model.llama import ModelOptions, build_llama
 
-    runtime.init_distributed(runtime.ParallelSizes(tensor=tp, pipeline=pp))
-    arch = LlamaArch(**metadata["arch"])
-    opts = ModelOptions(
-        seq_length=metadata["seq_length"], padded_vocab_size=metadata["padded_vocab_size"],
-        interpolation_factor=metadata["interpolation_factor"], initialize=False,
-    )
-    model = build_llama(arch, opts)
-    adapter = None
-    with HFCheckpointReader(hf_dir) as reader:
-        get = reader.get
-        if peft_adapter:
-            from megalong.lora.peft_io import PeftAdapter
-
-            adapter = PeftAdapter(peft_adapter)
-            get = adapter.overlay(reader.get, arch)  # modules_to_save / trainable_params.bin
-        load_hf_weights(model, get, arch, metadata["padded_vocab_size"])
-    if adapter is not None:
-        from megalong.lora.apply import add_lora
-        from megalong.lora.peft_io import load_lora_factors
-
-        add_lora(model, adapter.options())
-        load_lora_factors(model, adapter, arch.num_layers)
+    runtime.init_distributed(source.parallel)
+    model = load_model(source, seq_length=metadata.seq_length, peft_adapter=peft_adapter,
+                       on_device=False)
     save_checkpoint([model], staging, iteration=0, metadata=metadata)
 
 
 def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_factor=None,
-                   vocab_divisible_by=128, overwrite=False, timeout_s=3600.0, peft_adapter=None):
+                   vocab_divisible_by=VOCAB_DIVISIBLE_BY, overwrite=False, timeout_s=3600.0,
+                   peft_adapter=None):
     from megalong.convert.hf_checkpoint import copy_tokenizer_files, move_into_place
-    from megalong.convert.layouts import padded_vocab_size
 
     hf_config, config_path = read_hf_dir_config(hf_dir)
     arch, recorded_factor = arch_from_hf_config(hf_config, config_path)
@@ -83,29 +64,25 @@ def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_fa
         arch, lora = _peft_adapter_onto(arch, peft_adapter)
     factor = interpolation_factor or default_interpolation_factor(
         seq_length, arch.max_position_embeddings, recorded_factor)
-    metadata = {
-        "format": "megalong-1",
-        "arch": dataclasses.asdict(arch),
-        "padded_vocab_size": padded_vocab_size(arch.vocab_size, vocab_divisible_by, tp),
-        "interpolation_factor": factor,
-        "seq_length": seq_length or arch.max_position_embeddings,
-        "tensor_model_parallel_size": tp,
-        "pipeline_model_parallel_size": pp,
-        "source": os.path.abspath(hf_dir),
-        "hf_config": hf_config,
-    }
-    if lora:
-        metadata["lora"] = lora
+    metadata = CheckpointMetadata(
+        arch=arch, padded_vocab_size=padded_vocab_size(arch.vocab_size, vocab_divisible_by, tp),
+        interpolation_factor=factor, seq_length=seq_length or arch.max_position_embeddings,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, lora=lora,
+        source=os.path.abspath(hf_dir), hf_config=hf_config)
+    source = ModelSource(kind="hf", path=hf_dir, arch=arch, interpolation_factor=factor,
+                         parallel=ParallelConfig(tensor_model_parallel_size=tp,
+                                                 pipeline_model_parallel_size=pp),
+                         padded_vocab_size=metadata.padded_vocab_size)
     _log(f"hf-to-megatron: {hf_dir} -> {out} at TP={tp} PP={pp}, padded vocab "
-         f"{metadata['padded_vocab_size']}, interpolation factor {factor}")
+         f"{metadata.padded_vocab_size}, interpolation factor {factor}")
     staging = _staging_dir(out)
     try:
         if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one of the ranks
-            _convert_rank(hf_dir, staging, tp, pp, metadata, peft_adapter)
+            _convert_rank(source, staging, metadata, peft_adapter)
         else:
             from megalong.spawn import run_on_ranks
 
-            run_on_ranks(_convert_rank, tp * pp, hf_dir, staging, tp, pp, metadata, peft_adapter,
+            run_on_ranks(_convert_rank, tp * pp, source, staging, metadata, peft_adapter,
                          timeout_s=timeout_s)
         tokenizer_dir = os.path.join(staging, TOKENIZER_SUBDIR)
         os.makedirs(tokenizer_dir)
@@ -139,9 +116,10 @@ def _peft_adapter_onto(arch: LlamaArch, peft_adapter: str):
     return arch, lora_metadata(adapter.options(), adapter.extras())
 
 
-def check_lora_export(metadata: dict, load: str, *, out, merge_lora: bool, peft_adapter) -> None:
+def check_lora_export(metadata: CheckpointMetadata, load: str, *, out, merge_lora: bool,
+                      peft_adapter) -> None:
     """Torch-free: the export flags fit whether the checkpoint holds LoRA adapters."""
-    has_lora = bool(metadata.get("lora"))
+    has_lora = bool(metadata.lora)
     if (merge_lora or peft_adapter) and not has_lora:
         raise MegalongError(f"checkpoint {load} holds no LoRA adapters; export it without "
                             "--merge-lora/--peft-adapter")
@@ -160,22 +138,22 @@ def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="f
     import torch
 
     from megalong import runtime
-    from megalong.model.from_checkpoint import model_from_checkpoint
+    from megalong.build import load_model
 
-    metadata = read_metadata(load)
+    source = resolve_model_source(load=load)
+    metadata, arch, iteration = source.metadata, source.arch, source.iteration
     check_lora_export(metadata, load, out=out, merge_lora=merge_lora, peft_adapter=peft_adapter)
     for directory in (out, peft_adapter):
         if directory:
             _check_out_dir(directory, overwrite)
-    arch = LlamaArch(**metadata["arch"])
-    runtime.init_distributed(runtime.ParallelSizes())
+    runtime.init_distributed(source.parallel)
     torch_dtype = getattr(torch, dtype)
     # The whole model is in memory once: a bf16 export builds it in bf16 (half the RAM: 140 GB
     # instead of 280 GB for 70B). A bf16-trained checkpoint stores bf16 weights, so nothing is
     # lost; LoRA merges still add in float32 and round once.
     params_dtype = torch.bfloat16 if torch_dtype == torch.bfloat16 else torch.float32
-    model, _, iteration = model_from_checkpoint(load, params_dtype=params_dtype)
-    lora = metadata.get("lora")
+    model = load_model(source, params_dtype=params_dtype, on_device=False)
+    lora = metadata.lora
     if peft_adapter:
         _export_peft_adapter(model, arch, metadata, peft_adapter, torch_dtype, overwrite)
         _log(f"wrote PEFT adapter {peft_adapter} from {load} (iteration {iteration})")
@@ -195,11 +173,11 @@ def _export_peft_adapter(model, arch, metadata, directory, torch_dtype, overwrit
     from megalong.lora.options import LoraOptions
     from megalong.lora.peft_io import iter_peft_tensors, peft_config_json, write_peft_adapter
 
-    lora = metadata["lora"]
+    lora = metadata.lora
     extras = lora.get("trainable_params", [])
     config = peft_config_json(LoraOptions.from_metadata(lora), extras,
-                              base_model=metadata.get("source"), tied=arch.tie_word_embeddings)
-    tensors = iter_peft_tensors(model, arch, metadata["padded_vocab_size"], extras)
+                              base_model=metadata.source, tied=arch.tie_word_embeddings)
+    tensors = iter_peft_tensors(model, arch, metadata.padded_vocab_size, extras)
     write_peft_adapter(directory, tensors, config, overwrite=overwrite, dtype=torch_dtype)
 
 
@@ -215,12 +193,12 @@ def _export_hf(model, arch, metadata, load, out, iteration, torch_dtype, dtype, 
         _log(f"merged {merge_lora(model)} LoRA adapters into the base weights")
     _log(f"megatron-to-hf: {load} (iteration {iteration}) -> {out}")
     tensors = ((name, t.to(torch_dtype)) for name, t in
-               iter_hf_tensors(model, arch, metadata["padded_vocab_size"]))
+               iter_hf_tensors(model, arch, metadata.padded_vocab_size))
     tokenizer_dir = os.path.join(load, TOKENIZER_SUBDIR)
     write_hf_checkpoint(
         out, tensors,
-        hf_config_from_arch(arch, interpolation_factor=metadata["interpolation_factor"],
-                            torch_dtype=dtype, base_config=metadata.get("hf_config")),
+        hf_config_from_arch(arch, interpolation_factor=metadata.interpolation_factor,
+                            torch_dtype=dtype, base_config=metadata.hf_config),
         max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
         copy_from=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
         overwrite=overwrite, progress=print_progress,

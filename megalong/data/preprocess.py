@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megalong.config.data import strip_data_suffix
 from megalong.data.files import (
     check_writable_dir, expand_inputs, make_dirs, remove_created_dirs, remove_quietly, staging_path,
 )
@@ -285,14 +286,6 @@ _DTYPE_CODES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "f
                 7: "float32", 8: "uint16"}
 
 
-def strip_data_suffix(prefix: str) -> str:
-    """`corpus.bin` / `corpus.idx` -> `corpus` (users often pass a file name as the prefix)."""
-    for suffix in (".bin", ".idx"):
-        if prefix.endswith(suffix):
-            return prefix[: -len(suffix)]
-    return prefix
-
-
 def read_index_summary(prefix: str) -> IndexSummary:
     """Document and token counts of an IndexedDataset from its .idx, torch-free (for validating
     --data-path before any heavy work). Errors name the prefix."""
@@ -370,5 +363,5 @@ def write_token_file(path: str, tokens, vocab_size: int) -> str:
 
 
 __all__ = ["iter_documents", "validate_preprocess", "preprocess_to_indexed", "PreprocessResult",
-           "read_index_summary", "IndexSummary", "strip_data_suffix", "load_token_file",
+           "read_index_summary", "IndexSummary", "load_token_file",
            "write_token_file", "token_file_dtype"]

@@ -19,38 +19,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from megalong.config.data import parse_data_prefix
 from megalong.data.files import check_writable_dir
-from megalong.data.preprocess import IndexSummary, read_index_summary, strip_data_suffix
+from megalong.data.preprocess import IndexSummary, read_index_summary
 from megalong.data.tokenizer import Tokenizer, load_tokenizer
 from megalong.errors import MegalongError
 
 SPLIT_NAMES = ("train", "valid", "test")
-
-
-def parse_data_prefix(data_prefix: Sequence[str] | str) -> tuple[list[str], list[float] | None]:
-    """Megatron-LM's --data-path: "w1 p1 w2 p2 ..." (weighted blend) or "p1 p2 ..." (blend by
-    size). Items may be separate list entries or one whitespace-separated string."""
-    items = data_prefix.split() if isinstance(data_prefix, str) else [
-        token for entry in data_prefix for token in str(entry).split()]
-    if not items:
-        raise MegalongError("no data prefix given; pass --data-path PREFIX (from tools/preprocess_data.py)")
-
-    def is_number(text):
-        try:
-            float(text)
-        except ValueError:
-            return False
-        return True
-
-    if len(items) % 2 == 0 and all(is_number(w) for w in items[0::2]):
-        weights = [float(w) for w in items[0::2]]
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise MegalongError(f"blend weights {weights} must be non-negative with a positive sum")
-        return [strip_data_suffix(p) for p in items[1::2]], weights
-    if any(is_number(item) and not os.path.exists(item + ".idx") for item in items):
-        raise MegalongError(f"--data-path {' '.join(items)}: give either prefixes only or "
-                            "weight/prefix pairs (\"0.7 corpusA 0.3 corpusB\")")
-    return [strip_data_suffix(p) for p in items], None
 
 
 def split_bounds(split: str) -> list[tuple[float, float] | None]:
@@ -176,5 +151,5 @@ def build_pretrain_datasets(
     return train_ds, valid_ds
 
 
-__all__ = ["parse_data_prefix", "split_bounds", "check_pretrain_data", "build_pretrain_datasets",
+__all__ = ["split_bounds", "check_pretrain_data", "build_pretrain_datasets",
            "default_cache_dir"]

@@ -8,8 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from megalong.data.preprocess import (load_token_file, read_index_summary, strip_data_suffix,
-                                      token_file_dtype)
+from megalong.config.data import strip_data_suffix
+from megalong.data.preprocess import load_token_file, read_index_summary, token_file_dtype
 from megalong.errors import MegalongError
 
 

@@ -9,11 +9,12 @@ Export: merge_lora(model) folds the adapters into the base weights shard by shar
 
 import torch
 
+from megalong.config.lora import LoraConfig
 from megalong.errors import MegalongError
 from megalong.lora.adapters import ADAPTER_SUFFIX, COLUMN_LINEARS, LoRAAdapter
 from megalong.lora.merge import add_in_place, column_delta, kaiming_uniform_a, row_delta
 from megalong.lora.options import (PART_ORDER, PART_TO_LINEAR, TRAINABLE_EXTRAS, LoraOptions,
-                                   lora_metadata, parts_for_targets, validate_trainable)
+                                   lora_metadata, validate_trainable)
 
 LINEAR_PARENT = {"linear_qkv": "self_attention", "linear_proj": "self_attention",
                  "linear_fc1": "mlp", "linear_fc2": "mlp"}
@@ -214,30 +215,20 @@ def optimizer_overrides(optimizer_config, lora_b_lr_ratio=None) -> dict:
     return overrides
 
 
-# ---------------------------------------------------------------------------------- from flags
-
-
-def options_from_args(args) -> LoraOptions:
-    """LoraOptions from validated flags (config.validate_lora_args)."""
-    return LoraOptions(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                       parts=parts_for_targets(args.lora_target_list),
-                       init_seed=getattr(args, "seed", 1234))
-
-
-def setup_lora(models, args, log=print):
-    """The training setup's "adapters + freezing" step, from flags (before DDP). Returns
-    (metadata for megalong.json or None, predicate of checkpoint keys that may be absent: the
-    adapters, when training starts from a base model)."""
+def setup_lora(models, lora: LoraConfig, *, seed: int = 1234, log=print):
+    """The training setup's "adapters + freezing" step (before DDP). Returns (metadata for
+    megalong.json or None, predicate of checkpoint keys that may be absent: the adapters, when
+    training starts from a base model)."""
     models = models if isinstance(models, (list, tuple)) else [models]
-    if args.full_finetune:
+    if lora.full_finetune:
         for model in models:
             set_trainable(model, (), full_finetune=True)
         log(describe_trainable(models))
         return None, lambda key: False
-    options = options_from_args(args)
+    options = lora.options(seed)
     for model in models:
         add_lora(model, options)
-        set_trainable(model, args.trainable_param_list)
+        set_trainable(model, lora.trainable_params)
     log(f"LoRA r={options.rank} alpha={options.alpha:g} on {','.join(options.parts)}; trainable "
-        f"extras: {','.join(args.trainable_param_list) or 'none'}; {describe_trainable(models)}")
-    return lora_metadata(options, args.trainable_param_list), is_adapter_param
+        f"extras: {','.join(lora.trainable_params) or 'none'}; {describe_trainable(models)}")
+    return lora_metadata(options, lora.trainable_params), is_adapter_param

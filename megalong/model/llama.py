@@ -11,7 +11,7 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalong import runtime
-from megalong.config import LOSS_CHUNK_TOKENS
+from megalong.config.model import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
 from megalong.model.chunked_loss import chunked_cross_entropy

@@ -1,4 +1,4 @@
-"""train(args): steps through megatron-core's schedules, validation, checkpoints, clean exits."""
+"""train(job): steps through megatron-core's schedules, validation, checkpoints, clean exits."""
 
 import contextlib
 import signal
@@ -8,8 +8,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megalong import faults, runtime
+from megalong import checkpoint, faults, runtime
 from megalong.attention.context_parallel import HALO_COUNTER
+from megalong.config.job import JobConfig
+from megalong.config.training import TrainingConfig
 from megalong.errors import MegalongError
 from megalong.model.forward import run_microbatches
 from megalong.training.batches import microbatches
@@ -32,10 +34,10 @@ def _reduced_loss(outputs) -> tuple[float, int]:
 
 
 def train_step(trainer: Trainer, iteration: int):
-    args = trainer.args
+    training = trainer.job.training
     dp_rank, dp_size = data_parallel_rank_and_size()
-    batches = microbatches(trainer.train_data, iteration, args.global_batch_size,
-                           args.micro_batch_size, dp_rank, dp_size, trainer.arch.vocab_size)
+    batches = microbatches(trainer.train_data, iteration, training.global_batch_size,
+                           training.micro_batch_size, dp_rank, dp_size, trainer.arch.vocab_size)
     for model in trainer.ddp_models:
         model.zero_grad_buffer()
     trainer.optimizer.zero_grad()
@@ -56,8 +58,8 @@ def parameters_in_sync(trainer: Trainer):
     until then the other shards of every rank's model are one step stale. Evaluation and
     checkpoints need them now: the hooks are disabled, which gathers synchronously, and
     re-enabled afterwards (as Megatron-LM does around both)."""
-    args = trainer.args
-    if not (args.use_distributed_optimizer and args.overlap_param_gather):
+    training = trainer.job.training
+    if not (training.use_distributed_optimizer and training.overlap_param_gather):
         yield
         return
     for model in trainer.ddp_models:
@@ -75,15 +77,16 @@ def evaluate(trainer: Trainer) -> float:
 
 
 def _evaluate(trainer: Trainer) -> float:
-    args = trainer.args
+    training = trainer.job.training
     dp_rank, dp_size = data_parallel_rank_and_size()
     for model in trainer.ddp_models:
         model.eval()
     outputs = []
     with torch.no_grad():
-        for index in range(args.eval_iters):
-            batches = microbatches(trainer.valid_data, index, args.global_batch_size,
-                                   args.micro_batch_size, dp_rank, dp_size, trainer.arch.vocab_size)
+        for index in range(training.eval_iters):
+            batches = microbatches(trainer.valid_data, index, training.global_batch_size,
+                                   training.micro_batch_size, dp_rank, dp_size,
+                                   trainer.arch.vocab_size)
             outputs += run_microbatches(trainer.ddp_models, batches, forward_only=True)
     for model in trainer.ddp_models:
         model.train()
@@ -91,25 +94,24 @@ def _evaluate(trainer: Trainer) -> float:
 
 
 def save(trainer: Trainer, iteration: int) -> None:
-    from megalong.checkpoint import save_checkpoint
-
+    save_dir = trainer.job.checkpoint.save
     with parameters_in_sync(trainer):  # an export reads these weights: none may be stale
-        save_checkpoint(trainer.models, trainer.args.save, iteration, trainer.metadata,
-                        optimizer=trainer.optimizer, scheduler=trainer.scheduler,
-                        common={"iteration": iteration})
-    log(f"saved checkpoint at iteration {iteration} to {trainer.args.save}")
+        checkpoint.save_checkpoint(trainer.models, save_dir, iteration, trainer.metadata,
+                                   optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+                                   common={"iteration": iteration})
+    log(f"saved checkpoint at iteration {iteration} to {save_dir}")
 
 
 class _ExitRequests:
     """--exit-interval, SIGTERM (with --exit-signal-handler) or --exit-duration-in-mins; the
     time- and signal-based requests are agreed between ranks, so all exit at the same step."""
 
-    def __init__(self, args):
+    def __init__(self, training: TrainingConfig):
         self.signalled = False
-        self.deadline = (time.monotonic() + args.exit_duration_in_mins * 60
-                         if args.exit_duration_in_mins else None)
-        self.interval = args.exit_interval
-        if args.exit_signal_handler:
+        self.deadline = (time.monotonic() + training.exit_duration_in_mins * 60
+                         if training.exit_duration_in_mins else None)
+        self.interval = training.exit_interval
+        if training.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, *_):
@@ -124,25 +126,26 @@ class _ExitRequests:
         return bool(flag.item())
 
 
-def train(args) -> list[float]:
+def train(job: JobConfig) -> list[float]:
     """Runs the training; returns the per-iteration training losses (on every rank). A collective
     that fails because another rank died or hangs ends this rank with a one-line error."""
-    with runtime.distributed_failures_as_errors(args.distributed_timeout_minutes):
-        return _train(args)
+    with runtime.distributed_failures_as_errors(job.training.distributed_timeout_minutes):
+        return _train(job)
 
 
-def _train(args) -> list[float]:
-    trainer = build_trainer(args)
-    seq_length = trainer.metadata["seq_length"]
-    progress = Progress(train_iters=args.train_iters, start_iteration=trainer.iteration,
-                        tokens_per_step=args.global_batch_size * seq_length,
-                        tensorboard_dir=args.tensorboard_dir,
+def _train(job: JobConfig) -> list[float]:
+    trainer = build_trainer(job)
+    training, save_dir = job.training, job.checkpoint.save
+    save_interval = job.checkpoint.save_interval
+    progress = Progress(train_iters=training.train_iters, start_iteration=trainer.iteration,
+                        tokens_per_step=training.global_batch_size * trainer.metadata.seq_length,
+                        tensorboard_dir=training.tensorboard_dir,
                         enabled=dist.get_rank() == dist.get_world_size() - 1)
-    exits = _ExitRequests(args)
+    exits = _ExitRequests(training)
     losses = []
     skipped_in_a_row = 0
     iteration = trainer.iteration
-    while iteration < args.train_iters:
+    while iteration < training.train_iters:
         started = time.monotonic()
         HALO_COUNTER.reset()
         loss, lr, grad_norm, updated = train_step(trainer, iteration)
@@ -150,32 +153,34 @@ def _train(args) -> list[float]:
         losses.append(loss)
         faults.record_loss(iteration, loss)
         skipped_in_a_row = 0 if updated else skipped_in_a_row + 1
-        if skipped_in_a_row > args.max_skipped_steps:
-            if args.save:
+        if skipped_in_a_row > training.max_skipped_steps:
+            if save_dir:
                 save(trainer, iteration)  # skipped steps changed nothing: the last good state
             raise MegalongError(
                 f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient norm "
-                f"(--max-skipped-steps {args.max_skipped_steps}) at iteration {iteration}"
-                + (f"; the last good state is saved in {args.save}" if args.save else ""))
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                f"(--max-skipped-steps {training.max_skipped_steps}) at iteration {iteration}"
+                + (f"; the last good state is saved in {save_dir}" if save_dir else ""))
+        if iteration % training.log_interval == 0 or iteration == training.train_iters:
             # Context parallel: halo bytes per layer of this step, the most any rank received.
-            halo = HALO_COUNTER.per_layer_max_over_ranks() if args.context_parallel_size > 1 \
-                else None
+            halo = (HALO_COUNTER.per_layer_max_over_ranks()
+                    if job.parallel.context_parallel_size > 1 else None)
             progress.step(iteration, loss=loss, lr=lr, grad_norm=grad_norm,
                           step_time=time.monotonic() - started, skipped=not updated, halo=halo)
         faults.after_iteration(iteration)  # fault injection (tests only)
-        if args.eval_interval and trainer.valid_data is not None and iteration % args.eval_interval == 0:
+        if (training.eval_interval and trainer.valid_data is not None
+                and iteration % training.eval_interval == 0):
             progress.validation(iteration, evaluate(trainer))
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
+        saved_now = bool(save_dir and save_interval and iteration % save_interval == 0)
+        if saved_now:
             save(trainer, iteration)
-        if iteration < args.train_iters and exits.should_exit(iteration):
-            if args.save and not (args.save_interval and iteration % args.save_interval == 0):
+        if iteration < training.train_iters and exits.should_exit(iteration):
+            if save_dir and not saved_now:
                 save(trainer, iteration)
             log(f"exiting at iteration {iteration} as requested")
             break
     else:
-        already_saved = args.save_interval and iteration % args.save_interval == 0
-        if args.save and iteration > trainer.iteration and not already_saved:
+        already_saved = save_interval and iteration % save_interval == 0
+        if save_dir and iteration > trainer.iteration and not already_saved:
             save(trainer, iteration)
     progress.close()
     return losses

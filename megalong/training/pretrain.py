@@ -1,48 +1,51 @@
-"""Entry point of examples/pretrain_longlora.py: flags, validation before torch, then train()."""
+"""Entry point of examples/pretrain_longlora.py: flags into a JobConfig, every check that needs
+no torch, then train()."""
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from megalong import config
+from megalong.checkpoint_manifest import select_iteration
+from megalong.checkpoint_meta import read_metadata
+from megalong.config.job import JobConfig
 from megalong.errors import MegalongError
-from megalong.model.arch import PRESETS, LlamaArch
+from megalong.model.arch import PRESETS
+from megalong.training.tokenizer_check import load_checked_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    return JobConfig.parser(
         description="LongLoRA context extension on megatron-core. Launch with torchrun "
-                    "(examples/pretrain_longlora.sh) or as one process on CPU.",
-        allow_abbrev=False)
-    config.add_model_args(parser)
-    config.add_training_args(parser)
-    config.add_lora_args(parser)
-    return parser
+                    "(examples/pretrain_longlora.sh) or as one process on CPU.")
 
 
-def parse_and_validate(argv=None):
+def parse_and_validate(argv=None) -> JobConfig:
     """Parses and checks every flag (and the --load metadata) without importing torch."""
-    args = build_parser().parse_args(argv)
-    if args.load:
-        from megalong.checkpoint_manifest import select_iteration
-        from megalong.checkpoint_meta import read_metadata
+    job = JobConfig.from_args(build_parser().parse_args(argv))
+    return validate_job(job, int(os.environ.get("WORLD_SIZE", "1")))
 
+
+def validate_job(job: JobConfig, world_size: int) -> JobConfig:
+    """The job resolved for this world (see JobConfig.resolved), checked against --load's
+    metadata and the tokenizer."""
+    load, metadata = job.checkpoint.load, None
+    if load:
         # A missing or truncated file (sizes against the manifest) is caught here, before torch;
         # load_checkpoint checks the CRC-32s. --load-fallback picks an older intact iteration.
-        args.load_iteration = select_iteration(args.load, fallback=args.load_fallback, log=_log)
-        metadata = read_metadata(args.load, args.load_iteration)
-        arch = LlamaArch(**metadata["arch"])
-    elif args.model:
-        arch = PRESETS[args.model]
+        iteration = select_iteration(load, fallback=job.checkpoint.load_fallback, log=_log)
+        job = job.replace(checkpoint=dataclasses.replace(job.checkpoint, load_iteration=iteration))
+        metadata = read_metadata(load, iteration)
+        arch = metadata.arch
+    elif job.model.arch or job.model.model:
+        arch = job.model.arch or PRESETS[job.model.model]
     else:
         raise MegalongError("give --load (a converted checkpoint) or --model (a preset, random init)")
-    config.validate_model_args(args, arch)
-    config.validate_training_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-    config.validate_lora_args(args)
-    if args.load:
-        config.check_lora_fits_checkpoint(args, metadata, args.load)
-    check_tokenizer_fits(args, arch)
-    return args
+    job = job.resolved(world_size, arch)
+    if metadata is not None:
+        job.lora.check_fits_checkpoint(metadata.lora, load)
+    load_checked_tokenizer(job.data.tokenizer, load, arch)
+    return job
 
 
 def _log(message: str) -> None:
@@ -50,14 +53,8 @@ def _log(message: str) -> None:
         print(f"[megalong] {message}", file=sys.stderr, flush=True)
 
 
-def check_tokenizer_fits(args, arch) -> None:
-    from megalong.training.tokenizer_check import load_checked_tokenizer
-
-    load_checked_tokenizer(args, arch)
-
-
 def main(argv=None) -> list[float]:
-    args = parse_and_validate(argv)
-    from megalong.training.loop import train
+    job = parse_and_validate(argv)
+    from megalong.training.loop import train  # torch from here on
 
-    return train(args)
+    return train(job)

@@ -1,0 +1,195 @@
+"""What model is trained and how it attends: preset, sequence length, S²-Attn groups, kernel,
+RoPE interpolation. The group-size and context-parallel rules live here (DESIGN.md §5-§6)."""
+
+import argparse
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from megalong.config._fields import from_namespace
+from megalong.device_policy import cuda_possible
+from megalong.errors import MegalongError
+from megalong.model.arch import PRESETS, LlamaArch
+
+# megatron-core's selective-recompute submodules that a Llama layer has (its others are MoE/MLA).
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
+
+# Tokens per lm_head + cross-entropy chunk (model/chunked_loss.py): the training default, and what
+# ModelOptions and the planner assume.
+LOSS_CHUNK_TOKENS = 2048
+
+ATTENTION_KERNELS = ("auto", "sdpa", "torch-varlen", "flex", "flash", "te")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    model: Optional[str] = None  # a preset name (when no --load gives the architecture)
+    # From Python only (benchmarks): an architecture that is no preset.
+    arch: Optional[LlamaArch] = None
+    seq_length: Optional[int] = None
+    attention: str = "s2"
+    group_size_ratio: float = 0.25
+    group_size: Optional[int] = None
+    attention_kernel: str = "auto"
+    transformer_impl: str = "local"
+    rotary_seq_len_interpolation_factor: Optional[float] = None
+
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("model")
+        group.add_argument("--model", choices=sorted(PRESETS), default=None,
+                           help="architecture preset (when no --hf-dir or --load gives one)")
+        group.add_argument("--seq-length", type=int, default=None,
+                           help="training sequence length N (S²-Attn groups are derived from it)")
+        group.add_argument("--attention", choices=["s2", "full"], default="s2",
+                           help="s2: shifted sparse attention while training (dense in eval); "
+                                "full: dense causal attention always (default s2)")
+        group.add_argument("--group-size-ratio", type=float, default=0.25,
+                           help="S²-Attn group size as a fraction of --seq-length (default 0.25)")
+        group.add_argument("--group-size", type=int, default=None,
+                           help="S²-Attn group size G in tokens (overrides --group-size-ratio)")
+        group.add_argument("--attention-kernel", default="auto", choices=list(ATTENTION_KERNELS),
+                           help="inner attention kernel of S²-Attn: torch SDPA on the folded "
+                                "groups (CPU/GPU, any dtype); torch's own varlen flash kernel "
+                                "(torch-varlen: torch >= 2.10, GPU, --bf16) or FlexAttention "
+                                "(flex: one compiled masked call per layer, GPU); the flash-attn "
+                                "package's varlen kernel or Transformer Engine (GPU, --bf16); auto "
+                                "picks flash-attn, then TE, then SDPA, by what fits the device "
+                                "and dtype")
+        group.add_argument("--transformer-impl", choices=["local", "transformer_engine"],
+                           default="local",
+                           help="megatron-core's own modules (CPU and GPU) or Transformer Engine "
+                                "linears (GPU; checkpoints are interchangeable) (default local)")
+        group.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
+                           help="linear RoPE position interpolation factor (default "
+                                "ceil(seq-length / original length), or the checkpoint's)")
+
+    @classmethod
+    def from_args(cls, namespace) -> "ModelConfig":
+        return from_namespace(cls, namespace)
+
+    def seq_length_for(self, arch: LlamaArch) -> int:
+        return self.seq_length or arch.max_position_embeddings
+
+    def group_size_for(self, seq_length: int) -> Optional[int]:
+        """G while training (None with dense attention)."""
+        if self.attention != "s2":
+            return None
+        return resolve_group_size(seq_length, self.group_size, self.group_size_ratio)
+
+    def validate(self, arch: LlamaArch, parallel) -> None:
+        from megalong.convert.hf_config import validate_tp
+
+        parallel.validate()
+        tp = parallel.tensor_model_parallel_size
+        validate_tp(arch, tp, parallel.pipeline_model_parallel_size)
+        seq_length = self.seq_length_for(arch)
+        if parallel.sequence_parallel and seq_length % tp:
+            raise MegalongError(f"--sequence-parallel: seq-length {seq_length} must be divisible "
+                                f"by tensor-model-parallel-size {tp}")
+        validate_context_parallel(seq_length, parallel.context_parallel_size,
+                                  self.group_size_for(seq_length), tp=tp,
+                                  sequence_parallel=parallel.sequence_parallel)
+        factor = self.rotary_seq_len_interpolation_factor
+        if factor is not None and factor < 1:
+            raise MegalongError(f"--rotary-seq-len-interpolation-factor must be >= 1, got {factor}")
+        if self.transformer_impl == "transformer_engine" and not importable("transformer_engine"):
+            raise MegalongError("--transformer-impl transformer_engine needs Transformer Engine, "
+                                "which is not installed (pip install 'megalong[gpu]', GPU only); "
+                                "use --transformer-impl local")
+
+
+def resolve_group_size(seq_length: int, group_size=None, ratio: float = 0.25) -> int:
+    """G from --group-size or --group-size-ratio; N % G == 0 and G even, else a clear error."""
+    if group_size is None:
+        group_size = int(round(seq_length * ratio))
+        source = f"group-size-ratio {ratio} of seq-length {seq_length}"
+    else:
+        source = f"group-size {group_size}"
+    if group_size < 2 or group_size > seq_length:
+        raise MegalongError(f"S²-Attn group size {group_size} ({source}) must be between 2 and "
+                            f"seq-length {seq_length}")
+    if group_size % 2:
+        raise MegalongError(f"S²-Attn group size {group_size} ({source}) must be even: shifted "
+                            f"heads move groups by half a group")
+    if seq_length % group_size:
+        raise MegalongError(
+            f"seq-length {seq_length} is not a multiple of group size {group_size} ({source}); "
+            f"use a seq-length divisible by {group_size}, e.g. "
+            f"{seq_length // group_size * group_size or group_size}")
+    return group_size
+
+
+def validate_context_parallel(seq_length: int, cp: int, group_size=None, *, tp: int = 1,
+                              sequence_parallel: bool = False) -> None:
+    """CP rank r holds tokens [rL, (r+1)L), L = N/c. With S²-Attn (group size G) L must be a
+    multiple of G/2, so every slice starts at a group bound of one head half and the other
+    half needs only the previous rank's last G/2 tokens (DESIGN.md §6); hence c <= 2N/G."""
+    if cp == 1:
+        return
+    N = seq_length
+    if group_size is None:
+        if N % cp:
+            valid = [c for c in range(2, min(N, 64) + 1) if N % c == 0][:6]
+            raise MegalongError(f"--context-parallel-size {cp}: seq-length {N} does not split into "
+                                f"{cp} equal slices; use a context-parallel size dividing {N}, "
+                                f"e.g. {', '.join(map(str, valid))}")
+    else:
+        half = group_size // 2
+        if N % cp or (N // cp) % half:
+            valid_c = [c for c in range(2, 2 * N // group_size + 1)
+                       if N % c == 0 and (N // c) % half == 0]
+            advice = (f"use --context-parallel-size in {{{', '.join(map(str, valid_c))}}}"
+                      if valid_c else "use a smaller group size")
+            if N % cp == 0:
+                valid_g = [g for g in range(2 * (N // cp), 1, -2)
+                           if N % g == 0 and (N // cp) % (g // 2) == 0][:3]
+                advice += (f", or keep c = {cp} with --group-size in "
+                           f"{{{', '.join(map(str, valid_g))}}}")
+            raise MegalongError(
+                f"--context-parallel-size {cp}: each rank's slice of seq-length {N} "
+                f"(L = N/c = {N / cp:g} tokens) must be a multiple of half the S²-Attn group size "
+                f"(G/2 = {half}), so c can be at most 2N/G = {2 * N // group_size}; {advice}")
+    if sequence_parallel and (N // cp) % tp:
+        raise MegalongError(f"--sequence-parallel: each context-parallel slice ({N // cp} tokens "
+                            f"of seq-length {N}) must be divisible by tensor-model-parallel-size "
+                            f"{tp}")
+
+
+# Kernels that train on CUDA tensors only: (half precision only?, the package it needs, or None
+# for torch's own).
+_GPU_KERNELS = {"torch-varlen": (True, None), "flex": (False, None),
+                "flash": (True, "flash_attn"), "te": (True, "transformer_engine")}
+
+
+def validate_attention_kernel(kernel: str, *, bf16: bool) -> None:
+    """flash-attn and torch's varlen kernel take fp16/bf16 only (float32 fails at the first
+    forward) and TE's fused attention backends likewise (in float32 TE silently falls back to
+    its unfused one): an explicit request needs --bf16, a GPU and the package. FlexAttention
+    trains on GPUs only (CPU has no backward). `auto` picks what fits at run time."""
+    if kernel not in _GPU_KERNELS:
+        return
+    half_only, package = _GPU_KERNELS[kernel]
+    if half_only and not bf16:
+        raise MegalongError(f"--attention-kernel {kernel} runs in half precision only; add --bf16 "
+                            "(or use --attention-kernel sdpa or auto for float32)")
+    if not cuda_possible():
+        raise MegalongError(f"--attention-kernel {kernel} runs on CUDA GPUs only and this run is "
+                            "on the CPU; use --attention-kernel sdpa or auto")
+    if package is not None and not importable(package):
+        raise MegalongError(f"--attention-kernel {kernel} needs {package}, which is not "
+                            "installed; use --attention-kernel sdpa or auto")
+
+
+def default_interpolation_factor(seq_length, original_length, recorded=None):
+    """LongLoRA's released models use ceil(target / original) (25 for 100k on Llama-2)."""
+    if recorded is not None:
+        return recorded
+    if seq_length and seq_length > original_length:
+        return float(math.ceil(seq_length / original_length))
+    return None
+
+
+def importable(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None

@@ -1,0 +1,104 @@
+"""Which model to load: a megalong checkpoint (`--load`) or an HF directory (`--hf-dir`, optionally
+with a PEFT adapter over it), resolved and checked without torch, so CLIs reject bad input before
+start-up. build.load_model turns a ModelSource into a model."""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from megalong.checkpoint_meta import TOKENIZER_SUBDIR, CheckpointMetadata
+from megalong.config.parallel import ParallelConfig
+from megalong.errors import MegalongError
+from megalong.model.arch import LlamaArch
+
+VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    kind: str  # "checkpoint" or "hf"
+    path: str
+    arch: LlamaArch
+    interpolation_factor: Optional[float]
+    parallel: ParallelConfig = ParallelConfig()
+    padded_vocab_size: int = 0
+    lora: Optional[dict] = None  # the LoRA adapters the checkpoint (or PEFT adapter) carries
+    tokenizer: Optional[str] = None  # the tokenizer that travels with the model, if any
+    metadata: Optional[CheckpointMetadata] = None  # a checkpoint's megalong.json
+    iteration: Optional[int] = None  # a checkpoint's iteration to load (None: the latest)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": os.path.abspath(self.path),
+                "interpolation_factor": self.interpolation_factor,
+                "tensor_model_parallel_size": self.parallel.tensor_model_parallel_size,
+                "pipeline_model_parallel_size": self.parallel.pipeline_model_parallel_size,
+                "vocab_size": self.arch.vocab_size, "lora": bool(self.lora)}
+
+
+def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = None, tp: int = 1,
+                         pp: int = 1, interpolation_factor: Optional[float] = None) -> ModelSource:
+    """Everything about the model that can be checked without torch."""
+    from megalong.convert.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
+
+    if (load is None) == (hf_dir is None):
+        raise MegalongError("give exactly one of --load (a megalong checkpoint) or --hf-dir")
+    if interpolation_factor is not None and not interpolation_factor >= 1:
+        raise MegalongError(f"--rotary-seq-len-interpolation-factor must be >= 1, got "
+                            f"{interpolation_factor}")
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if load is not None:
+        from megalong.checkpoint_manifest import select_iteration
+        from megalong.checkpoint_meta import read_metadata
+
+        iteration = select_iteration(load)  # a truncated file is named here
+        meta = read_metadata(load, iteration)
+        validate_tp(meta.arch, tp, pp)
+        if meta.padded_vocab_size % tp:
+            raise MegalongError(f"checkpoint {load}: its padded vocabulary "
+                                f"{meta.padded_vocab_size} does not split over "
+                                f"tensor-model-parallel-size {tp}")
+        return ModelSource(kind="checkpoint", path=load, arch=meta.arch,
+                           interpolation_factor=interpolation_factor or meta.interpolation_factor,
+                           parallel=parallel, padded_vocab_size=meta.padded_vocab_size,
+                           lora=meta.lora or None, tokenizer=find_tokenizer(load),
+                           metadata=meta, iteration=iteration)
+    config, config_path = read_hf_dir_config(hf_dir)
+    arch, recorded = arch_from_hf_config(config, config_path)
+    validate_tp(arch, tp, pp)
+    return ModelSource(kind="hf", path=hf_dir, arch=arch,
+                       interpolation_factor=interpolation_factor or recorded, parallel=parallel,
+                       padded_vocab_size=padded_vocab_size(arch.vocab_size, VOCAB_DIVISIBLE_BY, tp),
+                       tokenizer=find_tokenizer(hf_dir))
+
+
+def padded_vocab_size(vocab: int, divisible_by: int = VOCAB_DIVISIBLE_BY, tp: int = 1) -> int:
+    """Megatron-LM's rule: round vocab up to a multiple of divisible_by * tp."""
+    multiple = divisible_by * tp
+    return -(-vocab // multiple) * multiple
+
+
+def find_tokenizer(directory: Optional[str]) -> Optional[str]:
+    """The tokenizer stored with a model: an HF directory's own tokenizer* files (tokenizer.json,
+    tokenizer.model, tokenizer_config.json), or a checkpoint's tokenizer/ subdirectory (they
+    travel with checkpoints). None when there is none."""
+    if not directory:
+        return None
+    for candidate in (directory, os.path.join(directory, TOKENIZER_SUBDIR)):
+        if os.path.isdir(candidate) and any(name.startswith("tokenizer") and
+                                            os.path.isfile(os.path.join(candidate, name))
+                                            for name in os.listdir(candidate)):
+            return candidate
+    return None
+
+
+def tokenizer_path(source: ModelSource, explicit: Optional[str]) -> str:
+    """--tokenizer, else the tokenizer stored with the model; a clear error without either."""
+    if explicit:
+        from megalong.data.tokenizer import check_tokenizer_path
+
+        check_tokenizer_path(explicit)
+        return explicit
+    if source.tokenizer is None:
+        raise MegalongError(f"{source.path} holds no tokenizer files; pass --tokenizer "
+                            "(a sentencepiece tokenizer.model or an HF tokenizer directory)")
+    return source.tokenizer

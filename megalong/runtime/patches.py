@@ -80,7 +80,7 @@ def _patch(group: str, *, other_versions: str = "warn", written_for: str = WRITT
     assert group in GROUPS and other_versions in ("warn", "raise", "skip")
 
     def register(fn):
-        reason = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        reason = (fn.__doc__ or "").strip().split("\n")[0]
         patch = Patch(fn.__name__, group, reason, written_for, other_versions, fn)
         PATCHES[patch.name] = patch
 

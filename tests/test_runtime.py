@@ -1,5 +1,6 @@
 """CPU runtime details that no other test reaches."""
 
+import pathlib
 import platform
 import resource
 
@@ -8,6 +9,8 @@ import torch
 
 from megalong import runtime
 from megalong.config.parallel import ParallelConfig
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _faults_to_fill(num_bytes: int) -> int:
@@ -90,13 +93,73 @@ def test_nccl_communicator_of_the_cp_group_exists_before_the_first_halo_exchange
 
 
 def test_every_device_decision_asks_the_runtime():
-    """One device policy: only runtime.py asks torch whether CUDA is there (MEGALONG_DEVICE=cpu
-    must hold everywhere: model build, norms, logging, checkpoints)."""
+    """One device policy: only runtime/devices.py asks torch whether CUDA is there
+    (MEGALONG_DEVICE=cpu must hold everywhere: model build, norms, logging, checkpoints)."""
     import pathlib
 
     import megalong
 
     root = pathlib.Path(megalong.__file__).parent
     offenders = [str(path.relative_to(root)) for path in root.rglob("*.py")
-                 if path.name != "runtime.py" and "cuda.is_available" in path.read_text()]
+                 if path.relative_to(root).as_posix() != "runtime/devices.py"
+                 and "cuda.is_available" in path.read_text()]
     assert offenders == []
+
+
+# ---------------------------------------------------------------- the patch table
+
+
+def test_every_patch_has_a_reason_a_group_and_the_version_it_was_written_for():
+    from megalong.runtime import patches
+
+    assert len(patches.PATCHES) >= 10
+    for name, patch in patches.PATCHES.items():
+        assert patch.name == name and callable(getattr(patches, name))
+        assert patch.reason and "\n" not in patch.reason, name
+        assert patch.group in patches.GROUPS, name
+        assert patch.other_versions in ("warn", "raise", "skip"), name
+        assert patch.written_for == patches.WRITTEN_FOR, name
+        assert patches.written_for(patch, runtime.megatron_version()), name  # the installed one
+    assert "megatron-core>=0.16,<0.17" in (ROOT / "setup.py").read_text()  # the pin says the same
+
+
+def _megalong_sources():
+    root = ROOT / "megalong"
+    return [(path.relative_to(ROOT).as_posix(), path.read_text()) for path in root.rglob("*.py")
+            if path.relative_to(root).parts[0] != "runtime"]
+
+
+def test_only_the_runtime_patches_megatron_or_torch():
+    """Warning filters, logging filters, class swaps and assignments to megatron's or torch's
+    module attributes live in runtime/patches.py, each with its reason; nowhere else."""
+    import re
+
+    forbidden = re.compile(
+        r"warnings\.(filterwarnings|simplefilter)\(|addFilter\(|__class__\s*=[^=]"
+        # an assignment to an attribute of a megatron or torch module (or of a module imported
+        # from them under a short name: rope_utils, mp_random, filesystem_async, ...)
+        r"|^\s*(torch|megatron|rope_utils|mp_random|parallel_state|tensor_parallel|"
+        r"filesystem_async|gpt_model|transformer_layer)(\.\w+)+\s*=[^=]", re.M)
+    offenders = [f"{path}: {match.group(0).strip()}" for path, text in _megalong_sources()
+                 for match in forbidden.finditer(text)]
+    assert offenders == []
+
+
+def test_out_of_range_megatron_version_warns_or_raises(monkeypatch):
+    from megatron.core import package_info
+
+    from megalong.errors import MegalongError
+    from megalong.model.rope import rotate_half_rope
+    from megalong.runtime import patches
+
+    monkeypatch.setattr(package_info, "__version__", "0.17.0")
+    monkeypatch.setattr(patches, "_WARNED", set())
+    with pytest.warns(UserWarning, match="quiet_eval_notices.*written for megatron-core 0.16.x, "
+                                         "and 0.17.0 is installed: applied"):
+        assert patches.check_version(patches.PATCHES["quiet_eval_notices"])
+    with pytest.warns(UserWarning, match="checkpoint_without_output_fp8_off.*left out"):
+        assert not patches.check_version(patches.PATCHES["checkpoint_without_output_fp8_off"])
+    with pytest.raises(MegalongError, match="fill_fused_rope_slot.*0.17.0"):
+        runtime.fill_fused_rope_slot(rotate_half_rope)  # checked on every call
+    monkeypatch.setattr(package_info, "__version__", "0.16.7")
+    assert patches.check_version(patches.PATCHES["fill_fused_rope_slot"])

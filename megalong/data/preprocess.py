@@ -218,10 +218,9 @@ def preprocess_to_indexed(inputs: list[str], output_prefix: str, tokenizer: Toke
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
 
-    import warnings
+    from megalong import runtime
 
-    # megatron-core's import warns that apex/TE are absent: optional here (DESIGN.md §3).
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    runtime.apply_patches("import")  # megatron-core's import warns that apex/TE are absent
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)

@@ -114,9 +114,9 @@ def build_pretrain_datasets(
 
     Call on every rank (it synchronises with barriers when torch.distributed is initialised).
     is_built_on_rank: ranks that return False get None datasets (default: every rank builds)."""
-    import warnings
+    from megalong import runtime
 
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    runtime.apply_patches("import")  # megatron-core's import warns that apex/TE are absent
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 

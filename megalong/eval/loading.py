@@ -56,18 +56,10 @@ def check_output_file(flag: str, path: Optional[str]) -> None:
 # ---------------------------------------------------------------- on the ranks (torch from here)
 
 
-# megatron-core's notices that say nothing about an evaluation run.
-_QUIET = (".*full scope is deprecated.*", ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
-          ".*all_gather_into_tensor.*is deprecated.*")
-
-
 def init_eval_runtime(source: ModelSource, seed: int = 1234) -> None:
-    import warnings
-
     from megalong import runtime
 
-    for message in _QUIET:
-        warnings.filterwarnings("ignore", message=message)
+    runtime.apply_patches("eval")  # megatron-core's notices that say nothing about an eval run
 
     runtime.init_distributed(source.parallel, seed=seed)
 

@@ -7,9 +7,9 @@ context_parallel.py). The two places, replaced here:
 - batch slicing (megatron-LM's `get_batch_on_this_cp_rank`, not called by megalong):
   `slice_batch_for_cp_rank`, used by model/forward.py on every micro-batch;
 - RoPE slicing (`get_pos_emb_on_this_cp_rank`, called inside megatron's RotaryEmbedding):
-  `use_contiguous_rope(model)` gives the model's rotary embedding a forward that slices
-  contiguously. It changes that one instance (built by build_llama), not megatron's function,
-  which other models in the process may still want.
+  `contiguous_rotary_embedding(model, ...)` builds the model's rotary embedding again as
+  `ContiguousRotaryEmbedding`, whose forward slices contiguously; build_llama puts it in the
+  model. megatron's function stays as it is for other models in the process.
 Labels are shifted before slicing (datasets give labels[i] = tokens[i+1]), so no token pair
 crosses a slice boundary.
 """
@@ -81,14 +81,21 @@ class ContiguousRotaryEmbedding(RotaryEmbedding):
         return emb[local_span(max_seq_len, group.rank(), group.size())]
 
 
-def use_contiguous_rope(model: torch.nn.Module) -> None:
-    """Make `model.rotary_pos_emb` (a GPTModel's) slice RoPE contiguously under CP. The
-    instance's class is swapped for the subclass above: its state (inv_freq, cp_group,
-    interpolation) was built by megatron and stays as it is; only forward differs."""
-    rope = getattr(model, "rotary_pos_emb", None)
-    if rope is None or isinstance(rope, ContiguousRotaryEmbedding):
-        return
+def contiguous_rotary_embedding(model: torch.nn.Module, **rope_args) -> ContiguousRotaryEmbedding:
+    """`model.rotary_pos_emb` (a GPTModel's RotaryEmbedding) as a ContiguousRotaryEmbedding:
+    built with the arguments GPTModel.__init__ gave it (its rotary_* and rope_* arguments are
+    `rope_args`), so the same state (inv_freq, cp_group, interpolation); only forward differs."""
+    rope = model.rotary_pos_emb
     if type(rope) is not RotaryEmbedding:
         raise MegalongError(f"context parallel S²-Attn supports megatron's RotaryEmbedding, not "
                             f"{type(rope).__name__}")
-    rope.__class__ = ContiguousRotaryEmbedding
+    config = model.config
+    contiguous = ContiguousRotaryEmbedding(
+        kv_channels=config.kv_channels, rotary_interleaved=config.rotary_interleaved,
+        use_cpu_initialization=config.use_cpu_initialization, cp_group=model.pg_collection.cp,
+        **rope_args)
+    if not (torch.equal(contiguous.inv_freq, rope.inv_freq) and contiguous.cp_group is rope.cp_group
+            and contiguous.__dict__.keys() == rope.__dict__.keys()):
+        raise MegalongError("ContiguousRotaryEmbedding differs from the RotaryEmbedding megatron "
+                            "built (model/cp_layout.py: GPTModel's arguments changed?)")
+    return contiguous

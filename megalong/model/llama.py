@@ -15,8 +15,8 @@ from megalong.config.model import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError
 from megalong.model.arch import LlamaArch
 from megalong.model.chunked_loss import chunked_cross_entropy
-from megalong.model.cp_layout import use_contiguous_rope
-from megalong.model.rope import use_rope_kernel
+from megalong.model.cp_layout import contiguous_rotary_embedding
+from megalong.model.rope import rotate_half_rope
 from megalong.model.spec import llama_block_spec
 
 
@@ -48,6 +48,9 @@ class ModelOptions:
 
 def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig:
     on_gpu = runtime.use_cuda()  # MEGALONG_DEVICE=cpu on a GPU host builds the CPU model
+    runtime.apply_patches()  # idempotent: done by init_distributed, unless the caller skipped it
+    # megalong's RoPE kernel in megatron's fused slot unless TE's is there (TE's needs CUDA).
+    rope_kernel = runtime.fill_fused_rope_slot(rotate_half_rope) or on_gpu
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -73,7 +76,7 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         # TE's fused RoPE kernel (megatron-LM's default) when TE is in use, checked against the
         # local spec in test_lora's TE test; otherwise megalong's (rope.py): megatron's unfused
         # path concatenates twice per q/k.
-        apply_rope_fusion=opts.transformer_impl == "transformer_engine" or use_rope_kernel(on_gpu),
+        apply_rope_fusion=opts.transformer_impl == "transformer_engine" or rope_kernel,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
@@ -118,6 +121,13 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
             f"llama3 rope scaling {llama3} is not supported: megatron-core implements only "
             "low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192"
         )
+    rope = dict(
+        rotary_percent=1.0,
+        rotary_base=int(arch.rope_theta),
+        rope_scaling=llama3 is not None,
+        rope_scaling_factor=float(llama3["factor"]) if llama3 else 8.0,
+        seq_len_interpolation_factor=opts.interpolation_factor,
+    )
     model = LlamaModel(
         config=config,
         transformer_layer_spec=block_spec,
@@ -127,11 +137,7 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
-        rotary_percent=1.0,
-        rotary_base=int(arch.rope_theta),
-        rope_scaling=llama3 is not None,
-        rope_scaling_factor=float(llama3["factor"]) if llama3 else 8.0,
-        seq_len_interpolation_factor=opts.interpolation_factor,
+        **rope,
     )
     model.loss_chunk_tokens = opts.loss_chunk_tokens
     model.real_vocab_size = arch.vocab_size
@@ -139,8 +145,8 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
         tag_tensor_parallel_weights(model)
     if model.post_process and opts.padded_vocab_size > arch.vocab_size:
         mask_padded_vocab(model.output_layer, arch.vocab_size)
-    if config.context_parallel_size > 1:
-        use_contiguous_rope(model)  # contiguous CP slices, not megatron's zig-zag (cp_layout.py)
+    if config.context_parallel_size > 1:  # contiguous CP slices, not megatron's zig-zag
+        model.rotary_pos_emb = contiguous_rotary_embedding(model, **rope)
     return model
 
 

@@ -11,7 +11,8 @@ them). Every product is rounded and then summed as megatron's path rounds it, so
 gradients are bit for bit megatron's (tested). It saves only cos and sin, as megatron's does.
 
 megatron leaves `rope_utils.fused_apply_rotary_pos_emb` to Transformer Engine and calls it when
-`apply_rope_fusion` is set; `use_rope_kernel` fills that slot when TE has not."""
+`apply_rope_fusion` is set; the runtime's `fill_fused_rope_slot` patch puts this kernel there
+when TE has not (model/llama.py asks it while building a model's config)."""
 
 import torch
 from megatron.core.models.common.embeddings import rope_utils
@@ -58,10 +59,3 @@ def rotate_half_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = F
         return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
     return RotateHalfRope.apply(t, torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype))
 
-
-def use_rope_kernel(on_gpu: bool) -> bool:
-    """Whether models built now can set `apply_rope_fusion`: fills megatron's empty fused-RoPE
-    slot with `rotate_half_rope`. A kernel already there is TE's, which needs CUDA tensors."""
-    if rope_utils.fused_apply_rotary_pos_emb is None:
-        rope_utils.fused_apply_rotary_pos_emb = rotate_half_rope
-    return rope_utils.fused_apply_rotary_pos_emb is rotate_half_rope or on_gpu

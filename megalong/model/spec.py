@@ -1,8 +1,6 @@
 """Llama layer specs: megatron-core's ModuleSpec tree with our S²-Attn core attention,
 SP-aware RMSNorm and SwiGLU MLP in the slots (compose, don't subclass)."""
 
-import logging
-
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -19,18 +17,6 @@ from megalong.errors import MegalongError
 from megalong.model.norm import RMSNorm
 from megalong.model.swiglu import SwiGLUMLP
 
-
-class _SwiGLUMLPIsAnMLP(logging.Filter):
-    """megatron's TransformerLayer passes tp_group only when the MLP spec's module is its own MLP
-    class and warns "Unknown MLP type" once per layer for any other. SwiGLUMLP is an MLP; without
-    tp_group it takes the global TP group, the one megatron passes (megalong builds every model
-    on the global parallel state), so the warning says nothing."""
-
-    def filter(self, record):
-        return "Unknown MLP type" not in record.getMessage()
-
-
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_SwiGLUMLPIsAnMLP())
 
 # Checkpoints written with the local spec load into the TE spec and back: the local norm keys are
 # stored under the TE names (megatron's own local spec does the same).

@@ -220,13 +220,12 @@ def step_flops(cfg: PlanConfig) -> Dict[str, float]:
 def _widths(cfg: PlanConfig) -> Dict[str, float]:
     """Per-token widths (elements) of this rank's tensors."""
     arch, tp = cfg.arch, cfg.tp
-    d = arch.head_dim
     return {
         "hidden": arch.hidden_size / tp if cfg.sequence_parallel else arch.hidden_size,
         "hidden_full": arch.hidden_size,
-        "q": arch.num_attention_heads * d / tp,
-        "kv": arch.num_kv_heads * d / tp,
-        "qkv": (arch.num_attention_heads + 2 * arch.num_kv_heads) * d / tp,
+        "q": arch.q_size / tp,
+        "kv": arch.kv_size / tp,
+        "qkv": arch.qkv_size / tp,
         "ffn": arch.ffn_hidden_size / tp,
         "vocab": cfg.padded_vocab / tp,
     }

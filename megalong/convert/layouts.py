@@ -140,7 +140,8 @@ def _to_hf(mapping: weight_map.Mapping, key: str, tensor: torch.Tensor, arch: Ll
         return fc1_split(tensor)
     if kind == weight_map.VOCAB:
         if tensor.shape[0] != padded_vocab:
-            raise MegalongError(f"{key} has {tensor.shape[0]} rows; expected the padded vocab size {padded_vocab}")
+            raise MegalongError(f"{key} has {tensor.shape[0]} rows; expected the padded vocab size "
+                                f"{padded_vocab}")
         return (strip_vocab_rows(tensor, arch.vocab_size),)
     return (tensor,)
 

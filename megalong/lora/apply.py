@@ -164,8 +164,8 @@ def set_trainable(model, extras=TRAINABLE_EXTRAS, *, full_finetune: bool = False
     for name, param in model.named_parameters():
         param.requires_grad = full_finetune or (
             is_adapter_param(name)
-            or ("embed" in extras and (name == "embedding.word_embeddings.weight"
-                                        or (tied and name == "output_layer.weight")))
+            or ("embed" in extras and (name == weight_map.MEGATRON_EMBEDDING
+                                        or (tied and name == weight_map.MEGATRON_OUTPUT)))
             or ("norm" in extras and is_norm_param(name))
         )
 
@@ -186,7 +186,7 @@ def parameter_counts(models) -> tuple[int, int]:
         for name, param in model.named_parameters():
             if not param_is_not_tensor_parallel_duplicate(param):
                 continue
-            if tied_copy and name == "output_layer.weight":
+            if tied_copy and name == weight_map.MEGATRON_OUTPUT:
                 continue  # the last stage's copy of the tied embedding
             counts[1] += param.numel()
             if param.requires_grad:

@@ -197,7 +197,7 @@ class PeftAdapter:
         return tuple(group for group, modules in EXTRA_MODULES.items() if names & set(modules))
 
     def vocab_rows(self):
-        embed = self.hf_tensors.get("model.embed_tokens.weight")
+        embed = self.hf_tensors.get(weight_map.HF_EMBEDDING)
         return None if embed is None else embed.shape[0]
 
     def overlay(self, get_base, arch):
@@ -209,14 +209,14 @@ class PeftAdapter:
         def get(name):
             if name in self.hf_tensors:
                 tensor = self.hf_tensors[name]
-                if name != "model.embed_tokens.weight":
+                if name != weight_map.HF_EMBEDDING:
                     base_shape = tuple(get_base(name).shape)
                     if tuple(tensor.shape) != base_shape:
                         raise MegalongError(f"{self.directory}: {name} has shape {tuple(tensor.shape)}; "
                                             f"the base model's is {base_shape}")
                 return tensor
             tensor = get_base(name)
-            if name == "lm_head.weight" and tensor.shape[0] < arch.vocab_size:
+            if name == weight_map.HF_OUTPUT and tensor.shape[0] < arch.vocab_size:
                 extra = arch.vocab_size - tensor.shape[0]
                 mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
                 tensor = torch.cat([tensor, mean.expand(extra, -1)])
@@ -305,9 +305,9 @@ def iter_peft_tensors(model, arch, padded_vocab: int, extras):
         for name, tensor in iter_hf_tensors(model, arch, padded_vocab):
             if name.rsplit(".", 2)[-2] in modules:
                 yield _PREFIX + name, tensor
-                if name == "model.embed_tokens.weight" and arch.tie_word_embeddings:
+                if name == weight_map.HF_EMBEDDING and arch.tie_word_embeddings:
                     # peft's ensure_weight_tying keeps a copy for the tied lm_head too
-                    yield _PREFIX + "lm_head.weight", tensor.clone()
+                    yield _PREFIX + weight_map.HF_OUTPUT, tensor.clone()
 
 
 def write_peft_adapter(out: str, tensors, config: dict, *, overwrite: bool = False, dtype=None) -> str:

@@ -82,11 +82,12 @@ def _norm(name: str) -> HFTensor:
     return HFTensor(name + "." + WEIGHT, ("hidden_size",))
 
 
+_EMBED_TOKENS = HFTensor("model.embed_tokens.weight", ("vocab_size", "hidden_size"))
+
 # The table, in HF's tensor order (exports and random models write tensors in this order).
 LLAMA: Tuple[Mapping, ...] = (
-    Mapping("embedding.word_embeddings.weight", VOCAB,
-            (HFTensor("model.embed_tokens.weight", ("vocab_size", "hidden_size")),),
-            tp_dim=0, stage=FIRST_STAGE, group="embed"),
+    Mapping("embedding.word_embeddings.weight", VOCAB, (_EMBED_TOKENS,), tp_dim=0,
+            stage=FIRST_STAGE, group="embed"),
     Mapping(MEGATRON_LAYER + "self_attention.linear_qkv.weight", QKV,
             (_linear("self_attn.q_proj", "q_size", "hidden_size", "q"),
              _linear("self_attn.k_proj", "kv_size", "hidden_size", "k"),
@@ -108,18 +109,13 @@ LLAMA: Tuple[Mapping, ...] = (
             stage=LAST_STAGE, group="norm"),
     Mapping("output_layer.weight", VOCAB,
             (HFTensor("lm_head.weight", ("vocab_size", "hidden_size")),), tp_dim=0,
-            stage=LAST_STAGE, tied_to="model.embed_tokens.weight"),
+            stage=LAST_STAGE, tied_to=_EMBED_TOKENS.name),
 )
 
 
 # ------------------------------------------------------------------------------ derived tables
 
-def _parts_table():
-    tensors = {t.part: (m, t) for m in LLAMA for t in m.hf if t.part}
-    return tensors
-
-
-_PARTS = _parts_table()
+_PARTS = {t.part: (m, t) for m in LLAMA for t in m.hf if t.part}  # part -> (Mapping, HFTensor)
 LORA_PARTS: Tuple[str, ...] = tuple(_PARTS)  # ("q", "k", "v", "o", "gate", "up", "down")
 # Megatron linear name ("linear_qkv") -> its Mapping, for the linears LoRA adapts.
 LINEARS: Dict[str, Mapping] = {m.module.rsplit(".", 1)[-1]: m for m in LLAMA if m.parts}
@@ -140,6 +136,14 @@ def _groups():
 
 # --trainable-params group -> the HF module names it trains whole (PEFT modules_to_save).
 GROUP_MODULES: Dict[str, Tuple[str, ...]] = _groups()
+
+
+# The vocabulary-sized tensors, by name (the tie, the grown vocabulary and the trainable embedding
+# are decided by name in the LoRA code).
+_EMBEDDING = next(m for m in LLAMA if m.kind == VOCAB and m.stage == FIRST_STAGE)
+_OUTPUT = next(m for m in LLAMA if m.kind == VOCAB and m.stage == LAST_STAGE)
+HF_EMBEDDING, MEGATRON_EMBEDDING = _EMBEDDING.hf[0].name, _EMBEDDING.megatron
+HF_OUTPUT, MEGATRON_OUTPUT = _OUTPUT.hf[0].name, _OUTPUT.megatron
 
 
 def linear_parent(linear: str) -> str:

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 from megalong.config.model import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError
+from megalong.model import weight_map
 from megalong.model.arch import LlamaArch
 
 RECOMPUTE = ("full", "selective", "none")
@@ -102,35 +103,26 @@ class PlanConfig:
 
     @property
     def padded_vocab(self) -> int:
-        multiple = self.vocab_divisible_by * self.tp
-        return -(-self.arch.vocab_size // multiple) * multiple
+        return self.arch.padded_vocab(self.vocab_divisible_by, self.tp)
 
 
 # ------------------------------------------------------------------- parameters
 
 
 def layer_linear_params(arch: LlamaArch) -> Dict[str, int]:
-    """Weights of one layer's linears (whole, not TP shards): qkv, proj, fc1 (gate+up), fc2."""
-    H, F, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
-    nh, ng = arch.num_attention_heads, arch.num_kv_heads
-    return {"qkv": H * (nh + 2 * ng) * d, "proj": nh * d * H, "fc1": 2 * H * F, "fc2": F * H}
+    """Weights of one layer's linears (whole, not TP shards), by megatron linear (the weight map's
+    shapes): linear_qkv, linear_proj, linear_fc1 (gate+up), linear_fc2."""
+    return weight_map.linear_params(arch)
 
 
 def lora_part_params(arch: LlamaArch, rank: int) -> Dict[str, tuple]:
     """(A params, B params, whether A is TP-split, whether B is TP-split) per HF part.
     Column-parallel bases split B, row-parallel bases split A (DESIGN.md §7)."""
-    H, F, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
-    nh, ng = arch.num_attention_heads, arch.num_kv_heads
-    r = rank
-    return {
-        "q": (r * H, nh * d * r, False, True),
-        "k": (r * H, ng * d * r, False, True),
-        "v": (r * H, ng * d * r, False, True),
-        "o": (r * nh * d, H * r, True, False),
-        "gate": (r * H, F * r, False, True),
-        "up": (r * H, F * r, False, True),
-        "down": (r * F, H * r, True, False),
-    }
+    result = {}
+    for part, (fan_in, fan_out) in weight_map.linear_shapes(arch).items():
+        column = weight_map.LINEARS[weight_map.PART_TO_LINEAR[part]].tp_dim == 0
+        result[part] = (rank * fan_in, fan_out * rank, not column, column)
+    return result
 
 
 def adapter_params(cfg: PlanConfig, *, per_rank: bool) -> int:
@@ -228,13 +220,12 @@ def step_flops(cfg: PlanConfig) -> Dict[str, float]:
 def _widths(cfg: PlanConfig) -> Dict[str, float]:
     """Per-token widths (elements) of this rank's tensors."""
     arch, tp = cfg.arch, cfg.tp
-    d = arch.head_dim
     return {
         "hidden": arch.hidden_size / tp if cfg.sequence_parallel else arch.hidden_size,
         "hidden_full": arch.hidden_size,
-        "q": arch.num_attention_heads * d / tp,
-        "kv": arch.num_kv_heads * d / tp,
-        "qkv": (arch.num_attention_heads + 2 * arch.num_kv_heads) * d / tp,
+        "q": arch.q_size / tp,
+        "kv": arch.kv_size / tp,
+        "qkv": arch.qkv_size / tp,
         "ffn": arch.ffn_hidden_size / tp,
         "vocab": cfg.padded_vocab / tp,
     }

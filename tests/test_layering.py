@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 TORCH_FREE = (
-    "megalong.errors", "megalong.device_policy", "megalong.runtime", "megalong.config", "megalong.model.arch",
+    "megalong.errors", "megalong.device_policy", "megalong.runtime", "megalong.config",
+    "megalong.model.arch", "megalong.model.weight_map",
     "megalong.convert.hf_config", "megalong.lora.options", "megalong.checkpoint_meta",
     "megalong.checkpoint_manifest", "megalong.plan", "megalong.cli",
     "megalong.training.tokenizer_check", "megalong.training.pretrain",

@@ -11,7 +11,9 @@ import torch
 
 from megalong.convert.hf_config import validate_tp
 from megalong.errors import MegalongError
-from megalong.model.arch import LlamaArch
+from megalong.model import weight_map
+from megalong.model.weight_map import at
+from megalong.model.arch import LlamaArch, padded_vocab_size  # noqa: F401  (callers import it here)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,13 +88,7 @@ def _halve(t: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------------------
-# Vocabulary padding (embedding and output layer rows).
-
-
-def padded_vocab_size(vocab: int, divisible_by: int = 128, tp: int = 1) -> int:
-    """Megatron-LM's rule: round vocab up to a multiple of divisible_by * tp."""
-    multiple = divisible_by * tp
-    return -(-vocab // multiple) * multiple
+# Vocabulary padding (embedding and output layer rows). The size rule is the architecture's.
 
 
 def pad_vocab_rows(w: torch.Tensor, padded: int) -> torch.Tensor:
@@ -110,7 +106,44 @@ def strip_vocab_rows(w: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Whole-model maps. Megatron keys are megatron-core's local-spec GPTModel state_dict keys.
+# Whole-model maps: the weight map's entries (megalong/model/weight_map.py) through the functions
+# above, by kind. Megatron keys are megatron-core's local-spec GPTModel state_dict keys.
+
+
+def _to_megatron(mapping: weight_map.Mapping, tensors, arch: LlamaArch, tp_rank: int, tp_size: int,
+                 padded_vocab: int) -> torch.Tensor:
+    """One megatron parameter's shard on TP rank `tp_rank` from its HF tensors."""
+
+    def shard(t, dim):  # a copy when sharded, so the full tensor can be freed
+        return tp_shard(t, dim, tp_rank, tp_size).clone() if tp_size > 1 else t
+
+    kind = mapping.kind
+    if kind == weight_map.QKV:
+        return shard(qkv_hf_to_megatron(*tensors, arch.num_attention_heads, arch.num_kv_heads), 0)
+    if kind == weight_map.GATED_MLP:
+        return fc1_shard(*tensors, tp_rank, tp_size)
+    (tensor,) = tensors
+    if kind == weight_map.VOCAB:
+        tensor = pad_vocab_rows(tensor, padded_vocab)
+    elif kind != weight_map.ONE_TO_ONE:
+        raise MegalongError(f"unknown weight map kind {kind!r}")
+    return tensor if mapping.tp_dim is None else shard(tensor, mapping.tp_dim)
+
+
+def _to_hf(mapping: weight_map.Mapping, key: str, tensor: torch.Tensor, arch: LlamaArch,
+           padded_vocab: int) -> tuple:
+    """A full (TP=1) megatron parameter's HF tensors, in the mapping's order."""
+    kind = mapping.kind
+    if kind == weight_map.QKV:
+        return qkv_megatron_to_hf(tensor, arch.num_attention_heads, arch.num_kv_heads)
+    if kind == weight_map.GATED_MLP:
+        return fc1_split(tensor)
+    if kind == weight_map.VOCAB:
+        if tensor.shape[0] != padded_vocab:
+            raise MegalongError(f"{key} has {tensor.shape[0]} rows; expected the padded vocab size "
+                                f"{padded_vocab}")
+        return (strip_vocab_rows(tensor, arch.vocab_size),)
+    return (tensor,)
 
 
 def hf_to_megatron(
@@ -130,49 +163,22 @@ def hf_to_megatron(
     output_layer.weight in megatron-core; it gets the (padded, sharded) embedding.
     """
     validate_tp(arch, tp_size, 1)
-    nh, ng, d, hidden = arch.num_attention_heads, arch.num_kv_heads, arch.head_dim, arch.hidden_size
-    ffn = arch.ffn_hidden_size
+    start = layer_range[0]
 
-    def get(name, *shape):
+    def get(name, tensor_spec):
         t = get_hf(name)
+        shape = weight_map.hf_shape(tensor_spec, arch)
         if tuple(t.shape) != shape:
             raise MegalongError(f"{name} has shape {tuple(t.shape)}; the config implies {shape}")
         return t
 
-    def shard(t, dim):  # a copy when sharded, so the full tensor can be freed
-        return tp_shard(t, dim, tp_rank, tp_size).clone() if tp_size > 1 else t
-
-    def vocab_shard(name):
-        return shard(pad_vocab_rows(get(name, arch.vocab_size, hidden), padded_vocab), 0)
-
     out = {}
-    if pre_process:
-        out["embedding.word_embeddings.weight"] = vocab_shard("model.embed_tokens.weight")
-    start, stop = layer_range
-    for i in range(start, stop):
-        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i - start}."
-        attn, mlp = hf + "self_attn.", hf + "mlp."
-        qkv = qkv_hf_to_megatron(
-            get(attn + "q_proj.weight", nh * d, hidden),
-            get(attn + "k_proj.weight", ng * d, hidden),
-            get(attn + "v_proj.weight", ng * d, hidden),
-            nh,
-            ng,
-        )
-        out[mg + "input_layernorm.weight"] = get(hf + "input_layernorm.weight", hidden)
-        out[mg + "self_attention.linear_qkv.weight"] = shard(qkv, 0)
-        out[mg + "self_attention.linear_proj.weight"] = shard(get(attn + "o_proj.weight", hidden, nh * d), 1)
-        out[mg + "pre_mlp_layernorm.weight"] = get(hf + "post_attention_layernorm.weight", hidden)
-        out[mg + "mlp.linear_fc1.weight"] = fc1_shard(
-            get(mlp + "gate_proj.weight", ffn, hidden), get(mlp + "up_proj.weight", ffn, hidden), tp_rank, tp_size
-        )
-        out[mg + "mlp.linear_fc2.weight"] = shard(get(mlp + "down_proj.weight", hidden, ffn), 1)
-    if post_process:
-        out["decoder.final_layernorm.weight"] = get("model.norm.weight", hidden)
-        if not arch.tie_word_embeddings:
-            out["output_layer.weight"] = vocab_shard("lm_head.weight")
-        elif not pre_process:
-            out["output_layer.weight"] = vocab_shard("model.embed_tokens.weight")
+    for mapping, layer in weight_map.placed(arch, range(*layer_range), pre_process=pre_process,
+                                            post_process=post_process):
+        names = weight_map.hf_names(mapping, arch)
+        tensors = [get(at(name, layer), spec) for name, spec in zip(names, mapping.hf)]
+        key = at(mapping.megatron, None if layer is None else layer - start)
+        out[key] = _to_megatron(mapping, tensors, arch, tp_rank, tp_size, padded_vocab)
     return out
 
 
@@ -180,55 +186,15 @@ def megatron_to_hf(
     get_megatron: Callable[[str], torch.Tensor], arch: LlamaArch, *, padded_vocab: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield HF (name, tensor) one at a time, in HF's order, from full (TP=1, global-layer) tensors."""
-    nh, ng = arch.num_attention_heads, arch.num_kv_heads
-
-    def unpadded(key):
-        t = get_megatron(key)
-        if t.shape[0] != padded_vocab:
-            raise MegalongError(f"{key} has {t.shape[0]} rows; expected the padded vocab size {padded_vocab}")
-        return strip_vocab_rows(t, arch.vocab_size)
-
-    yield "model.embed_tokens.weight", unpadded("embedding.word_embeddings.weight")
-    for i in range(arch.num_layers):
-        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q, k, v = qkv_megatron_to_hf(get_megatron(mg + "self_attention.linear_qkv.weight"), nh, ng)
-        yield hf + "self_attn.q_proj.weight", q
-        yield hf + "self_attn.k_proj.weight", k
-        yield hf + "self_attn.v_proj.weight", v
-        yield hf + "self_attn.o_proj.weight", get_megatron(mg + "self_attention.linear_proj.weight")
-        gate, up = fc1_split(get_megatron(mg + "mlp.linear_fc1.weight"))
-        yield hf + "mlp.gate_proj.weight", gate
-        yield hf + "mlp.up_proj.weight", up
-        yield hf + "mlp.down_proj.weight", get_megatron(mg + "mlp.linear_fc2.weight")
-        yield hf + "input_layernorm.weight", get_megatron(mg + "input_layernorm.weight")
-        yield hf + "post_attention_layernorm.weight", get_megatron(mg + "pre_mlp_layernorm.weight")
-    yield "model.norm.weight", get_megatron("decoder.final_layernorm.weight")
-    if not arch.tie_word_embeddings:
-        yield "lm_head.weight", unpadded("output_layer.weight")
+    for mapping, layer in weight_map.placed(arch, range(arch.num_layers)):
+        key = at(mapping.megatron, layer)
+        tensors = _to_hf(mapping, key, get_megatron(key), arch, padded_vocab)
+        for spec, tensor in zip(mapping.hf, tensors):
+            yield at(spec.name, layer), tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Local-spec <-> Transformer-Engine-spec key names (TE fuses the norms into the next linear).
+# Local-spec <-> Transformer-Engine-spec key names (the weight map's TE aliases).
 
-_LOCAL_TO_TE_SUFFIX = {
-    ".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
-    ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight",
-}
-_TE_TO_LOCAL_SUFFIX = {te: local for local, te in _LOCAL_TO_TE_SUFFIX.items()}
-
-
-def local_to_te_key(key: str) -> str:
-    """decoder.layers.{j}.input_layernorm.weight -> ...self_attention.linear_qkv.layer_norm_weight, etc."""
-    return _swap_suffix(key, _LOCAL_TO_TE_SUFFIX)
-
-
-def te_to_local_key(key: str) -> str:
-    """Inverse of local_to_te_key; other keys pass through unchanged."""
-    return _swap_suffix(key, _TE_TO_LOCAL_SUFFIX)
-
-
-def _swap_suffix(key: str, table: dict[str, str]) -> str:
-    for old, new in table.items():
-        if key.endswith(old):
-            return key[: -len(old)] + new
-    return key
+local_to_te_key = weight_map.te_key
+te_to_local_key = weight_map.local_key

@@ -14,27 +14,34 @@ from megalong.errors import MegalongError
 from megalong.lora.adapters import ADAPTER_SUFFIX, COLUMN_LINEARS, LoRAAdapter
 from megalong.lora.merge import add_in_place, column_delta, kaiming_uniform_a, row_delta
 from megalong.lora.options import (PART_ORDER, PART_TO_LINEAR, TRAINABLE_EXTRAS, LoraOptions,
+<<<<<<< HEAD
                                    lora_metadata, validate_trainable)
+=======
+                                   lora_metadata, parts_for_targets, validate_trainable)
+from megalong.model import weight_map
+from megalong.model.arch import LlamaArch
+>>>>>>> wt-weightmap
 
-LINEAR_PARENT = {"linear_qkv": "self_attention", "linear_proj": "self_attention",
-                 "linear_fc1": "mlp", "linear_fc2": "mlp"}
-LINEAR_FUSED = {"linear_qkv": "qkv", "linear_fc1": "fc1", "linear_proj": "single",
-                "linear_fc2": "single"}
+# The adapted linears' parent modules and how their parts' rows interleave (merge.py's names for
+# the weight map's kinds).
+LINEAR_PARENT = {linear: weight_map.linear_parent(linear) for linear in weight_map.LINEARS}
+_FUSED_NAME = {weight_map.QKV: "qkv", weight_map.GATED_MLP: "fc1", weight_map.ONE_TO_ONE: "single"}
+LINEAR_FUSED = {linear: _FUSED_NAME[m.kind] for linear, m in weight_map.LINEARS.items()}
 
 
 # ---------------------------------------------------------------------------------- adapters
 
 
 def _linear_geometry(config, linear: str):
-    """{part: (in, out)} of the full HF linears inside megatron's `linear`, plus (nh, ng)."""
-    hidden, ffn = config.hidden_size, config.ffn_hidden_size
-    nh, ng, d = config.num_attention_heads, config.num_query_groups, config.kv_channels
-    return {
-        "linear_qkv": {"q": (hidden, nh * d), "k": (hidden, ng * d), "v": (hidden, ng * d)},
-        "linear_proj": {"o": (nh * d, hidden)},
-        "linear_fc1": {"gate": (hidden, ffn), "up": (hidden, ffn)},
-        "linear_fc2": {"down": (ffn, hidden)},
-    }[linear], (nh, ng)
+    """{part: (in, out)} of the full HF linears inside megatron's `linear` (the weight map's
+    shapes for the model's TransformerConfig), plus (nh, ng)."""
+    arch = LlamaArch(hidden_size=config.hidden_size, num_layers=config.num_layers,
+                     num_attention_heads=config.num_attention_heads,
+                     num_kv_heads=config.num_query_groups, ffn_hidden_size=config.ffn_hidden_size,
+                     vocab_size=0, head_dim_override=config.kv_channels)
+    shapes = weight_map.linear_shapes(arch)
+    return ({part: shapes[part] for part in weight_map.LINEARS[linear].parts},
+            (arch.num_attention_heads, arch.num_kv_heads))
 
 
 def iter_adapters(model):
@@ -162,8 +169,8 @@ def set_trainable(model, extras=TRAINABLE_EXTRAS, *, full_finetune: bool = False
     for name, param in model.named_parameters():
         param.requires_grad = full_finetune or (
             is_adapter_param(name)
-            or ("embed" in extras and (name == "embedding.word_embeddings.weight"
-                                        or (tied and name == "output_layer.weight")))
+            or ("embed" in extras and (name == weight_map.MEGATRON_EMBEDDING
+                                        or (tied and name == weight_map.MEGATRON_OUTPUT)))
             or ("norm" in extras and is_norm_param(name))
         )
 
@@ -184,7 +191,7 @@ def parameter_counts(models) -> tuple[int, int]:
         for name, param in model.named_parameters():
             if not param_is_not_tensor_parallel_duplicate(param):
                 continue
-            if tied_copy and name == "output_layer.weight":
+            if tied_copy and name == weight_map.MEGATRON_OUTPUT:
                 continue  # the last stage's copy of the tied embedding
             counts[1] += param.numel()
             if param.requires_grad:

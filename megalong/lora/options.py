@@ -4,16 +4,14 @@ from dataclasses import dataclass
 
 from megalong.errors import MegalongError
 
-# --lora-targets names -> the HF linears (PEFT target modules) they adapt.
-TARGET_PARTS = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "fc1": ("gate", "up"),
-                "fc2": ("down",)}
-PART_TO_HF = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-              "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-              "down": "mlp.down_proj"}
-PART_ORDER = tuple(PART_TO_HF)
-# Which megatron linear holds each part, and how its parts' rows interleave.
-PART_TO_LINEAR = {"q": "linear_qkv", "k": "linear_qkv", "v": "linear_qkv", "o": "linear_proj",
-                  "gate": "linear_fc1", "up": "linear_fc1", "down": "linear_fc2"}
+from megalong.model.weight_map import (  # noqa: F401  (PART_TO_HF, PART_TO_LINEAR: re-exported)
+    LINEARS, LORA_PARTS, PART_TO_HF, PART_TO_LINEAR)
+
+# --lora-targets names -> the HF linears (LoRA parts) they adapt: attention's one by one, each
+# MLP linear whole (the weight map says which HF linears each megatron linear holds).
+TARGET_PARTS = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",),
+                "fc1": LINEARS["linear_fc1"].parts, "fc2": LINEARS["linear_fc2"].parts}
+PART_ORDER = LORA_PARTS
 TRAINABLE_EXTRAS = ("embed", "norm")
 
 

@@ -16,20 +16,22 @@ import shutil
 import tempfile
 
 from megalong.errors import MegalongError
+from megalong.model import weight_map
+from megalong.model.weight_map import HF_MODULE_TO_PART, LORA_PARTS, PART_TO_HF_MODULE  # noqa: F401
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 LONGLORA_TRAINABLE_FILE = "trainable_params.bin"
-HF_MODULE_TO_PART = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-                     "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
-PART_TO_HF_MODULE = {part: module for module, part in HF_MODULE_TO_PART.items()}
 # --trainable-params groups -> PEFT modules_to_save names (last component of the HF module path).
-EXTRA_MODULES = {"embed": ("embed_tokens",),
-                 "norm": ("input_layernorm", "post_attention_layernorm", "norm")}
+EXTRA_MODULES = weight_map.GROUP_MODULES
 _PREFIX = "base_model.model."
+# A factor of any module under the adapted linears' parents (self_attn, mlp); unknown modules are
+# reported by name.
+_PARENTS = sorted({weight_map.PART_TO_HF[p].rsplit(".", 1)[0] for p in LORA_PARTS})
 _FACTOR_KEY = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])"
-    r"(?:\.default)?\.weight$")
+    r"^(?:" + re.escape(_PREFIX) + r")?"
+    + re.escape(weight_map.HF_LAYER).replace(re.escape("{i}"), r"(\d+)")
+    + r"(?:" + "|".join(map(re.escape, _PARENTS)) + r")\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
 # ------------------------------------------------------------------------------ config (torch-free)
@@ -89,7 +91,7 @@ def read_peft_config(directory: str) -> dict:
 
 def _ordered_parts(parts) -> tuple:
     chosen = set(parts)
-    return tuple(p for p in ("q", "k", "v", "o", "gate", "up", "down") if p in chosen)
+    return tuple(p for p in LORA_PARTS if p in chosen)
 
 
 def peft_config_json(options, extras, *, base_model: str | None, tied: bool) -> dict:
@@ -155,11 +157,9 @@ class PeftAdapter:
     def check_fits(self, arch) -> None:
         """Every factor and whole tensor has the shape the base architecture implies (checked
         before any model is built, so a mismatch costs no start-up)."""
-        hidden, ffn, nh, ng, d = (arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads,
-                                  arch.num_kv_heads, arch.head_dim)
-        linear_shapes = {"q": (hidden, nh * d), "k": (hidden, ng * d), "v": (hidden, ng * d),
-                         "o": (nh * d, hidden), "gate": (hidden, ffn), "up": (hidden, ffn),
-                         "down": (ffn, hidden)}
+        hidden, ffn, nh, ng = (arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads,
+                               arch.num_kv_heads)
+        linear_shapes = weight_map.linear_shapes(arch)
         beyond = sorted({layer for layer, _ in self.factors if layer >= arch.num_layers})
         if beyond:
             raise MegalongError(f"{self.directory}: the adapter has layer {beyond[0]}, but the base "
@@ -179,7 +179,7 @@ class PeftAdapter:
                             f"model (hidden {hidden}, {nh} heads, {ng} kv heads, ffn {ffn}) and r={rank} "
                             f"imply {expected}")
         for name, tensor in self.hf_tensors.items():
-            expected = _hf_tensor_shape(name, arch)
+            expected = weight_map.hf_tensor_shape(name, arch)
             shape = tuple(tensor.shape)
             if shape != expected:  # (the vocabulary has grown to the adapter's embedding already)
                 raise MegalongError(f"{self.directory}: {name} has shape {shape}; the base model "
@@ -197,7 +197,7 @@ class PeftAdapter:
         return tuple(group for group, modules in EXTRA_MODULES.items() if names & set(modules))
 
     def vocab_rows(self):
-        embed = self.hf_tensors.get("model.embed_tokens.weight")
+        embed = self.hf_tensors.get(weight_map.HF_EMBEDDING)
         return None if embed is None else embed.shape[0]
 
     def overlay(self, get_base, arch):
@@ -209,14 +209,14 @@ class PeftAdapter:
         def get(name):
             if name in self.hf_tensors:
                 tensor = self.hf_tensors[name]
-                if name != "model.embed_tokens.weight":
+                if name != weight_map.HF_EMBEDDING:
                     base_shape = tuple(get_base(name).shape)
                     if tuple(tensor.shape) != base_shape:
                         raise MegalongError(f"{self.directory}: {name} has shape {tuple(tensor.shape)}; "
                                             f"the base model's is {base_shape}")
                 return tensor
             tensor = get_base(name)
-            if name == "lm_head.weight" and tensor.shape[0] < arch.vocab_size:
+            if name == weight_map.HF_OUTPUT and tensor.shape[0] < arch.vocab_size:
                 extra = arch.vocab_size - tensor.shape[0]
                 mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
                 tensor = torch.cat([tensor, mean.expand(extra, -1)])
@@ -226,27 +226,7 @@ class PeftAdapter:
 
 
 def factor_key(layer: int, part: str, which: str) -> str:
-    from megalong.lora.options import PART_TO_HF
-
-    return f"{_PREFIX}model.layers.{layer}.{PART_TO_HF[part]}.lora_{which}.weight"
-
-
-def _hf_tensor_shape(name: str, arch):
-    """Shape of an HF Llama tensor of `arch`, or None when there is no such tensor."""
-    hidden, ffn, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
-    nh, ng = arch.num_attention_heads, arch.num_kv_heads
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return (arch.vocab_size, hidden)
-    if name == "model.norm.weight":
-        return (hidden,)
-    match = re.match(r"^model\.layers\.(\d+)\.(.+)\.weight$", name)
-    if not match or int(match.group(1)) >= arch.num_layers:
-        return None
-    return {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
-            "self_attn.q_proj": (nh * d, hidden), "self_attn.k_proj": (ng * d, hidden),
-            "self_attn.v_proj": (ng * d, hidden), "self_attn.o_proj": (hidden, nh * d),
-            "mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden),
-            "mlp.down_proj": (hidden, ffn)}.get(match.group(2))
+    return f"{_PREFIX}{weight_map.lora_module(part, layer)}.lora_{which}.weight"
 
 
 def _load_tensors(path: str) -> dict:
@@ -325,9 +305,9 @@ def iter_peft_tensors(model, arch, padded_vocab: int, extras):
         for name, tensor in iter_hf_tensors(model, arch, padded_vocab):
             if name.rsplit(".", 2)[-2] in modules:
                 yield _PREFIX + name, tensor
-                if name == "model.embed_tokens.weight" and arch.tie_word_embeddings:
+                if name == weight_map.HF_EMBEDDING and arch.tie_word_embeddings:
                     # peft's ensure_weight_tying keeps a copy for the tied lm_head too
-                    yield _PREFIX + "lm_head.weight", tensor.clone()
+                    yield _PREFIX + weight_map.HF_OUTPUT, tensor.clone()
 
 
 def write_peft_adapter(out: str, tensors, config: dict, *, overwrite: bool = False, dtype=None) -> str:

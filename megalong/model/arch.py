@@ -25,8 +25,44 @@ class LlamaArch:
     def head_dim(self) -> int:
         return self.head_dim_override or self.hidden_size // self.num_attention_heads
 
+    @property
+    def q_size(self) -> int:
+        """Rows of the query projection (nh * d)."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Rows of the key projection, and of the value projection (ng * d)."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def qkv_size(self) -> int:
+        """Rows of megatron's fused linear_qkv ((nh + 2 ng) * d)."""
+        return self.q_size + 2 * self.kv_size
+
+    def dim(self, name: str) -> int:
+        """A named size (the weight map's shapes are tuples of these names): hidden_size,
+        ffn_hidden_size, vocab_size, q_size, kv_size, qkv_size."""
+        if name not in DIM_NAMES:
+            raise KeyError(f"unknown dimension {name!r}; known: {', '.join(DIM_NAMES)}")
+        return getattr(self, name)
+
+    def padded_vocab(self, divisible_by: int = 128, tp: int = 1) -> int:
+        """The embedding's and output layer's row count (padded_vocab_size's rule)."""
+        return padded_vocab_size(self.vocab_size, divisible_by, tp)
+
     def with_(self, **changes) -> "LlamaArch":
         return replace(self, **changes)
+
+
+DIM_NAMES = ("hidden_size", "ffn_hidden_size", "vocab_size", "q_size", "kv_size", "qkv_size")
+
+
+def padded_vocab_size(vocab: int, divisible_by: int = 128, tp: int = 1) -> int:
+    """Megatron-LM's rule (--make-vocab-size-divisible-by): round vocab up to a multiple of
+    divisible_by * tp, so every TP rank holds an equal share of the embedding and lm_head."""
+    multiple = divisible_by * tp
+    return -(-vocab // multiple) * multiple
 
 
 PRESETS = {

@@ -16,14 +16,12 @@ from megalong.attention.kernels import PACKAGE_LOAD_ERRORS
 from megalong.errors import MegalongError
 from megalong.model.norm import RMSNorm
 from megalong.model.swiglu import SwiGLUMLP
+from megalong.model.weight_map import te_module_prefixes
 
 
 # Checkpoints written with the local spec load into the TE spec and back: the local norm keys are
-# stored under the TE names (megatron's own local spec does the same).
-NORM_KEYS_TO_TE = {
-    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-}
+# stored under the TE names (megatron's own local spec does the same; the weight map's TE aliases).
+NORM_KEYS_TO_TE = te_module_prefixes()
 
 
 def core_attention_spec(attention: str, group_size, kernel: str) -> ModuleSpec:

@@ -49,7 +49,7 @@ def shape_from_args(args) -> Shape:
 
 
 def arch_of(shape: Shape, seq_length: int):
-    from megalong.model.arch import LlamaArch
+    from megalong.config.arch import LlamaArch
 
     return LlamaArch(shape.hidden_size, shape.num_layers, shape.num_heads, shape.num_kv_heads,
                      shape.ffn_hidden_size, shape.vocab_size,

@@ -236,9 +236,9 @@ def prepare_model_and_data(work: str, seq_length: int) -> dict:
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from megalong.convert.checkpoint_conversion import hf_to_megatron
+    from megalong.conversion import hf_to_megatron
     from megalong.convert.random_hf import write_random_hf_model
-    from megalong.model.arch import PRESETS
+    from megalong.config.arch import PRESETS
 
     from tokenizers import Tokenizer, models
 
@@ -351,7 +351,7 @@ def check_training(report, paths, seq_length: int, kernels: list, device: str) -
 
 def check_export_and_perplexity(report, paths, seq_length: int, device: str) -> None:
     """HF export of the trained checkpoint; perplexity here against the CPU of this host."""
-    from megalong.convert.checkpoint_conversion import megatron_to_hf
+    from megalong.conversion import megatron_to_hf
 
     export = f"{paths['trained']}_hf"
     megatron_to_hf(paths["trained"], export, merge_lora=True, overwrite=True)

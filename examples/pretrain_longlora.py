@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megalong.cli import run_cli  # noqa: E402
+from megalong.errors import run_cli  # noqa: E402
 from megalong.training.pretrain import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megalong import faults, runtime
 from megalong.checkpoint_manifest import (candidate_iterations, check_checkpoint, damaged_message,
                                           file_entries, list_files, write_manifest)
-from megalong.checkpoint_meta import (METADATA, TRACKER, CheckpointMetadata, iteration_dir,
+from megalong.config.checkpoint import (METADATA, TRACKER, CheckpointMetadata, iteration_dir,
                                       read_metadata)
 from megalong.errors import MegalongError
 

@@ -16,7 +16,7 @@ import os
 import re
 import zlib
 
-from megalong.checkpoint_meta import iteration_dir
+from megalong.config.checkpoint import iteration_dir
 from megalong.errors import MegalongError
 
 MANIFEST = "manifest.json"
@@ -118,7 +118,7 @@ def saved_iterations(root: str) -> list[int]:
 def candidate_iterations(root: str, *, fallback: bool, start=None) -> list[int]:
     """The iteration to load (`start`, else the tracker's), then with `fallback` the older saved
     ones, newest first. Without a readable tracker, fallback uses every saved iteration."""
-    from megalong.checkpoint_meta import latest_iteration
+    from megalong.config.checkpoint import latest_iteration
 
     if start is None:
         try:

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 
-from megalong.cli import run_cli
+from megalong.errors import run_cli
 from megalong.recipes import recipe_argv, usage
 
 

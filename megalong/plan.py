@@ -12,8 +12,8 @@ from typing import Dict, Optional
 
 from megalong.config.model import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError
-from megalong.model import weight_map
-from megalong.model.arch import LlamaArch
+from megalong.config import weight_map
+from megalong.config.arch import LlamaArch
 
 RECOMPUTE = ("full", "selective", "none")
 GIB = 2**30

@@ -96,7 +96,7 @@ def corpus(tmp_path_factory, demo_jsonl, sp_model):
 @pytest.fixture(scope="session")
 def tiny_megatron_ckpt(tmp_path_factory, tiny_hf_dir):
     """tiny_hf_dir converted to a megatron checkpoint (the same weights for every layout)."""
-    from megalong.convert.checkpoint_conversion import hf_to_megatron
+    from megalong.conversion import hf_to_megatron
 
     out = str(tmp_path_factory.mktemp("mc") / "tiny")
     hf_to_megatron(tiny_hf_dir, out, tp=1, seq_length=64)

@@ -41,7 +41,7 @@ def checkpoints_with_and_without_extra_state(local_ckpt: str, out: str):
     checkpoint one writes loads into the others with the same weights."""
     from megalong import runtime
     from megalong.checkpoint import load_checkpoint, save_checkpoint
-    from megalong.checkpoint_meta import read_metadata
+    from megalong.config.checkpoint import read_metadata
     from megalong.model.llama import ModelOptions, build_llama
 
     runtime.init_distributed()

@@ -60,8 +60,8 @@ def model_loss_and_grads(hf_dir, tokens, layouts):
     no recompute, then with chunks of 5 and the recompute method (None: none)."""
     from megalong import runtime
     from megalong.convert.hf_checkpoint import HFCheckpointReader
-    from megalong.convert.hf_config import arch_from_hf_config
-    from megalong.convert.layouts import padded_vocab_size
+    from megalong.config.hf_config import arch_from_hf_config
+    from megalong.config.arch import padded_vocab_size
     from megalong.convert.model_io import load_hf_weights
     from megalong.model.forward import position_ids_for
     from megalong.model.llama import ModelOptions, build_llama

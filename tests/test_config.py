@@ -8,7 +8,7 @@ import pytest
 from megalong.config.job import JobConfig
 from megalong.config.model import resolve_group_size
 from megalong.errors import MegalongError
-from megalong.model.arch import PRESETS
+from megalong.config.arch import PRESETS
 
 
 def parse(*argv) -> JobConfig:
@@ -51,8 +51,8 @@ def test_group_size_from_ratio_and_flag():
 
 
 def test_config_and_converter_validation_do_not_import_torch():
-    code = ("import sys, argparse; import megalong.config.job, megalong.convert.hf_config, "
-            "megalong.checkpoint_meta, megalong.cli; assert 'torch' not in sys.modules")
+    code = ("import sys, argparse; import megalong.config.job, megalong.config.hf_config, "
+            "megalong.config.checkpoint, megalong.errors; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

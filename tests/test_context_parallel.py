@@ -219,7 +219,7 @@ def run_layouts(ckpt, layouts):
     from megalong import runtime
     from megalong.attention.context_parallel import HALO_COUNTER
     from megalong.checkpoint import load_checkpoint
-    from megalong.checkpoint_meta import read_metadata
+    from megalong.config.checkpoint import read_metadata
     from megalong.config.job import JobConfig
     from megalong.model.forward import full_logits, run_microbatches
     from megalong.model.llama import ModelOptions, build_llama

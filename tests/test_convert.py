@@ -36,7 +36,7 @@ def logits_from_checkpoint(load, tokens, layouts):
     """On every rank, per (tp, pp): build from the checkpoint metadata, load, return logits."""
     from megalong import runtime
     from megalong.checkpoint import load_checkpoint
-    from megalong.checkpoint_meta import read_metadata
+    from megalong.config.checkpoint import read_metadata
     from megalong.model.forward import full_logits
     from megalong.model.llama import ModelOptions, build_llama
 
@@ -59,7 +59,7 @@ def resave_at_tp2(load, save):
     """Load at TP=2, save at TP=2 (a training-style save by two ranks)."""
     from megalong import runtime
     from megalong.checkpoint import load_checkpoint, save_checkpoint
-    from megalong.checkpoint_meta import read_metadata
+    from megalong.config.checkpoint import read_metadata
     from megalong.model.llama import ModelOptions, build_llama
 
     meta = read_metadata(load)

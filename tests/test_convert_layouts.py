@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from megalong.convert.hf_config import arch_from_hf_config
+from megalong.config.hf_config import arch_from_hf_config
 from layout_inverses import fc1_from_shards, tp_gather
+from megalong.config.arch import padded_vocab_size
 from megalong.convert.layouts import (
     fc1_shard,
     fc1_split,
@@ -12,7 +13,6 @@ from megalong.convert.layouts import (
     local_to_te_key,
     megatron_to_hf,
     pad_vocab_rows,
-    padded_vocab_size,
     qkv_hf_to_megatron,
     qkv_megatron_to_hf,
     strip_vocab_rows,

@@ -36,7 +36,7 @@ def test_non_finite_loss_skips_the_step_and_too_many_stop_the_run(tiny_megatron_
     with pytest.raises(MegalongError, match="3 steps in a row had a non-finite loss"):
         run_on_ranks(train_layouts, 1, [base + ["--max-skipped-steps", "2", "--save", save]],
                      env={"MEGALONG_FAULT_NAN_LOSS": "1,2,3"})
-    from megalong.checkpoint_meta import latest_iteration
+    from megalong.config.checkpoint import latest_iteration
 
     assert latest_iteration(save) == 4
 
@@ -83,7 +83,7 @@ def _kill_session(pid: int) -> None:
 
 
 def _tracker(root) -> int:
-    from megalong.checkpoint_meta import latest_iteration
+    from megalong.config.checkpoint import latest_iteration
 
     return latest_iteration(str(root))
 
@@ -97,7 +97,7 @@ def _weights_equal_then_damage_is_caught(reference, resumed, damaged_file):
     from megalong import runtime
     from megalong.checkpoint import load_checkpoint
     from megalong.build import load_model
-    from megalong.config.source import resolve_model_source
+    from megalong.source import resolve_model_source
 
     runtime.init_distributed(ParallelConfig())
     models = [load_model(resolve_model_source(load=path)) for path in (reference, resumed)]

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from megalong.convert.hf_checkpoint import HFCheckpointReader, write_hf_checkpoint
-from megalong.convert.hf_config import arch_from_hf_config, hf_config_from_arch, validate_tp
-from megalong.convert.layouts import hf_to_megatron, megatron_to_hf, padded_vocab_size
+from megalong.config.hf_config import arch_from_hf_config, hf_config_from_arch, validate_tp
+from megalong.config.arch import padded_vocab_size
+from megalong.convert.layouts import hf_to_megatron, megatron_to_hf
 from megalong.errors import MegalongError
-from megalong.model.arch import PRESETS, LlamaArch
+from megalong.config.arch import PRESETS, LlamaArch
 
 TOKENIZER_STUBS = {
     "tokenizer_config.json": '{"model_max_length": 4096}\n',
@@ -347,5 +348,5 @@ def test_validate_tp():
 
 
 def test_hf_config_imports_without_torch():
-    code = "import sys, megalong.convert.hf_config; assert 'torch' not in sys.modules"
+    code = "import sys, megalong.config.hf_config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -71,7 +71,7 @@ def test_fc1_and_row_merges_and_activation_layout():
 
 def test_lora_flags_validate_with_clear_errors():
     from megalong.config.lora import LoraConfig
-    from megalong.lora.options import parts_for_targets
+    from megalong.config.lora import parts_for_targets
 
     parser = argparse.ArgumentParser()
     LoraConfig.add_args(parser)
@@ -154,7 +154,7 @@ def tp_layout_checks(hf_dir, tokens, checkpoint_root):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megalong.checkpoint import load_checkpoint, save_checkpoint
-    from megalong.checkpoint_meta import CheckpointMetadata
+    from megalong.config.checkpoint import CheckpointMetadata
     from megalong.lora.apply import (LoraOptions, add_lora, describe_trainable, init_lora,
                                      iter_adapters, merge_lora, set_trainable)
     from megalong.model.forward import full_logits
@@ -312,7 +312,7 @@ def te_vs_local():
     from megalong import runtime
     from megalong.convert.layouts import local_to_te_key
     from megalong.lora.apply import LoraOptions, add_lora, init_lora
-    from megalong.model.arch import PRESETS
+    from megalong.config.arch import PRESETS
     from megalong.model.forward import full_logits
     from megalong.model.llama import ModelOptions, build_llama
 

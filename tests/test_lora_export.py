@@ -33,7 +33,7 @@ def make_lora_checkpoint(hf_dir, root, tokens):
     (trained LoRA+ extras), saved as a megalong checkpoint. Returns megalong's logits."""
     from megalong import runtime
     from megalong.checkpoint import save_checkpoint
-    from megalong.checkpoint_meta import CheckpointMetadata
+    from megalong.config.checkpoint import CheckpointMetadata
     from megalong.convert.hf_checkpoint import HFCheckpointReader
     from megalong.convert.layouts import tp_shard
     from megalong.convert.model_io import load_hf_weights
@@ -72,7 +72,7 @@ def lora_checkpoint_logits(loads, tokens):
     """At TP=1: each checkpoint rebuilt from its metadata (adapters included) and its logits."""
     from megalong import runtime
     from megalong.checkpoint import load_checkpoint
-    from megalong.checkpoint_meta import read_metadata
+    from megalong.config.checkpoint import read_metadata
     from megalong.lora.apply import LoraOptions, add_lora
     from megalong.model.forward import full_logits
     from megalong.model.llama import ModelOptions, build_llama

@@ -32,8 +32,8 @@ def megatron_logits_for_layouts(hf_dir, tokens, layouts):
     return float32 logits."""
     from megalong import runtime
     from megalong.convert.hf_checkpoint import HFCheckpointReader
-    from megalong.convert.hf_config import arch_from_hf_config
-    from megalong.convert.layouts import padded_vocab_size
+    from megalong.config.hf_config import arch_from_hf_config
+    from megalong.config.arch import padded_vocab_size
     from megalong.convert.model_io import load_hf_weights
     from megalong.model.forward import full_logits
     from megalong.model.llama import ModelOptions, build_llama
@@ -125,7 +125,7 @@ def built_with_and_without_a_visible_gpu(hf_dir, tokens):
         torch.cuda.is_available = lambda: gpu_visible  # this rank's own process
         (logits,) = megatron_logits_for_layouts(hf_dir, tokens, [(1, 1, False, None)])
         from megalong.model.llama import ModelOptions, transformer_config
-        from megalong.model.arch import PRESETS
+        from megalong.config.arch import PRESETS
 
         config = transformer_config(PRESETS["tiny"], ModelOptions(seq_length=64,
                                                                   padded_vocab_size=1024))

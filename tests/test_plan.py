@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from megalong.errors import MegalongError
-from megalong.model.arch import PRESETS, LlamaArch
+from megalong.config.arch import PRESETS, LlamaArch
 from megalong.plan import (PlanConfig, adapter_params, attention_pairs,
                            layer_activation_bytes, memory_breakdown, parameter_counts, step_flops)
 

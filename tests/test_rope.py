@@ -64,7 +64,7 @@ def test_interleaved_or_partial_rope_goes_to_megatron():
 def test_models_use_the_kernel(model_parallel):  # noqa: F811
     from megatron.core.models.common.embeddings import rope_utils
 
-    from megalong.model.arch import LlamaArch
+    from megalong.config.arch import LlamaArch
     from megalong.model.llama import ModelOptions, transformer_config
     from megalong.model.rope import rotate_half_rope
 

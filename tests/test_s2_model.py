@@ -31,8 +31,8 @@ def _full_grad(name, param, tp_size):
 def s2_loss_grads_and_eval_logits(hf_dir, tokens, tp):
     from megalong import runtime
     from megalong.convert.hf_checkpoint import HFCheckpointReader
-    from megalong.convert.hf_config import arch_from_hf_config
-    from megalong.convert.layouts import padded_vocab_size
+    from megalong.config.hf_config import arch_from_hf_config
+    from megalong.config.arch import padded_vocab_size
     from megalong.convert.model_io import load_hf_weights
     from megalong.model.forward import full_logits, run_microbatches
     from megalong.model.llama import ModelOptions, build_llama

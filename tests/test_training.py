@@ -90,7 +90,7 @@ def heldout_loss(load, tokens):
     from megalong import runtime
     from megalong.model.forward import run_microbatches
     from megalong.build import load_model
-    from megalong.config.source import resolve_model_source
+    from megalong.source import resolve_model_source
 
     runtime.init_distributed(ParallelConfig())
     model = load_model(resolve_model_source(load=load), seq_length=tokens.shape[1] - 1)

@@ -1,11 +1,11 @@
-"""The weight map (megalong/model/weight_map.py) against the models it describes: HF
+"""The weight map (megalong/config/weight_map.py) against the models it describes: HF
 LlamaForCausalLM's parameters, a built megatron model's state dict at TP=2 and PP=2, the LoRA
 adapters' geometry and the planner's parameter counts."""
 
 import pytest
 
-from megalong.model import weight_map
-from megalong.model.arch import LlamaArch
+from megalong.config import weight_map
+from megalong.config.arch import LlamaArch
 from megalong.spawn import run_on_ranks
 
 # GQA, vocab divisible neither by 2 nor by 128.
@@ -40,7 +40,8 @@ def test_hf_shapes_are_llama_for_causal_lm_parameters_in_order(tie):
 
 
 def test_derived_names():
-    from megalong.lora import options, peft_io
+    from megalong.config import lora as options
+    from megalong.lora import peft_io
     from megalong.model.spec import NORM_KEYS_TO_TE
 
     assert options.PART_ORDER == ("q", "k", "v", "o", "gate", "up", "down")
@@ -75,7 +76,7 @@ def built_state_shapes(arch, tp, pp):
     every part, and the adapters' full part shapes."""
     from megalong import runtime
     from megalong.lora.apply import add_lora, iter_adapters
-    from megalong.lora.options import LoraOptions
+    from megalong.config.lora import LoraOptions
     from megalong.model.llama import ModelOptions, build_llama
 
     runtime.init_distributed(runtime.ParallelSizes(tensor=tp, pipeline=pp))

@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megalong.cli import run_cli  # noqa: E402  (torch-free)
+from megalong.errors import run_cli  # noqa: E402  (torch-free)
 from megalong.errors import MegalongError  # noqa: E402
 
 
@@ -100,7 +100,7 @@ def validate(args) -> None:
         factor = args.rotary_seq_len_interpolation_factor
         if factor is not None and factor < 1:
             raise MegalongError(f"--rotary-seq-len-interpolation-factor must be >= 1, got {factor}")
-        from megalong.convert.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
+        from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
 
         config, config_path = read_hf_dir_config(args.hf_dir)
         arch, _ = arch_from_hf_config(config, config_path)
@@ -110,8 +110,8 @@ def validate(args) -> None:
 
             read_peft_config(args.peft_adapter)
     else:
-        from megalong.checkpoint_meta import read_metadata
-        from megalong.convert.checkpoint_conversion import check_lora_export
+        from megalong.config.checkpoint import read_metadata
+        from megalong.conversion import check_lora_export
 
         from megalong.checkpoint_manifest import select_iteration
 

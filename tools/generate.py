@@ -15,9 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megalong.cli import run_cli  # noqa: E402  (torch-free)
+from megalong.errors import run_cli  # noqa: E402  (torch-free)
 from megalong.errors import MegalongError  # noqa: E402
-from megalong.config.source import tokenizer_path  # noqa: E402
 from megalong.eval import loading  # noqa: E402
 
 
@@ -46,7 +45,7 @@ def main(argv=None) -> None:
     loading.check_positive("max-new-tokens", args.max_new_tokens)
     sampling = Sampling(args.temperature, args.top_p, args.seed).validate()
     source = loading.source_from_args(args)
-    tokenizer = tokenizer_path(source, args.tokenizer)
+    tokenizer = loading.tokenizer_path(source, args.tokenizer)
     from megalong.data.tokenizer import load_tokenizer
 
     vocab = load_tokenizer(tokenizer).vocab_size

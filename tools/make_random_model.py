@@ -7,9 +7,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megalong.cli import run_cli  # noqa: E402
+from megalong.errors import run_cli  # noqa: E402
 from megalong.errors import MegalongError  # noqa: E402
-from megalong.model.arch import PRESETS  # noqa: E402
+from megalong.config.arch import PRESETS  # noqa: E402
 
 
 def main(argv=None):

@@ -15,9 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megalong.cli import run_cli  # noqa: E402  (torch-free)
+from megalong.errors import run_cli  # noqa: E402  (torch-free)
 from megalong.errors import MegalongError  # noqa: E402
-from megalong.config.source import tokenizer_path  # noqa: E402
 from megalong.eval import loading  # noqa: E402
 
 
@@ -61,7 +60,7 @@ def validate(args):
     if len(set(args.depths)) != len(args.depths) or len(set(args.lengths)) != len(args.lengths):
         raise MegalongError("--lengths and --depths must not repeat a value")
     source = loading.source_from_args(args)
-    tokenizer = tokenizer_path(source, args.tokenizer)
+    tokenizer = loading.tokenizer_path(source, args.tokenizer)
     from megalong.data.tokenizer import load_tokenizer
     from megalong.eval.passkey import fit_passkey_prompt
 

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megalong.cli import run_cli  # noqa: E402  (torch-free)
+from megalong.errors import run_cli  # noqa: E402  (torch-free)
 
 
 def build_parser() -> argparse.ArgumentParser:

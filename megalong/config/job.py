@@ -14,7 +14,7 @@ from megalong.config.model import ModelConfig, validate_attention_kernel
 from megalong.config.parallel import ParallelConfig
 from megalong.config.training import CheckpointConfig, TrainingConfig
 from megalong.errors import MegalongError
-from megalong.model.arch import LlamaArch
+from megalong.config.arch import LlamaArch
 
 _CONCERNS = (("model", ModelConfig), ("parallel", ParallelConfig),
              ("checkpoint", CheckpointConfig), ("data", DataConfig),

@@ -45,7 +45,7 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         if self.load:
-            from megalong.checkpoint_meta import latest_iteration
+            from megalong.config.checkpoint import latest_iteration
 
             latest_iteration(self.load)
         if self.save:

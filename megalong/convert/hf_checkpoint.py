@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megalong.convert.hf_config import arch_from_hf_config, read_json_object
+from megalong.config.hf_config import arch_from_hf_config, read_json_object
 from megalong.errors import MegalongError
 
 # Weight layouts in the order we look for them: (index file, single file).

@@ -9,11 +9,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from megalong.convert.hf_config import validate_tp
+from megalong.config.hf_config import validate_tp
 from megalong.errors import MegalongError
-from megalong.model import weight_map
-from megalong.model.weight_map import at
-from megalong.model.arch import LlamaArch, padded_vocab_size  # noqa: F401  (callers import it here)
+from megalong.config import weight_map
+from megalong.config.weight_map import at
+from megalong.config.arch import LlamaArch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def strip_vocab_rows(w: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Whole-model maps: the weight map's entries (megalong/model/weight_map.py) through the functions
+# Whole-model maps: the weight map's entries (megalong/config/weight_map.py) through the functions
 # above, by kind. Megatron keys are megatron-core's local-spec GPTModel state_dict keys.
 
 

@@ -6,7 +6,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megalong.convert.layouts import hf_to_megatron, local_to_te_key, megatron_to_hf
 from megalong.errors import MegalongError
-from megalong.model.arch import LlamaArch
+from megalong.config.arch import LlamaArch
 
 
 def _uses_te(model) -> bool:

@@ -116,6 +116,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from megalong.cli import run_cli
+    from megalong.errors import run_cli
 
     sys.exit(run_cli(main))

@@ -13,7 +13,8 @@ import argparse
 import os
 from typing import Optional
 
-from megalong.config.source import ModelSource, resolve_model_source
+from megalong.data.tokenizer import check_tokenizer_path
+from megalong.source import ModelSource, resolve_model_source
 from megalong.errors import MegalongError
 
 
@@ -35,6 +36,17 @@ def source_from_args(args) -> ModelSource:
         load=args.load, hf_dir=args.hf_dir, tp=args.tensor_model_parallel_size,
         pp=args.pipeline_model_parallel_size,
         interpolation_factor=args.rotary_seq_len_interpolation_factor)
+
+
+def tokenizer_path(source: ModelSource, explicit: Optional[str]) -> str:
+    """--tokenizer, else the tokenizer stored with the model; a clear error without either."""
+    if explicit:
+        check_tokenizer_path(explicit)
+        return explicit
+    if source.tokenizer is None:
+        raise MegalongError(f"{source.path} holds no tokenizer files; pass --tokenizer "
+                            "(a sentencepiece tokenizer.model or an HF tokenizer directory)")
+    return source.tokenizer
 
 
 def check_positive(name: str, value, minimum: int = 1) -> None:

@@ -40,7 +40,7 @@ from megatron.core.transformer.utils import (
 
 from megalong.errors import MegalongError
 from megalong.lora.merge import fuse_parts, lora_scale
-from megalong.model import weight_map
+from megalong.config import weight_map
 
 COLUMN_LINEARS = tuple(linear for linear, m in weight_map.LINEARS.items() if m.tp_dim == 0)
 ADAPTER_SUFFIX = "_lora"

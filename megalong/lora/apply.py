@@ -9,18 +9,14 @@ Export: merge_lora(model) folds the adapters into the base weights shard by shar
 
 import torch
 
-from megalong.config.lora import LoraConfig
 from megalong.errors import MegalongError
 from megalong.lora.adapters import ADAPTER_SUFFIX, COLUMN_LINEARS, LoRAAdapter
 from megalong.lora.merge import add_in_place, column_delta, kaiming_uniform_a, row_delta
-from megalong.lora.options import (PART_ORDER, PART_TO_LINEAR, TRAINABLE_EXTRAS, LoraOptions,
-<<<<<<< HEAD
-                                   lora_metadata, validate_trainable)
-=======
-                                   lora_metadata, parts_for_targets, validate_trainable)
-from megalong.model import weight_map
-from megalong.model.arch import LlamaArch
->>>>>>> wt-weightmap
+from megalong.config.lora import (PART_ORDER, TRAINABLE_EXTRAS, LoraConfig, LoraOptions,
+                                  lora_metadata, validate_trainable)
+from megalong.config.weight_map import PART_TO_LINEAR
+from megalong.config import weight_map
+from megalong.config.arch import LlamaArch
 
 # The adapted linears' parent modules and how their parts' rows interleave (merge.py's names for
 # the weight map's kinds).

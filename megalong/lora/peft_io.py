@@ -16,8 +16,8 @@ import shutil
 import tempfile
 
 from megalong.errors import MegalongError
-from megalong.model import weight_map
-from megalong.model.weight_map import HF_MODULE_TO_PART, LORA_PARTS, PART_TO_HF_MODULE  # noqa: F401
+from megalong.config import weight_map
+from megalong.config.weight_map import HF_MODULE_TO_PART, LORA_PARTS, PART_TO_HF_MODULE  # noqa: F401
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -186,7 +186,7 @@ class PeftAdapter:
                                     f"implies {expected if expected else 'no such tensor'}")
 
     def options(self):
-        from megalong.lora.options import LoraOptions
+        from megalong.config.lora import LoraOptions
 
         return LoraOptions(rank=self.config["rank"], alpha=self.config["alpha"],
                            dropout=self.config["dropout"], parts=self.parts)

@@ -16,7 +16,7 @@ from megalong.attention.kernels import PACKAGE_LOAD_ERRORS
 from megalong.errors import MegalongError
 from megalong.model.norm import RMSNorm
 from megalong.model.swiglu import SwiGLUMLP
-from megalong.model.weight_map import te_module_prefixes
+from megalong.config.weight_map import te_module_prefixes
 
 
 # Checkpoints written with the local spec load into the TE spec and back: the local norm keys are

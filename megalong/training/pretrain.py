@@ -7,10 +7,10 @@ import os
 import sys
 
 from megalong.checkpoint_manifest import select_iteration
-from megalong.checkpoint_meta import read_metadata
+from megalong.config.checkpoint import read_metadata
 from megalong.config.job import JobConfig
 from megalong.errors import MegalongError
-from megalong.model.arch import PRESETS
+from megalong.config.arch import PRESETS
 from megalong.training.tokenizer_check import load_checked_tokenizer
 
 

@@ -16,15 +16,14 @@ from megatron.core.distributed import (DistributedDataParallel, DistributedDataP
 from megalong import runtime
 from megalong.build import build_model, model_options
 from megalong.checkpoint import load_checkpoint
-from megalong.checkpoint_meta import TOKENIZER_SUBDIR, CheckpointMetadata, read_metadata
+from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata, read_metadata
 from megalong.config.job import JobConfig
 from megalong.config.model import default_interpolation_factor, resolve_group_size
-from megalong.convert.layouts import padded_vocab_size
 from megalong.data.pretrain import build_pretrain_datasets
 from megalong.data.sft import SftDataset
 from megalong.errors import MegalongError
 from megalong.lora.apply import setup_lora
-from megalong.model.arch import PRESETS, LlamaArch
+from megalong.config.arch import PRESETS, LlamaArch
 from megalong.training.optimizer import build_optimizer, build_scheduler
 from megalong.training.progress import log
 from megalong.training.tokenizer_check import load_checked_tokenizer
@@ -82,7 +81,7 @@ def resolve_architecture(job: JobConfig):
         recorded_factor = source.interpolation_factor
     elif job.model.arch or job.model.model:
         source, arch = None, job.model.arch or PRESETS[job.model.model]
-        padded = padded_vocab_size(arch.vocab_size, 128, tp)
+        padded = arch.padded_vocab(tp=tp)
         recorded_factor = None
     else:
         raise MegalongError("give --load (a converted checkpoint) or --model (a preset, random init)")

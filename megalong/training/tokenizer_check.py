@@ -1,6 +1,6 @@
 """The training tokenizer, checked against the model before torch is imported (torch-free)."""
 
-from megalong.config.source import find_tokenizer
+from megalong.source import find_tokenizer
 from megalong.errors import MegalongError
 
 

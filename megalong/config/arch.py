@@ -4,6 +4,9 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 
+VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
+
+
 @dataclass(frozen=True)
 class LlamaArch:
     hidden_size: int
@@ -47,7 +50,7 @@ class LlamaArch:
             raise KeyError(f"unknown dimension {name!r}; known: {', '.join(DIM_NAMES)}")
         return getattr(self, name)
 
-    def padded_vocab(self, divisible_by: int = 128, tp: int = 1) -> int:
+    def padded_vocab(self, divisible_by: int = VOCAB_DIVISIBLE_BY, tp: int = 1) -> int:
         """The embedding's and output layer's row count (padded_vocab_size's rule)."""
         return padded_vocab_size(self.vocab_size, divisible_by, tp)
 
@@ -58,7 +61,7 @@ class LlamaArch:
 DIM_NAMES = ("hidden_size", "ffn_hidden_size", "vocab_size", "q_size", "kv_size", "qkv_size")
 
 
-def padded_vocab_size(vocab: int, divisible_by: int = 128, tp: int = 1) -> int:
+def padded_vocab_size(vocab: int, divisible_by: int = VOCAB_DIVISIBLE_BY, tp: int = 1) -> int:
     """Megatron-LM's rule (--make-vocab-size-divisible-by): round vocab up to a multiple of
     divisible_by * tp, so every TP rank holds an equal share of the embedding and lm_head."""
     multiple = divisible_by * tp

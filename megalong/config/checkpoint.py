@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megalong.errors import MegalongError
-from megalong.model.arch import LlamaArch
+from megalong.config.arch import LlamaArch
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "megalong.json"

@@ -6,12 +6,11 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from megalong.checkpoint_meta import TOKENIZER_SUBDIR, CheckpointMetadata
+from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata
 from megalong.config.parallel import ParallelConfig
 from megalong.errors import MegalongError
-from megalong.model.arch import LlamaArch
+from megalong.config.arch import LlamaArch
 
-VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,7 +37,7 @@ class ModelSource:
 def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = None, tp: int = 1,
                          pp: int = 1, interpolation_factor: Optional[float] = None) -> ModelSource:
     """Everything about the model that can be checked without torch."""
-    from megalong.convert.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
+    from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
 
     if (load is None) == (hf_dir is None):
         raise MegalongError("give exactly one of --load (a megalong checkpoint) or --hf-dir")
@@ -48,7 +47,7 @@ def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if load is not None:
         from megalong.checkpoint_manifest import select_iteration
-        from megalong.checkpoint_meta import read_metadata
+        from megalong.config.checkpoint import read_metadata
 
         iteration = select_iteration(load)  # a truncated file is named here
         meta = read_metadata(load, iteration)
@@ -67,14 +66,8 @@ def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = 
     validate_tp(arch, tp, pp)
     return ModelSource(kind="hf", path=hf_dir, arch=arch,
                        interpolation_factor=interpolation_factor or recorded, parallel=parallel,
-                       padded_vocab_size=padded_vocab_size(arch.vocab_size, VOCAB_DIVISIBLE_BY, tp),
+                       padded_vocab_size=arch.padded_vocab(tp=tp),
                        tokenizer=find_tokenizer(hf_dir))
-
-
-def padded_vocab_size(vocab: int, divisible_by: int = VOCAB_DIVISIBLE_BY, tp: int = 1) -> int:
-    """Megatron-LM's rule: round vocab up to a multiple of divisible_by * tp."""
-    multiple = divisible_by * tp
-    return -(-vocab // multiple) * multiple
 
 
 def find_tokenizer(directory: Optional[str]) -> Optional[str]:
@@ -89,16 +82,3 @@ def find_tokenizer(directory: Optional[str]) -> Optional[str]:
                                             for name in os.listdir(candidate)):
             return candidate
     return None
-
-
-def tokenizer_path(source: ModelSource, explicit: Optional[str]) -> str:
-    """--tokenizer, else the tokenizer stored with the model; a clear error without either."""
-    if explicit:
-        from megalong.data.tokenizer import check_tokenizer_path
-
-        check_tokenizer_path(explicit)
-        return explicit
-    if source.tokenizer is None:
-        raise MegalongError(f"{source.path} holds no tokenizer files; pass --tokenizer "
-                            "(a sentencepiece tokenizer.model or an HF tokenizer directory)")
-    return source.tokenizer

@@ -6,7 +6,7 @@ import os
 from typing import Optional
 
 from megalong.errors import MegalongError
-from megalong.model.arch import LlamaArch
+from megalong.config.arch import LlamaArch
 
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 

@@ -11,14 +11,13 @@ import shutil
 import sys
 import tempfile
 
-from megalong.checkpoint_meta import TOKENIZER_SUBDIR, CheckpointMetadata
+from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata
 from megalong.config.model import default_interpolation_factor
 from megalong.config.parallel import ParallelConfig
-from megalong.config.source import (VOCAB_DIVISIBLE_BY, ModelSource, padded_vocab_size,
-                                    resolve_model_source)
-from megalong.convert.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
+from megalong.config.arch import VOCAB_DIVISIBLE_BY, LlamaArch
+from megalong.source import ModelSource, resolve_model_source
+from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
 from megalong.errors import MegalongError
-from megalong.model.arch import LlamaArch
 
 
 
@@ -65,7 +64,7 @@ def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_fa
     factor = interpolation_factor or default_interpolation_factor(
         seq_length, arch.max_position_embeddings, recorded_factor)
     metadata = CheckpointMetadata(
-        arch=arch, padded_vocab_size=padded_vocab_size(arch.vocab_size, vocab_divisible_by, tp),
+        arch=arch, padded_vocab_size=arch.padded_vocab(vocab_divisible_by, tp),
         interpolation_factor=factor, seq_length=seq_length or arch.max_position_embeddings,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, lora=lora,
         source=os.path.abspath(hf_dir), hf_config=hf_config)
@@ -98,7 +97,7 @@ def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_fa
 def _peft_adapter_onto(arch: LlamaArch, peft_adapter: str):
     """(arch, the checkpoint's "lora" metadata) for a PEFT adapter over a base of `arch`. An adapter
     embedding with more rows than the base vocabulary (LongLoRA's added pad token: 32001) grows it."""
-    from megalong.lora.options import lora_metadata
+    from megalong.config.lora import lora_metadata
     from megalong.lora.peft_io import PeftAdapter
 
     adapter = PeftAdapter(peft_adapter)
@@ -170,7 +169,7 @@ def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="f
 
 
 def _export_peft_adapter(model, arch, metadata, directory, torch_dtype, overwrite):
-    from megalong.lora.options import LoraOptions
+    from megalong.config.lora import LoraOptions
     from megalong.lora.peft_io import iter_peft_tensors, peft_config_json, write_peft_adapter
 
     lora = metadata.lora
@@ -184,7 +183,7 @@ def _export_peft_adapter(model, arch, metadata, directory, torch_dtype, overwrit
 def _export_hf(model, arch, metadata, load, out, iteration, torch_dtype, dtype, overwrite,
                max_shard_bytes, *, merge):
     from megalong.convert.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, print_progress, write_hf_checkpoint
-    from megalong.convert.hf_config import hf_config_from_arch
+    from megalong.config.hf_config import hf_config_from_arch
     from megalong.convert.model_io import iter_hf_tensors
 
     if merge:

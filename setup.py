@@ -20,6 +20,11 @@ setup(
         "matplotlib",
         "pyarrow",
     ],
+    entry_points={"console_scripts": [
+        f"megalong-{name}=megalong.cli.{module}:console" for name, module in (
+            ("train", "train"), ("convert", "convert"), ("eval-ppl", "eval_ppl"),
+            ("passkey", "passkey"), ("generate", "generate"), ("preprocess", "preprocess"),
+            ("tokenizer", "tokenizer"), ("plan", "plan"), ("report", "report"))]},
     extras_require={
         "test": ["pytest", "pytest-timeout", "transformers>=4.45", "peft"],
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],

@@ -275,7 +275,7 @@ def _train_argv(paths, seq_length, kernel, iters, save=None, load=None, bf16=Tru
 
 
 def _trainer(argv):
-    from megalong.training.pretrain import parse_and_validate
+    from megalong.cli.train import parse_and_validate
     from megalong.training.setup import build_trainer
 
     return build_trainer(parse_and_validate(argv))

@@ -94,7 +94,7 @@ reports=()
 for name in base base_pi lora_s2 lora_plus_s2 full_ft_s2 lora_plus_dense; do
     reports+=("$work/eval/$name.json")
 done
-"$PY" -m megalong.eval.report --json "${reports[@]}" --labels "${labels[@]}" \
+"$PY" -m megalong.cli.report --json "${reports[@]}" --labels "${labels[@]}" \
     --title "tiny Llama extended $SHORT -> $LONG tokens (held-out ppl)" --mark-length "$SHORT" \
     --plot "$work/ablation_tiny.png" --out "$work/table.md" > /dev/null
 

@@ -1,13 +1,8 @@
 #!/usr/bin/env python3
-"""LongLoRA training on megatron-core (see examples/pretrain_longlora.sh for the launcher)."""
+"""LongLoRA training on megatron-core, one process or one torchrun rank (megalong/cli/train.py;
+installed as `megalong-train`). examples/pretrain_longlora.sh is the launcher."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megalong.errors import run_cli  # noqa: E402
-from megalong.training.pretrain import main  # noqa: E402
+from megalong.cli.train import build_parser, console, main  # noqa: F401  (build_parser: the flags doc)
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    console()

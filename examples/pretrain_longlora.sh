@@ -19,9 +19,7 @@ exec "$PYTHON" "$0" "$@"
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megalong.launcher import main  # noqa: E402
+from megalong.cli.launch import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], os.path.abspath(__file__)))

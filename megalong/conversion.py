@@ -115,21 +115,6 @@ def _peft_adapter_onto(arch: LlamaArch, peft_adapter: str):
     return arch, lora_metadata(adapter.options(), adapter.extras())
 
 
-def check_lora_export(metadata: CheckpointMetadata, load: str, *, out, merge_lora: bool,
-                      peft_adapter) -> None:
-    """Torch-free: the export flags fit whether the checkpoint holds LoRA adapters."""
-    has_lora = bool(metadata.lora)
-    if (merge_lora or peft_adapter) and not has_lora:
-        raise MegalongError(f"checkpoint {load} holds no LoRA adapters; export it without "
-                            "--merge-lora/--peft-adapter")
-    if has_lora and out and not merge_lora:
-        raise MegalongError(f"checkpoint {load} holds LoRA adapters: pass --merge-lora to fold them "
-                            "into the exported HF weights (and/or --peft-adapter DIR for a PEFT "
-                            "adapter)")
-    if not out and not peft_adapter:
-        raise MegalongError("megatron-to-hf needs --out (an HF model) or --peft-adapter DIR")
-
-
 def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="float32",
                    merge_lora=False, peft_adapter=None):
     """Export the latest checkpoint under `load` as an HF LlamaForCausalLM directory (`out`; LoRA
@@ -141,7 +126,7 @@ def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="f
 
     source = resolve_model_source(load=load)
     metadata, arch, iteration = source.metadata, source.arch, source.iteration
-    check_lora_export(metadata, load, out=out, merge_lora=merge_lora, peft_adapter=peft_adapter)
+    metadata.check_export(load, out=out, merge_lora=merge_lora, peft_adapter=peft_adapter)
     for directory in (out, peft_adapter):
         if directory:
             _check_out_dir(directory, overwrite)
@@ -170,7 +155,8 @@ def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="f
 
 def _export_peft_adapter(model, arch, metadata, directory, torch_dtype, overwrite):
     from megalong.config.lora import LoraOptions
-    from megalong.lora.peft_io import iter_peft_tensors, peft_config_json, write_peft_adapter
+    from megalong.config.peft import peft_config_json
+    from megalong.lora.peft_io import iter_peft_tensors, write_peft_adapter
 
     lora = metadata.lora
     extras = lora.get("trainable_params", [])

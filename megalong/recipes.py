@@ -1,6 +1,6 @@
 """Launch recipes: the trainer flags for a model and target length, from the launcher's
 environment variables (torch-free). The one place the launcher's defaults live, whether it is
-started with bash, torchrun or Slurm (examples/pretrain_longlora.sh, megalong/launcher.py).
+started with bash, torchrun or Slurm (examples/pretrain_longlora.sh, megalong/cli/launch.py).
 
 LongLoRA's setups on 8 x 80 GB nodes, LoRA+ with S²-Attn (G = N/4), bf16, full recompute:
   llama2-7b  32k : TP=2 with sequence parallel, DP=4

@@ -455,7 +455,7 @@ def make_core_attention(attention="s2", group_size=4, pg_collection=None, heads=
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megalong.attention import S2CoreAttention
+    from megalong.attention.core_attention import S2CoreAttention
 
     config = TransformerConfig(num_layers=1, hidden_size=heads * 8, num_attention_heads=heads,
                                num_query_groups=kv_heads, attention_dropout=0.0,

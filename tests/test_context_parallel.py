@@ -332,7 +332,7 @@ def train_and_log(argv_list):
     import contextlib
     import io
 
-    from megalong.training.pretrain import main
+    from megalong.cli.train import main
 
     runs = []
     for argv in argv_list:

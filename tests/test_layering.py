@@ -35,7 +35,7 @@ TORCH_FREE = (
     "megalong.config.arch", "megalong.config.weight_map", "megalong.config.hf_config",
     "megalong.config.lora", "megalong.config.checkpoint",
     "megalong.checkpoint_manifest", "megalong.source", "megalong.plan", "megalong.recipes",
-    "megalong.training.tokenizer_check", "megalong.training.pretrain",
+    "megalong.training.tokenizer_check", "megalong.cli.train",
 )
 
 

@@ -37,7 +37,7 @@ def test_freed_blocks_are_reused_without_page_faults():
 def test_training_keeps_freed_memory_only_with_cpu_malloc_reuse(monkeypatch):
     from megalong.config.job import JobConfig
     from megalong.training import setup
-    from megalong.training.pretrain import build_parser
+    from megalong.cli.train import build_parser
 
     calls = []
     monkeypatch.setattr(runtime, "init_distributed", lambda *a, **k: None)

@@ -31,7 +31,7 @@ def train_args(load, corpus, tokenizer, *extra, iters=5):
 
 def train_layouts(argv_list):
     """On every rank: train once per argv (re-laying out the same ranks); the losses of each."""
-    from megalong.training.pretrain import main
+    from megalong.cli.train import main
 
     return [main(argv) for argv in argv_list]
 
@@ -258,7 +258,7 @@ OVERLAP_FLAGS = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--over
 
 def test_ddp_config_carries_the_overlap_flags():
     from megalong.training import setup
-    from megalong.training.pretrain import build_parser
+    from megalong.cli.train import build_parser
 
     def job(argv):
         return JobConfig.from_args(build_parser().parse_args(argv))
@@ -300,7 +300,7 @@ def test_schedules_get_megatron_lm_sync_functions():
     from types import SimpleNamespace
 
     from megalong.training import setup
-    from megalong.training.pretrain import build_parser
+    from megalong.cli.train import build_parser
 
     parser = build_parser()
     for flags, pp, grad, param in (([], 1, False, False), (OVERLAP_FLAGS, 1, True, False),
@@ -321,7 +321,7 @@ def test_parameters_are_gathered_before_saving_and_evaluating(flags, synced, mon
     saves (which exports read) and evaluations gather them first, then re-enable the hooks."""
     from megalong import checkpoint
     from megalong.training import loop
-    from megalong.training.pretrain import build_parser
+    from megalong.cli.train import build_parser
 
     events = []
     monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *a, **k: events.append("save"))

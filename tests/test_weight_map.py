@@ -41,15 +41,16 @@ def test_hf_shapes_are_llama_for_causal_lm_parameters_in_order(tie):
 
 def test_derived_names():
     from megalong.config import lora as options
+    from megalong.config import peft
     from megalong.lora import peft_io
     from megalong.model.spec import NORM_KEYS_TO_TE
 
     assert options.PART_ORDER == ("q", "k", "v", "o", "gate", "up", "down")
     assert options.TARGET_PARTS["fc1"] == ("gate", "up") and options.TARGET_PARTS["fc2"] == ("down",)
-    assert peft_io.PART_TO_HF_MODULE["gate"] == "gate_proj"
+    assert weight_map.PART_TO_HF_MODULE["gate"] == "gate_proj"
     assert peft_io.factor_key(3, "o", "A") == \
         "base_model.model.model.layers.3.self_attn.o_proj.lora_A.weight"
-    assert peft_io.EXTRA_MODULES == {"embed": ("embed_tokens",),
+    assert peft.EXTRA_MODULES == {"embed": ("embed_tokens",),
                                      "norm": ("input_layernorm", "post_attention_layernorm", "norm")}
     assert NORM_KEYS_TO_TE == {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}

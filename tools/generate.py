@@ -1,74 +1,7 @@
 #!/usr/bin/env python3
-"""Generate text with the megatron model: greedy (--temperature 0, the default) or top-p
-sampling, with a KV cache, at any TP/PP (torchrun's ranks, or TP x PP local ranks spawned).
+"""Generate text with the megatron model: greedy (--temperature 0, the default) or top-p (megalong/cli/generate.py; installed as `megalong-generate`)."""
 
-  generate.py --load CKPT | --hf-dir DIR  --prompt-file FILE  [--tokenizer TOK]
-              [--max-new-tokens 64] [--temperature 0.8 --top-p 0.9] [--json OUT]
-
-A text prompt file is one prompt; a .jsonl file holds one {"prompt": ...} per line. The tokenizer
-defaults to the one stored with the model. Prints the completions and a Markdown table.
-"""
-
-import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megalong.errors import run_cli  # noqa: E402  (torch-free)
-from megalong.errors import MegalongError  # noqa: E402
-from megalong.eval import loading  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    loading.add_model_args(parser)
-    gen = parser.add_argument_group("generation")
-    gen.add_argument("--prompt-file", required=True, help="text file (one prompt) or .jsonl")
-    gen.add_argument("--tokenizer", default=None,
-                     help="sentencepiece model or HF tokenizer dir (default: the model's own)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
-    gen.add_argument("--seed", type=int, default=1234, help="sampling seed")
-    gen.add_argument("--no-kv-cache", action="store_true",
-                     help="recompute the whole sequence every step (slow; for checking)")
-    gen.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
-    gen.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
-    return parser
-
-
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    from megalong.eval.generate import Sampling, read_prompts
-
-    loading.check_positive("max-new-tokens", args.max_new_tokens)
-    sampling = Sampling(args.temperature, args.top_p, args.seed).validate()
-    source = loading.source_from_args(args)
-    tokenizer = loading.tokenizer_path(source, args.tokenizer)
-    from megalong.data.tokenizer import load_tokenizer
-
-    vocab = load_tokenizer(tokenizer).vocab_size
-    if vocab > source.arch.vocab_size:
-        raise MegalongError(f"tokenizer {tokenizer} has {vocab} tokens, more than the model's "
-                            f"vocabulary of {source.arch.vocab_size}: they do not belong together")
-    prompts = read_prompts(args.prompt_file)
-    loading.check_output_file("json", args.json)
-    from megalong.eval.generate import generate_on_ranks
-
-    report = loading.run_on_model_ranks(source, generate_on_ranks, source, tokenizer, prompts,
-                                        args.max_new_tokens, sampling, not args.no_kv_cache,
-                                        not args.no_bos)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    from megalong.eval import report as reports
-
-    for i, row in enumerate(report["outputs"]):
-        print(f"### completion {i}\n{row['completion']}\n")
-    print(reports.generation_markdown(report))
-    if args.json:
-        reports.write_json(args.json, report)
-
+from megalong.cli.generate import build_parser, console, main  # noqa: F401  (build_parser: the flags doc)
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    console()

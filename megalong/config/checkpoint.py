@@ -77,6 +77,18 @@ class CheckpointMetadata:
     def replace(self, **changes) -> "CheckpointMetadata":
         return dataclasses.replace(self, **changes)
 
+    def check_export(self, load: str, *, out, merge_lora: bool, peft_adapter) -> None:
+        """megatron-to-hf's flags fit whether the checkpoint holds LoRA adapters."""
+        if (merge_lora or peft_adapter) and not self.lora:
+            raise MegalongError(f"checkpoint {load} holds no LoRA adapters; export it without "
+                                "--merge-lora/--peft-adapter")
+        if self.lora and out and not merge_lora:
+            raise MegalongError(f"checkpoint {load} holds LoRA adapters: pass --merge-lora to fold "
+                                "them into the exported HF weights (and/or --peft-adapter DIR for a "
+                                "PEFT adapter)")
+        if not out and not peft_adapter:
+            raise MegalongError("megatron-to-hf needs --out (an HF model) or --peft-adapter DIR")
+
 
 def read_metadata(root: str, iteration: int | None = None) -> CheckpointMetadata:
     if iteration is None:

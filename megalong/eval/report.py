@@ -1,14 +1,9 @@
 """Reports of the eval tools: JSON files, Markdown tables, and matplotlib plots (Agg backend).
+`megalong-report` (cli/report.py) puts several perplexity reports side by side."""
 
-Also a small CLI that puts several perplexity reports side by side (the ablation's table/plot):
-    python -m megalong.eval.report --json a.json b.json --labels A B [--plot out.png] [--out t.md]
-"""
-
-import argparse
 import json
 import math
 import os
-import sys
 from typing import Optional
 
 from megalong.errors import MegalongError
@@ -168,40 +163,3 @@ def generation_markdown(report: dict) -> str:
         lines.append(f"| {i} | {row['prompt_tokens']} | {len(row['tokens'])} | "
                      f"{row['seconds']:.2f} | {text} |")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- CLI: perplexity side by side
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m megalong.eval.report",
-                                     description="Perplexity reports side by side.")
-    parser.add_argument("--json", nargs="+", required=True, help="perplexity reports (eval_ppl --json)")
-    parser.add_argument("--labels", nargs="+", default=None, help="one label per report")
-    parser.add_argument("--plot", default=None, help="PNG: perplexity vs context length")
-    parser.add_argument("--title", default="Perplexity vs context length")
-    parser.add_argument("--mark-length", type=int, default=None, help="a vertical line here")
-    parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
-    args = parser.parse_args(argv)
-    labels = args.labels or [os.path.splitext(os.path.basename(p))[0] for p in args.json]
-    if len(labels) != len(args.json):
-        raise MegalongError(f"{len(args.json)} reports but {len(labels)} labels")
-    reports = {}
-    for label, path in zip(labels, args.json):
-        report = read_json(path)
-        if report.get("kind") != "perplexity":
-            raise MegalongError(f"{path} is not a perplexity report (eval_ppl --json)")
-        reports[label] = report
-    table = ppl_comparison_markdown(reports)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(table + "\n")
-    if args.plot:
-        plot_ppl(reports, args.plot, title=args.title, marker_length=args.mark_length)
-
-
-if __name__ == "__main__":
-    from megalong.errors import run_cli
-
-    sys.exit(run_cli(main))

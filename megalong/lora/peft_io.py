@@ -6,7 +6,8 @@ A PEFT LoRA directory holds adapter_config.json and adapter_model.safetensors (o
 and norms) under their HF names. LongLoRA releases the embedding and norms separately, in
 `trainable_params.bin`, with the same names. Both forms import; export writes the first.
 
-The module top level is torch-free: the CLIs validate an adapter directory before importing torch.
+adapter_config.json itself is read and written by config/peft.py (torch-free: the CLIs check an
+adapter directory before importing torch).
 """
 
 import json
@@ -15,15 +16,12 @@ import re
 import shutil
 import tempfile
 
-from megalong.errors import MegalongError
 from megalong.config import weight_map
-from megalong.config.weight_map import HF_MODULE_TO_PART, LORA_PARTS, PART_TO_HF_MODULE  # noqa: F401
+from megalong.config.peft import (CONFIG_FILE, EXTRA_MODULES, WEIGHT_FILES, ordered_parts,
+                                  read_peft_config)
+from megalong.config.weight_map import HF_MODULE_TO_PART, LORA_PARTS
+from megalong.errors import MegalongError
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-LONGLORA_TRAINABLE_FILE = "trainable_params.bin"
-# --trainable-params groups -> PEFT modules_to_save names (last component of the HF module path).
-EXTRA_MODULES = weight_map.GROUP_MODULES
 _PREFIX = "base_model.model."
 # A factor of any module under the adapted linears' parents (self_attn, mlp); unknown modules are
 # reported by name.
@@ -32,82 +30,6 @@ _FACTOR_KEY = re.compile(
     r"^(?:" + re.escape(_PREFIX) + r")?"
     + re.escape(weight_map.HF_LAYER).replace(re.escape("{i}"), r"(\d+)")
     + r"(?:" + "|".join(map(re.escape, _PARENTS)) + r")\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
-
-
-# ------------------------------------------------------------------------------ config (torch-free)
-
-
-def read_peft_config(directory: str) -> dict:
-    """adapter_config.json, checked: a plain LoRA adapter megalong can represent exactly.
-    Returns {"rank", "alpha", "dropout", "parts", "modules_to_save", "weights", "trainable_file"}."""
-    if not os.path.isdir(directory):
-        raise MegalongError(f"PEFT adapter directory {directory} does not exist")
-    path = os.path.join(directory, CONFIG_FILE)
-    try:
-        with open(path) as handle:
-            config = json.load(handle)
-    except FileNotFoundError:
-        raise MegalongError(f"{path} not found: --peft-adapter must be a PEFT adapter directory") from None
-    except (OSError, ValueError) as err:
-        raise MegalongError(f"cannot read {path}: {err}") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise MegalongError(f"{path}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}; "
-                            "only LORA adapters are supported")
-    rank, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise MegalongError(f"{path}: r must be a positive integer and lora_alpha positive; got r={rank!r}, "
-                            f"lora_alpha={alpha!r}")
-    unsupported = [name for name, ok in [
-        ("use_dora", not config.get("use_dora")), ("use_rslora", not config.get("use_rslora")),
-        ("bias", config.get("bias", "none") == "none"), ("fan_in_fan_out", not config.get("fan_in_fan_out")),
-        ("rank_pattern", not config.get("rank_pattern")), ("alpha_pattern", not config.get("alpha_pattern")),
-        ("layers_to_transform", config.get("layers_to_transform") is None),
-    ] if not ok]
-    if unsupported:
-        raise MegalongError(f"{path}: {', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} "
-                            "not supported (plain LoRA on q/k/v/o/gate/up/down_proj only)")
-    targets = config.get("target_modules")
-    parts = None
-    if isinstance(targets, list):
-        names = [str(t).rsplit(".", 1)[-1] for t in targets]
-        unknown = [n for n in names if n not in HF_MODULE_TO_PART]
-        if unknown:
-            raise MegalongError(f"{path}: target module(s) {', '.join(unknown)} cannot be adapted; valid: "
-                                f"{', '.join(HF_MODULE_TO_PART)}")
-        parts = _ordered_parts(HF_MODULE_TO_PART[n] for n in names)
-    weights = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(directory, name))]
-    if not weights:
-        raise MegalongError(f"no adapter weights in {directory}: expected {' or '.join(WEIGHT_FILES)}")
-    trainable = os.path.join(directory, LONGLORA_TRAINABLE_FILE)
-    return {
-        "rank": rank, "alpha": float(alpha), "dropout": float(config.get("lora_dropout") or 0.0),
-        "parts": parts,  # None: taken from the weight names (target_modules was a regex)
-        "modules_to_save": list(config.get("modules_to_save") or []),
-        "weights": os.path.join(directory, weights[0]),
-        "trainable_file": trainable if os.path.isfile(trainable) else None,
-        "base_model_name_or_path": config.get("base_model_name_or_path"),
-    }
-
-
-def _ordered_parts(parts) -> tuple:
-    chosen = set(parts)
-    return tuple(p for p in LORA_PARTS if p in chosen)
-
-
-def peft_config_json(options, extras, *, base_model: str | None, tied: bool) -> dict:
-    """adapter_config.json for an export; `extras` are the trainable groups saved whole."""
-    modules_to_save = [m for group in extras for m in EXTRA_MODULES[group]]
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
-        "target_modules": [PART_TO_HF_MODULE[p] for p in options.parts],
-        "modules_to_save": modules_to_save or None, "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
-        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
-    }
-    if tied and "embed" in extras:
-        config["ensure_weight_tying"] = True  # the lm_head is the (trained) embedding
-    return config
 
 
 # ------------------------------------------------------------------------------ reading tensors
@@ -127,7 +49,7 @@ class PeftAdapter:
         for path in files:
             for key, tensor in _load_tensors(path).items():
                 self._add(path, key, tensor)
-        parts = _ordered_parts(part for _, part in self.factors)
+        parts = ordered_parts(part for _, part in self.factors)
         if not parts:
             raise MegalongError(f"{self.config['weights']} holds no LoRA factors")
         if self.config["parts"] is not None and parts != self.config["parts"]:

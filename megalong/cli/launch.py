@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+from megalong.cli.train import main as train_main
 from megalong.errors import run_cli
 from megalong.recipes import recipe_argv, usage
 
@@ -37,19 +38,13 @@ def torchrun_command(script: str, argv: list) -> list:
             script, *argv]
 
 
-def _train(argv: list) -> None:
-    from megalong.training.pretrain import main
-
-    main(argv)
-
-
 def main(argv: list, script: str) -> int:
     if "-h" in argv or "--help" in argv:
         if not under_torchrun() or os.environ.get("RANK", "0") == "0":
             print(f"usage: [ENV=...] bash {script} [trainer flags]\n"
                   f"       torchrun [torchrun flags] {script} [trainer flags]\n\n{__doc__}\n\n"
                   f"{usage()}\nTrainer flags:", flush=True)
-            run_cli(_train, ["--help"])
+            run_cli(train_main, ["--help"])
         return 0
     # Checked here once, not on every rank: an unknown MODEL or a malformed number.
     code = run_cli(lambda _: recipe_argv(os.environ))
@@ -61,4 +56,4 @@ def main(argv: list, script: str) -> int:
     # megatron overlaps TP communication with compute only when kernels queue on one CUDA
     # connection; set before CUDA starts.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    return run_cli(_train, recipe_argv(os.environ) + argv)
+    return run_cli(train_main, recipe_argv(os.environ) + argv)

@@ -1,0 +1,95 @@
+"""Long-context perplexity with dense attention, as LongLoRA's eval defines it: windows of
+seq-length tokens every --stride tokens, PPL = exp(mean over windows of each window's mean token
+loss). Any TP/PP: under torchrun the launched ranks are used, otherwise TP x PP local ranks are
+spawned.
+
+  eval_ppl.py --load CKPT | --hf-dir DIR  --data PREFIX|tokens.bin  --seq-lengths 2048,4096
+              [--stride 256] [--max-windows K] [--json OUT] [--plot OUT.png]
+
+--data: a megatron IndexedDataset prefix (documents concatenated) or a flat token file (uint16,
+uint32 for vocabularies over 65536; LongLoRA's PG19/proof-pile format). Prints a Markdown table.
+"""
+
+import argparse
+import os
+import sys
+
+from megalong.errors import MegalongError, run_cli
+from megalong.cli import model_args
+from megalong.eval import loading
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one value")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_args.add_model_args(parser)
+    data = parser.add_argument_group("data and windows")
+    data.add_argument("--data", required=True, help="IndexedDataset prefix or flat token file")
+    data.add_argument("--data-dtype", choices=["uint16", "uint32", "int32"], default=None,
+                      help="dtype of a flat token file (default uint16; uint32 when the vocabulary "
+                           "exceeds 65536)")
+    data.add_argument("--seq-lengths", type=int_list, required=True,
+                      help="comma-separated evaluation lengths, e.g. 2048,4096,8192")
+    data.add_argument("--stride", type=int, default=256, help="tokens between window starts (256)")
+    data.add_argument("--max-windows", type=int, default=None,
+                      help="evaluate at most K windows per length, spread evenly over the data")
+    data.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward pass")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
+    out.add_argument("--plot", default=None, metavar="OUT.png", help="plot perplexity vs length")
+    out.add_argument("--label", default=None, help="name of the model in the plot legend")
+    out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def validate(args):
+    """Every check that needs no torch; returns the model source."""
+    for name in ("stride", "max_windows", "micro_batch_size"):
+        model_args.check_positive(name.replace("_", "-"), getattr(args, name))
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        model_args.check_positive(name.replace("_", "-"), getattr(args, name))
+    bad = [n for n in args.seq_lengths if n < 2]
+    if bad:
+        raise MegalongError(f"--seq-lengths must be >= 2, got {bad}")
+    source = model_args.source_from_args(args)
+    from megalong.eval.data import open_eval_tokens
+    from megalong.eval.perplexity import check_windows_fit
+
+    data = open_eval_tokens(args.data, vocab_size=source.arch.vocab_size, dtype=args.data_dtype)
+    check_windows_fit(len(data), args.seq_lengths, args.stride)
+    model_args.check_output_file("json", args.json)
+    model_args.check_output_file("plot", args.plot)
+    return source
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    source = validate(args)
+    from megalong.eval.perplexity import eval_ppl_on_ranks
+
+    report = loading.run_on_model_ranks(
+        source, eval_ppl_on_ranks, source, args.data, args.seq_lengths, args.stride,
+        args.max_windows, args.micro_batch_size, args.data_dtype, not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from megalong.eval import report as reports
+
+    print(reports.ppl_markdown(report))
+    if args.json:
+        reports.write_json(args.json, report)
+    if args.plot:
+        label = args.label or os.path.basename(os.path.normpath(source.path))
+        reports.plot_ppl({label: report}, args.plot)
+
+
+def console() -> None:
+    sys.exit(run_cli(main))

@@ -9,16 +9,16 @@ import torch
 
 from megalong import runtime
 from megalong.checkpoint import load_checkpoint
+from megalong.config.arch import LlamaArch
 from megalong.config.checkpoint import CheckpointMetadata
 from megalong.config.job import JobConfig
-from megalong.source import ModelSource
+from megalong.config.lora import LoraOptions
 from megalong.convert.hf_checkpoint import HFCheckpointReader
 from megalong.convert.model_io import load_hf_weights
 from megalong.lora.apply import add_lora, merge_lora as merge_adapters
-from megalong.config.lora import LoraOptions
 from megalong.lora.peft_io import PeftAdapter, load_lora_factors
-from megalong.config.arch import LlamaArch
 from megalong.model.llama import ModelOptions, build_llama
+from megalong.source import ModelSource
 
 
 def model_options(job: JobConfig, metadata: CheckpointMetadata) -> ModelOptions:

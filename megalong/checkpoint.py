@@ -29,8 +29,9 @@ from megalong import faults, runtime
 from megalong.checkpoint_manifest import (candidate_iterations, check_checkpoint, damaged_message,
                                           file_entries, list_files, write_manifest)
 from megalong.config.checkpoint import (METADATA, TRACKER, CheckpointMetadata, iteration_dir,
-                                      read_metadata)
+                                        read_metadata)
 from megalong.errors import MegalongError
+from megalong.lora.apply import is_adapter_param
 
 
 def _chunk_keys(model_chunks):
@@ -205,7 +206,6 @@ def load_checkpoint(model_chunks, root: str, iteration: int | None = None, *, op
     iteration = verified_iteration(root, iteration, fallback=fallback)
     directory = iteration_dir(root, iteration)
     saved = read_metadata(root, iteration)
-    from megalong.lora.apply import is_adapter_param
 
     if saved.lora and not any(is_adapter_param(name) for m in model_chunks
                                      for name, _ in m.named_parameters()):

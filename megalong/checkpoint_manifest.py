@@ -16,8 +16,9 @@ import os
 import re
 import zlib
 
-from megalong.config.checkpoint import iteration_dir
+from megalong.config.checkpoint import iteration_dir, latest_iteration
 from megalong.errors import MegalongError
+
 
 MANIFEST = "manifest.json"
 _CHUNK = 16 << 20
@@ -118,8 +119,6 @@ def saved_iterations(root: str) -> list[int]:
 def candidate_iterations(root: str, *, fallback: bool, start=None) -> list[int]:
     """The iteration to load (`start`, else the tracker's), then with `fallback` the older saved
     ones, newest first. Without a readable tracker, fallback uses every saved iteration."""
-    from megalong.config.checkpoint import latest_iteration
-
     if start is None:
         try:
             start = latest_iteration(root)

@@ -11,14 +11,25 @@ import shutil
 import sys
 import tempfile
 
+from megalong import runtime
+from megalong.build import load_model
+from megalong.checkpoint import save_checkpoint
+from megalong.config.arch import VOCAB_DIVISIBLE_BY, LlamaArch
 from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata
+from megalong.config.hf_config import (arch_from_hf_config, hf_config_from_arch, read_hf_dir_config,
+                                       validate_tp)
+from megalong.config.lora import LoraOptions, lora_metadata
 from megalong.config.model import default_interpolation_factor
 from megalong.config.parallel import ParallelConfig
-from megalong.config.arch import VOCAB_DIVISIBLE_BY, LlamaArch
-from megalong.source import ModelSource, resolve_model_source
-from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
+from megalong.config.peft import peft_config_json
+from megalong.convert.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, copy_tokenizer_files,
+                                            move_into_place, print_progress, write_hf_checkpoint)
+from megalong.convert.model_io import iter_hf_tensors
 from megalong.errors import MegalongError
-
+from megalong.lora.apply import merge_lora as merge_adapters
+from megalong.lora.peft_io import PeftAdapter, iter_peft_tensors, write_peft_adapter
+from megalong.source import ModelSource, resolve_model_source
+from megalong.spawn import run_on_ranks
 
 
 def _log(message: str) -> None:
@@ -39,10 +50,6 @@ def _check_out_dir(out: str, overwrite: bool) -> None:
 def _convert_rank(source: ModelSource, staging, metadata: CheckpointMetadata, peft_adapter=None):
     """One rank of hf-to-megatron: build this rank's shard with the HF weights (and a PEFT adapter
     over them), save collectively."""
-    from megalong import runtime
-    from megalong.build import load_model
-    from megalong.checkpoint import save_checkpoint
-
     runtime.init_distributed(source.parallel)
     model = load_model(source, seq_length=metadata.seq_length, peft_adapter=peft_adapter,
                        on_device=False)
@@ -52,8 +59,6 @@ def _convert_rank(source: ModelSource, staging, metadata: CheckpointMetadata, pe
 def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_factor=None,
                    vocab_divisible_by=VOCAB_DIVISIBLE_BY, overwrite=False, timeout_s=3600.0,
                    peft_adapter=None):
-    from megalong.convert.hf_checkpoint import copy_tokenizer_files, move_into_place
-
     hf_config, config_path = read_hf_dir_config(hf_dir)
     arch, recorded_factor = arch_from_hf_config(hf_config, config_path)
     validate_tp(arch, tp, pp)
@@ -79,8 +84,6 @@ def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_fa
         if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one of the ranks
             _convert_rank(source, staging, metadata, peft_adapter)
         else:
-            from megalong.spawn import run_on_ranks
-
             run_on_ranks(_convert_rank, tp * pp, source, staging, metadata, peft_adapter,
                          timeout_s=timeout_s)
         tokenizer_dir = os.path.join(staging, TOKENIZER_SUBDIR)
@@ -97,9 +100,6 @@ def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_fa
 def _peft_adapter_onto(arch: LlamaArch, peft_adapter: str):
     """(arch, the checkpoint's "lora" metadata) for a PEFT adapter over a base of `arch`. An adapter
     embedding with more rows than the base vocabulary (LongLoRA's added pad token: 32001) grows it."""
-    from megalong.config.lora import lora_metadata
-    from megalong.lora.peft_io import PeftAdapter
-
     adapter = PeftAdapter(peft_adapter)
     rows = adapter.vocab_rows()
     if rows is not None and rows < arch.vocab_size:
@@ -120,9 +120,6 @@ def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="f
     """Export the latest checkpoint under `load` as an HF LlamaForCausalLM directory (`out`; LoRA
     adapters merged with `merge_lora`) and/or its adapters as a PEFT directory (`peft_adapter`)."""
     import torch
-
-    from megalong import runtime
-    from megalong.build import load_model
 
     source = resolve_model_source(load=load)
     metadata, arch, iteration = source.metadata, source.arch, source.iteration
@@ -154,10 +151,6 @@ def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="f
 
 
 def _export_peft_adapter(model, arch, metadata, directory, torch_dtype, overwrite):
-    from megalong.config.lora import LoraOptions
-    from megalong.config.peft import peft_config_json
-    from megalong.lora.peft_io import iter_peft_tensors, write_peft_adapter
-
     lora = metadata.lora
     extras = lora.get("trainable_params", [])
     config = peft_config_json(LoraOptions.from_metadata(lora), extras,
@@ -168,14 +161,8 @@ def _export_peft_adapter(model, arch, metadata, directory, torch_dtype, overwrit
 
 def _export_hf(model, arch, metadata, load, out, iteration, torch_dtype, dtype, overwrite,
                max_shard_bytes, *, merge):
-    from megalong.convert.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, print_progress, write_hf_checkpoint
-    from megalong.config.hf_config import hf_config_from_arch
-    from megalong.convert.model_io import iter_hf_tensors
-
     if merge:
-        from megalong.lora.apply import merge_lora
-
-        _log(f"merged {merge_lora(model)} LoRA adapters into the base weights")
+        _log(f"merged {merge_adapters(model)} LoRA adapters into the base weights")
     _log(f"megatron-to-hf: {load} (iteration {iteration}) -> {out}")
     tensors = ((name, t.to(torch_dtype)) for name, t in
                iter_hf_tensors(model, arch, metadata.padded_vocab_size))

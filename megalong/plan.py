@@ -10,10 +10,11 @@ peaks.
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from megalong.config.model import LOSS_CHUNK_TOKENS
-from megalong.errors import MegalongError
 from megalong.config import weight_map
 from megalong.config.arch import LlamaArch
+from megalong.config.model import LOSS_CHUNK_TOKENS
+from megalong.errors import MegalongError
+
 
 RECOMPUTE = ("full", "selective", "none")
 GIB = 2**30

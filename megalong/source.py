@@ -6,11 +6,12 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata
+from megalong.checkpoint_manifest import select_iteration
+from megalong.config.arch import LlamaArch
+from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata, read_metadata
+from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
 from megalong.config.parallel import ParallelConfig
 from megalong.errors import MegalongError
-from megalong.config.arch import LlamaArch
-
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,8 +38,6 @@ class ModelSource:
 def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = None, tp: int = 1,
                          pp: int = 1, interpolation_factor: Optional[float] = None) -> ModelSource:
     """Everything about the model that can be checked without torch."""
-    from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
-
     if (load is None) == (hf_dir is None):
         raise MegalongError("give exactly one of --load (a megalong checkpoint) or --hf-dir")
     if interpolation_factor is not None and not interpolation_factor >= 1:
@@ -46,9 +45,6 @@ def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = 
                             f"{interpolation_factor}")
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if load is not None:
-        from megalong.checkpoint_manifest import select_iteration
-        from megalong.config.checkpoint import read_metadata
-
         iteration = select_iteration(load)  # a truncated file is named here
         meta = read_metadata(load, iteration)
         validate_tp(meta.arch, tp, pp)

@@ -12,6 +12,7 @@ import socket
 import time
 import traceback
 
+from megalong import runtime
 from megalong.errors import MegalongError
 
 
@@ -42,8 +43,6 @@ def _rank_main(fn, rank, world_size, port, results, args, kwargs, env):
         results.put((rank, "bug", traceback.format_exc()))
     finally:
         try:
-            from megalong import runtime
-
             runtime.shutdown()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass

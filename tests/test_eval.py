@@ -20,7 +20,7 @@ from megalong.eval.passkey import (
     FILLER_SENTENCES, QUESTION, TASK, build_passkey_prompt, fit_passkey_prompt, generated_number,
     key_line, passkey_correct, summarize, sweep_cases,
 )
-from megalong.eval.perplexity import window_starts
+from megalong.eval.data import window_starts
 from megalong.spawn import run_on_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,7 +194,7 @@ def eval_checks(sources, tokens, prompt, max_new_tokens, eos_id, sample=False):
     """On every rank, for each model source: perplexity rows, greedy tokens with and without the
     KV cache, decode-step logits against a full forward, and (optionally) seeded top-p samples."""
     from megalong.eval.generate import Sampling, _last_logits, generate_one
-    from megalong.eval.loading import build_eval_model, init_eval_runtime
+    from megalong.eval.runs import build_eval_model, init_eval_runtime
     from megalong.eval.perplexity import evaluate_perplexity
     from megalong.model.forward import full_logits
     from megatron.core.inference.contexts import StaticInferenceContext
@@ -255,7 +255,7 @@ def assert_matches_hf(result, hf_dir, tokens, prompt, name):
 
 @pytest.mark.slow
 def test_tp1_perplexity_and_generation_match_hf(tiny_hf_dir, interpolated_hf_dir, eval_tokens):
-    from megalong.eval.loading import resolve_model_source
+    from megalong.source import resolve_model_source
 
     prompt = random.Random(1).sample(range(VOCAB), 10)
     _, eos_id = hf_greedy(tiny_hf_dir, prompt, 1)
@@ -271,7 +271,7 @@ def test_tp1_perplexity_and_generation_match_hf(tiny_hf_dir, interpolated_hf_dir
 
 @pytest.mark.slow
 def test_tp2_pp2_and_a_converted_checkpoint_match_hf(tiny_hf_dir, tiny_megatron_ckpt, eval_tokens):
-    from megalong.eval.loading import resolve_model_source
+    from megalong.source import resolve_model_source
 
     prompt = random.Random(2).sample(range(VOCAB), 12)
     _, eos_id = hf_greedy(tiny_hf_dir, prompt, 1)

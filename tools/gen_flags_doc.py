@@ -19,7 +19,6 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 DEFAULT_OUT = os.path.join(ROOT, "docs", "guide", "flags.md")
 HEADER = """\

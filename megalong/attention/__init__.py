@@ -6,6 +6,7 @@ from megalong.attention.groups import GroupSizeError, check_group_size
 from megalong.attention.kernels import KernelUnavailableError, available_kernels
 from megalong.attention.s2 import dense_causal_attention, s2_attention
 
+
 __all__ = [
     "GroupSizeError",
     "KernelUnavailableError",

@@ -26,10 +26,11 @@ import torch
 import torch.distributed as dist
 
 from megalong.attention.groups import (HeadHalf, cu_seqlens, head_halves, kv_head_index,
-                                      varlen_tokens)
+                                       varlen_tokens)
 from megalong.attention.kernels import resolve_kernel
 from megalong.attention.s2 import dense_causal_attention, s2_attention
 from megalong.errors import MegalongError
+
 
 # ------------------------------------------------------------------ plan (pure)
 

@@ -15,8 +15,9 @@ from typing import Dict, Optional
 
 import torch
 
-from megalong.attention.groups import cache_device, check_group_size
-from megalong.attention.groups import first_shifted_head as _first_shifted
+from megalong.attention.groups import (cache_device, check_group_size,
+                                       first_shifted_head as _first_shifted)
+
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention

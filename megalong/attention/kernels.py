@@ -19,7 +19,9 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
+from megalong.attention.flex import FlexKernel
 from megalong.errors import MegalongError
+
 
 KERNELS = ("auto", "sdpa", "torch-varlen", "flex", "flash", "te")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -102,8 +104,6 @@ class TorchVarlenKernel:
 
 
 def _flex_kernel():
-    from megalong.attention.flex import FlexKernel
-
     return FlexKernel()
 
 

@@ -14,9 +14,10 @@ import argparse
 import os
 import sys
 
-from megalong.errors import MegalongError, run_cli
 from megalong.cli import model_args
-from megalong.eval import loading
+from megalong.errors import MegalongError, run_cli
+from megalong.eval.data import check_windows_fit, open_eval_tokens
+from megalong.eval.report import plot_ppl, ppl_markdown, write_json
 
 
 def int_list(text: str) -> list[int]:
@@ -61,9 +62,6 @@ def validate(args):
     if bad:
         raise MegalongError(f"--seq-lengths must be >= 2, got {bad}")
     source = model_args.source_from_args(args)
-    from megalong.eval.data import open_eval_tokens
-    from megalong.eval.perplexity import check_windows_fit
-
     data = open_eval_tokens(args.data, vocab_size=source.arch.vocab_size, dtype=args.data_dtype)
     check_windows_fit(len(data), args.seq_lengths, args.stride)
     model_args.check_output_file("json", args.json)
@@ -74,21 +72,19 @@ def validate(args):
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     source = validate(args)
-    from megalong.eval.perplexity import eval_ppl_on_ranks
+    from megalong.eval.runs import eval_ppl_on_ranks, run_on_model_ranks  # torch from here on
 
-    report = loading.run_on_model_ranks(
+    report = run_on_model_ranks(
         source, eval_ppl_on_ranks, source, args.data, args.seq_lengths, args.stride,
         args.max_windows, args.micro_batch_size, args.data_dtype, not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from megalong.eval import report as reports
-
-    print(reports.ppl_markdown(report))
+    print(ppl_markdown(report))
     if args.json:
-        reports.write_json(args.json, report)
+        write_json(args.json, report)
     if args.plot:
         label = args.label or os.path.basename(os.path.normpath(source.path))
-        reports.plot_ppl({label: report}, args.plot)
+        plot_ppl({label: report}, args.plot)
 
 
 def console() -> None:

@@ -12,9 +12,11 @@ import argparse
 import os
 import sys
 
-from megalong.errors import MegalongError, run_cli
 from megalong.cli import model_args
-from megalong.eval import loading
+from megalong.data.tokenizer import load_tokenizer
+from megalong.errors import MegalongError, run_cli
+from megalong.eval.generate import Sampling, read_prompts
+from megalong.eval.report import generation_markdown, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,34 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    from megalong.eval.generate import Sampling, read_prompts
-
     model_args.check_positive("max-new-tokens", args.max_new_tokens)
     sampling = Sampling(args.temperature, args.top_p, args.seed).validate()
     source = model_args.source_from_args(args)
     tokenizer = model_args.tokenizer_path(source, args.tokenizer)
-    from megalong.data.tokenizer import load_tokenizer
-
     vocab = load_tokenizer(tokenizer).vocab_size
     if vocab > source.arch.vocab_size:
         raise MegalongError(f"tokenizer {tokenizer} has {vocab} tokens, more than the model's "
                             f"vocabulary of {source.arch.vocab_size}: they do not belong together")
     prompts = read_prompts(args.prompt_file)
     model_args.check_output_file("json", args.json)
-    from megalong.eval.generate import generate_on_ranks
+    from megalong.eval.runs import generate_on_ranks, run_on_model_ranks  # torch from here on
 
-    report = loading.run_on_model_ranks(source, generate_on_ranks, source, tokenizer, prompts,
-                                        args.max_new_tokens, sampling, not args.no_kv_cache,
-                                        not args.no_bos)
+    report = run_on_model_ranks(source, generate_on_ranks, source, tokenizer, prompts,
+                                args.max_new_tokens, sampling, not args.no_kv_cache,
+                                not args.no_bos)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from megalong.eval import report as reports
-
     for i, row in enumerate(report["outputs"]):
         print(f"### completion {i}\n{row['completion']}\n")
-    print(reports.generation_markdown(report))
+    print(generation_markdown(report))
     if args.json:
-        reports.write_json(args.json, report)
+        write_json(args.json, report)
 
 
 def console() -> None:

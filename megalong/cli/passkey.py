@@ -12,9 +12,11 @@ import argparse
 import os
 import sys
 
-from megalong.errors import MegalongError, run_cli
 from megalong.cli import model_args
-from megalong.eval import loading
+from megalong.data.tokenizer import load_tokenizer
+from megalong.errors import MegalongError, run_cli
+from megalong.eval.passkey import fit_passkey_prompt
+from megalong.eval.report import passkey_markdown, plot_passkey, write_json
 
 
 def number_list(kind):
@@ -58,9 +60,6 @@ def validate(args):
         raise MegalongError("--lengths and --depths must not repeat a value")
     source = model_args.source_from_args(args)
     tokenizer = model_args.tokenizer_path(source, args.tokenizer)
-    from megalong.data.tokenizer import load_tokenizer
-    from megalong.eval.passkey import fit_passkey_prompt
-
     loaded = load_tokenizer(tokenizer)
     if loaded.vocab_size > source.arch.vocab_size:
         raise MegalongError(f"tokenizer {tokenizer} has {loaded.vocab_size} tokens, more than the "
@@ -76,19 +75,17 @@ def validate(args):
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     source, tokenizer = validate(args)
-    from megalong.eval.passkey import passkey_on_ranks
+    from megalong.eval.runs import passkey_on_ranks, run_on_model_ranks  # torch from here on
 
-    report = loading.run_on_model_ranks(source, passkey_on_ranks, source, tokenizer, args.lengths,
-                                        args.depths, args.trials, args.seed, not args.quiet)
+    report = run_on_model_ranks(source, passkey_on_ranks, source, tokenizer, args.lengths,
+                                args.depths, args.trials, args.seed, not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from megalong.eval import report as reports
-
-    print(reports.passkey_markdown(report))
+    print(passkey_markdown(report))
     if args.json:
-        reports.write_json(args.json, report)
+        write_json(args.json, report)
     if args.plot:
-        reports.plot_passkey(report, args.plot)
+        plot_passkey(report, args.plot)
 
 
 def console() -> None:

@@ -22,8 +22,8 @@ import sys
 from megalong.config.arch import PRESETS
 from megalong.config.model import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError, run_cli
-from megalong.plan import (GIB, RECOMPUTE, PlanConfig, memory_breakdown,
-                           step_flops)
+from megalong.plan import GIB, RECOMPUTE, PlanConfig, memory_breakdown, step_flops
+
 
 TABLE_MODELS = ("llama2-7b", "llama2-13b", "llama2-70b")
 TABLE_LENGTHS = (8192, 32768, 100000)

@@ -11,6 +11,7 @@ Arguments are checked before the slow imports; the outputs appear only when comp
 import argparse
 import sys
 
+from megalong.data.preprocess import preprocess_to_indexed, validate_preprocess
 from megalong.errors import run_cli
 
 
@@ -32,8 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from megalong.data.preprocess import preprocess_to_indexed, validate_preprocess
-
     args = build_parser().parse_args(argv)
     validate_preprocess(args.input, args.output_prefix, args.tokenizer, args.workers)
     result = preprocess_to_indexed(

@@ -5,6 +5,7 @@ import os
 import sys
 
 from megalong.config.arch import PRESETS
+from megalong.data.files import check_writable_dir
 from megalong.errors import MegalongError, run_cli
 
 
@@ -32,7 +33,6 @@ def main(argv=None) -> None:
         raise MegalongError(f"--out {args.out} exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise MegalongError(f"--out {args.out} is not empty; pass --overwrite to replace it")
-    from megalong.data.files import check_writable_dir
 
     check_writable_dir(os.path.dirname(os.path.abspath(args.out)), what=f"--out {args.out}: directory")
     from megalong.convert.random_hf import write_random_hf_model

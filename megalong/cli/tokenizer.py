@@ -10,7 +10,10 @@ Inputs are read like tools/preprocess_data.py reads them (.jsonl/.json/.parquet 
 import argparse
 import sys
 
-from megalong.data.demo_text import SOURCES
+from megalong.data.demo_text import SOURCES, demo_documents
+from megalong.data.files import check_writable_dir, expand_inputs
+from megalong.data.preprocess import iter_documents
+from megalong.data.tokenizer import load_tokenizer, train_sentencepiece
 from megalong.errors import MegalongError, run_cli
 
 
@@ -27,11 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from megalong.data.demo_text import demo_documents
-    from megalong.data.files import check_writable_dir, expand_inputs
-    from megalong.data.preprocess import iter_documents
-    from megalong.data.tokenizer import load_tokenizer, train_sentencepiece
-
     args = build_parser().parse_args(argv)
     if not args.input and args.demo_text is None:
         raise MegalongError("give --input FILES or --demo-text")

@@ -3,6 +3,8 @@
 
 import dataclasses
 
+from megalong.errors import MegalongError
+
 
 def from_namespace(cls, namespace, **converted):
     """cls(**flags): every field that is a flag, `converted` overriding (lists to tuples...)."""
@@ -16,7 +18,5 @@ def as_tuple(value):
 
 
 def check_positive(flag: str, value, minimum: int = 1) -> None:
-    from megalong.errors import MegalongError
-
     if value is not None and value < minimum:
         raise MegalongError(f"--{flag} must be positive, got {value}")

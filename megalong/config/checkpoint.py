@@ -12,8 +12,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from megalong.errors import MegalongError
 from megalong.config.arch import LlamaArch
+from megalong.errors import MegalongError
+
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "megalong.json"

@@ -5,8 +5,9 @@ import math
 import os
 from typing import Optional
 
-from megalong.errors import MegalongError
 from megalong.config.arch import LlamaArch
+from megalong.errors import MegalongError
+
 
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 

@@ -8,13 +8,14 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from megalong.config.arch import LlamaArch
 from megalong.config.data import DataConfig
 from megalong.config.lora import LoraConfig
 from megalong.config.model import ModelConfig, validate_attention_kernel
 from megalong.config.parallel import ParallelConfig
 from megalong.config.training import CheckpointConfig, TrainingConfig
 from megalong.errors import MegalongError
-from megalong.config.arch import LlamaArch
+
 
 _CONCERNS = (("model", ModelConfig), ("parallel", ParallelConfig),
              ("checkpoint", CheckpointConfig), ("data", DataConfig),

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megalong.config._fields import from_namespace
-from megalong.errors import MegalongError
 from megalong.config.weight_map import LINEARS, LORA_PARTS
+from megalong.errors import MegalongError
 
 
 # --lora-targets names -> the HF linears (LoRA parts) they adapt: attention's one by one, each

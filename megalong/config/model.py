@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megalong.config._fields import from_namespace
+from megalong.config.arch import PRESETS, LlamaArch
+from megalong.config.hf_config import validate_tp
 from megalong.device_policy import cuda_possible
 from megalong.errors import MegalongError
-from megalong.config.arch import PRESETS, LlamaArch
+
 
 # megatron-core's selective-recompute submodules that a Llama layer has (its others are MoE/MLA).
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
@@ -79,8 +81,6 @@ class ModelConfig:
         return resolve_group_size(seq_length, self.group_size, self.group_size_ratio)
 
     def validate(self, arch: LlamaArch, parallel) -> None:
-        from megalong.config.hf_config import validate_tp
-
         parallel.validate()
         tp = parallel.tensor_model_parallel_size
         validate_tp(arch, tp, parallel.pipeline_model_parallel_size)

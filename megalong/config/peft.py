@@ -8,6 +8,7 @@ from megalong.config import weight_map
 from megalong.config.weight_map import HF_MODULE_TO_PART, LORA_PARTS, PART_TO_HF_MODULE
 from megalong.errors import MegalongError
 
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 LONGLORA_TRAINABLE_FILE = "trainable_params.bin"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megalong.config._fields import as_tuple, check_positive, from_namespace
+from megalong.config.checkpoint import latest_iteration
 from megalong.config.model import LOSS_CHUNK_TOKENS, RECOMPUTE_MODULES, importable
 from megalong.device_policy import cuda_possible
 from megalong.errors import MegalongError
@@ -45,8 +46,6 @@ class CheckpointConfig:
 
     def validate(self) -> None:
         if self.load:
-            from megalong.config.checkpoint import latest_iteration
-
             latest_iteration(self.load)
         if self.save:
             parent = os.path.dirname(os.path.abspath(self.save))

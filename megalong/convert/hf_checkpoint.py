@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from megalong.config.hf_config import arch_from_hf_config, read_json_object
 from megalong.errors import MegalongError
 
+
 # Weight layouts in the order we look for them: (index file, single file).
 _LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),

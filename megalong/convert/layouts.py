@@ -9,11 +9,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from megalong.config.hf_config import validate_tp
-from megalong.errors import MegalongError
 from megalong.config import weight_map
-from megalong.config.weight_map import at
 from megalong.config.arch import LlamaArch
+from megalong.config.hf_config import validate_tp
+from megalong.config.weight_map import at
+from megalong.errors import MegalongError
 
 
 # ---------------------------------------------------------------------------------------------

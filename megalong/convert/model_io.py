@@ -4,9 +4,10 @@ themselves are the pure functions in layouts.py)."""
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megalong.convert.layouts import hf_to_megatron, local_to_te_key, megatron_to_hf
-from megalong.errors import MegalongError
 from megalong.config.arch import LlamaArch
+from megalong.convert.layouts import (hf_to_megatron, local_to_te_key, megatron_to_hf,
+                                      te_to_local_key)
+from megalong.errors import MegalongError
 
 
 def _uses_te(model) -> bool:
@@ -57,6 +58,4 @@ def iter_hf_tensors(model, arch: LlamaArch, padded_vocab: int):
 
 
 def _te_to_local(key: str) -> str:
-    from megalong.convert.layouts import te_to_local_key
-
     return te_to_local_key(key)

@@ -3,10 +3,10 @@ nothing is downloaded)."""
 
 import torch
 
-from megalong.convert.hf_checkpoint import write_hf_checkpoint
-from megalong.config.hf_config import hf_config_from_arch
 from megalong.config.arch import LlamaArch
+from megalong.config.hf_config import hf_config_from_arch
 from megalong.config.weight_map import hf_tensor_shapes
+from megalong.convert.hf_checkpoint import write_hf_checkpoint
 
 
 def write_random_hf_model(out_dir, arch: LlamaArch, *, seed: int = 0, std: float = 0.02,

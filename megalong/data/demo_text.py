@@ -20,7 +20,9 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 
+from megalong.data.files import check_writable_dir, make_dirs, remove_quietly, staging_path
 from megalong.errors import MegalongError
+
 
 SOURCES = ("topics", "docstrings", "stdlib")
 # Not prose or not representative: rot13 text, an easter egg, frozen-module test stubs.
@@ -85,8 +87,6 @@ def write_demo_jsonl(path: str, source: str = "topics", max_bytes: int | None = 
                      key: str = "text") -> tuple[int, int]:
     """Write the documents as jsonl ({key: text} per line), atomically.
     Returns (documents, bytes of text)."""
-    from megalong.data.files import check_writable_dir, make_dirs, remove_quietly, staging_path
-
     check_writable_dir(os.path.dirname(os.path.abspath(path)))
     make_dirs(os.path.dirname(os.path.abspath(path)))
     staging = staging_path(path)

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megalong import runtime
 from megalong.config.data import strip_data_suffix
-from megalong.data.files import (
-    check_writable_dir, expand_inputs, make_dirs, remove_created_dirs, remove_quietly, staging_path,
-)
+from megalong.data.files import (check_writable_dir, expand_inputs, make_dirs, remove_created_dirs,
+                                 remove_quietly, staging_path)
 from megalong.data.tokenizer import Tokenizer, check_tokenizer_path, load_tokenizer
 from megalong.errors import MegalongError
+
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -217,8 +218,6 @@ def preprocess_to_indexed(inputs: list[str], output_prefix: str, tokenizer: Toke
                                 tokenizer if isinstance(tokenizer, str) else None, workers)
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
-
-    from megalong import runtime
 
     runtime.apply_patches("import")  # megatron-core's import warns that apex/TE are absent
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder

@@ -19,11 +19,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from megalong import runtime
 from megalong.config.data import parse_data_prefix
 from megalong.data.files import check_writable_dir
 from megalong.data.preprocess import IndexSummary, read_index_summary
 from megalong.data.tokenizer import Tokenizer, load_tokenizer
 from megalong.errors import MegalongError
+
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -114,8 +116,6 @@ def build_pretrain_datasets(
 
     Call on every rank (it synchronises with barriers when torch.distributed is initialised).
     is_built_on_rank: ranks that return False get None datasets (default: every rank builds)."""
-    from megalong import runtime
-
     runtime.apply_patches("import")  # megatron-core's import warns that apex/TE are absent
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig

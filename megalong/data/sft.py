@@ -24,6 +24,7 @@ import numpy as np
 from megalong.data.tokenizer import Tokenizer, load_tokenizer
 from megalong.errors import MegalongError
 
+
 # Llama-2 chat's default system prompt, as LongLoRA's SFT prompt embeds it (the double space
 # after "safe." is in the original).
 LLAMA2_SYSTEM_PROMPT = (

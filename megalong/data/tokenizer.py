@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from megalong.data.files import check_writable_dir, make_dirs, staging_path
 from megalong.errors import MegalongError
 
+
 # Names tried when a HF tokenizer directory does not say which token ends a document.
 _EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|eot_id|>")
 _BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")

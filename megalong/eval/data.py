@@ -2,6 +2,7 @@
 are read concatenated in order (with the EOS preprocessing put after each), or a flat token file
 (LongLoRA's PG19 / proof-pile eval format: raw uint16 ids, uint32 above 65536 ids)."""
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -11,6 +12,7 @@ import numpy as np
 from megalong.config.data import strip_data_suffix
 from megalong.data.preprocess import load_token_file, read_index_summary, token_file_dtype
 from megalong.errors import MegalongError
+
 
 
 @dataclass(frozen=True)
@@ -53,3 +55,31 @@ def open_eval_tokens(path: str, *, vocab_size: int, dtype: Optional[str] = None)
                             f"vocabulary of {vocab_size}: it was tokenized for another model"
                             + ("" if kind == "indexed" else " (or pass its --data-dtype)"))
     return EvalTokens(path, kind, tokens)
+
+
+# ---------------------------------------------------------------- windows (DESIGN.md §9)
+
+
+def window_starts(num_tokens: int, seq_length: int, stride: int,
+                  max_windows: Optional[int] = None) -> list[int]:
+    """LongLoRA's window starts; with max_windows, that many spread evenly over them."""
+    if seq_length < 2 or stride < 1:
+        raise MegalongError(f"seq-length must be >= 2 and stride >= 1, got {seq_length} and {stride}")
+    starts = list(range(0, num_tokens - seq_length, stride))[:-1]
+    if not starts:
+        raise MegalongError(f"the data holds {num_tokens} tokens; seq-length {seq_length} with stride "
+                            f"{stride} needs more than {seq_length + stride} for one window")
+    if max_windows is not None and max_windows < len(starts):
+        picks = np.unique(np.linspace(0, len(starts) - 1, max_windows).round().astype(int))
+        starts = [starts[i] for i in picks]
+    return starts
+
+
+def perplexity(mean_loss: float) -> float:
+    return math.exp(mean_loss) if mean_loss < 700 else float("inf")
+
+
+def check_windows_fit(num_tokens: int, seq_lengths, stride: int) -> None:
+    """Torch-free: every requested length has at least one window."""
+    for seq_length in seq_lengths:
+        window_starts(num_tokens, seq_length, stride, max_windows=1)

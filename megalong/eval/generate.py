@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
+from megalong import runtime
 from megalong.errors import MegalongError
+
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,6 @@ def generate_one(model, prompt: list[int], *, max_new_tokens: int, vocab_size: i
     from megatron.core import parallel_state
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    from megalong import runtime
-
     if not prompt:
         raise MegalongError("the prompt is empty: generation needs at least one token")
     if model.training:
@@ -174,31 +174,3 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise MegalongError(f"--prompt-file {path} holds no prompts")
     return prompts
-
-
-def generate_on_ranks(source, tokenizer_path: str, prompts: list[str], max_new_tokens: int,
-                      sampling: Sampling, use_cache: bool = True, add_bos: bool = True) -> dict:
-    """One rank of tools/generate.py."""
-    import time
-
-    from megalong.data.tokenizer import load_tokenizer
-    from megalong.eval.loading import build_eval_model, init_eval_runtime
-
-    init_eval_runtime(source, seed=sampling.seed)
-    tokenizer = load_tokenizer(tokenizer_path)
-    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    encoded = [bos + tokenizer.encode(p) for p in prompts]
-    model = build_eval_model(source, max(len(ids) for ids in encoded) + max_new_tokens)
-    outputs = []
-    for prompt, ids in zip(prompts, encoded):
-        start = time.monotonic()
-        new = generate_one(model, ids, max_new_tokens=max_new_tokens,
-                           vocab_size=source.arch.vocab_size, sampling=sampling,
-                           eos_id=tokenizer.eos_id, use_cache=use_cache)
-        outputs.append({"prompt": prompt, "prompt_tokens": len(ids), "tokens": new,
-                        "completion": tokenizer.decode(new),
-                        "seconds": round(time.monotonic() - start, 3)})
-    return {"kind": "generation", "model": source.describe(), "tokenizer": tokenizer_path,
-            "max_new_tokens": max_new_tokens, "temperature": sampling.temperature,
-            "top_p": sampling.top_p, "seed": sampling.seed, "kv_cache": use_cache,
-            "outputs": outputs}

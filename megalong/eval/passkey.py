@@ -17,6 +17,8 @@ from typing import Callable, Optional
 
 from megalong.errors import MegalongError
 
+
+
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -136,53 +138,3 @@ def summarize(records: list[dict], lengths, depths) -> dict:
              for L in lengths] for d in depths]
     return {"accuracy_by_length": by_length, "grid": grid,
             "accuracy": accuracy(records)}
-
-
-def passkey_on_ranks(source, tokenizer_path: str, lengths, depths, trials: int, seed: int,
-                     progress: bool = True) -> dict:
-    """One rank of tools/passkey.py: every case, greedy with the KV cache, scored."""
-    import sys
-    import time
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megalong.data.tokenizer import load_tokenizer
-    from megalong.eval.generate import Sampling, generate_one
-    from megalong.eval.loading import build_eval_model, init_eval_runtime
-
-    init_eval_runtime(source)
-    tokenizer = load_tokenizer(tokenizer_path)
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    cases = sweep_cases(lengths, depths, trials, seed)
-    max_new = max(len(tokenizer.encode(" " + c.key)) for c in cases) + 2
-    model = build_eval_model(source, max(lengths) + max_new)
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    mine = cases[dp_rank::dp_size]
-    report_here = progress and dist.get_rank() == 0
-    records, start = [], time.monotonic()
-    for number, case in enumerate(mine, 1):
-        prompt = fit_passkey_prompt(tokenizer.encode, case.length, case.depth, case.key,
-                                    extra_tokens=len(bos))
-        ids = bos + tokenizer.encode(prompt.text)
-        new = generate_one(model, ids, max_new_tokens=max_new, vocab_size=source.arch.vocab_size,
-                           sampling=Sampling(), eos_id=tokenizer.eos_id)
-        answer = tokenizer.decode(new)
-        records.append({"length": case.length, "depth": case.depth, "trial": case.trial,
-                        "key": case.key, "prompt_tokens": len(ids),
-                        "key_depth": round(prompt.depth, 4), "answer": answer,
-                        "correct": passkey_correct(answer, case.key)})
-        if report_here:
-            print(f"[passkey] {number}/{len(mine)}: length {case.length} depth {case.depth:g} "
-                  f"key {case.key} -> {answer.strip()[:20]!r} "
-                  f"({'ok' if records[-1]['correct'] else 'wrong'}), "
-                  f"{time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
-    if dp_size > 1:
-        gathered = [None] * dp_size
-        dist.all_gather_object(gathered, records, group=parallel_state.get_data_parallel_group())
-        records = [r for part in gathered for r in part]
-    records.sort(key=lambda r: (r["length"], r["depth"], r["trial"]))
-    return {"kind": "passkey", "model": source.describe(), "tokenizer": tokenizer_path,
-            "lengths": list(lengths), "depths": list(depths), "trials": trials, "seed": seed,
-            **summarize(records, lengths, depths), "cases": records}

@@ -8,33 +8,16 @@ the same number of predictions, so that mean is also Σ loss / Σ tokens, which 
 add up. Attention is dense (the model is built with attention "full", in eval mode).
 """
 
-import math
 import sys
 import time
 from typing import Optional
 
 import numpy as np
 
-from megalong.errors import MegalongError
+from megalong import runtime
+from megalong.eval.data import perplexity, window_starts
+from megalong.model.forward import run_microbatches
 
-
-def window_starts(num_tokens: int, seq_length: int, stride: int,
-                  max_windows: Optional[int] = None) -> list[int]:
-    """LongLoRA's window starts; with max_windows, that many spread evenly over them."""
-    if seq_length < 2 or stride < 1:
-        raise MegalongError(f"seq-length must be >= 2 and stride >= 1, got {seq_length} and {stride}")
-    starts = list(range(0, num_tokens - seq_length, stride))[:-1]
-    if not starts:
-        raise MegalongError(f"the data holds {num_tokens} tokens; seq-length {seq_length} with stride "
-                            f"{stride} needs more than {seq_length + stride} for one window")
-    if max_windows is not None and max_windows < len(starts):
-        picks = np.unique(np.linspace(0, len(starts) - 1, max_windows).round().astype(int))
-        starts = [starts[i] for i in picks]
-    return starts
-
-
-def perplexity(mean_loss: float) -> float:
-    return math.exp(mean_loss) if mean_loss < 700 else float("inf")
 
 
 def _window_batch(tokens: np.ndarray, starts: list[int], seq_length: int, device):
@@ -77,9 +60,6 @@ def mean_window_loss(model, tokens: np.ndarray, seq_length: int, starts: list[in
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
-
-    from megalong import runtime
-    from megalong.model.forward import run_microbatches
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -129,25 +109,3 @@ def evaluate_perplexity(model, tokens: np.ndarray, seq_lengths, *, stride: int =
                      "loss": loss, "ppl": perplexity(loss),
                      "seconds": round(time.monotonic() - start_time, 3)})
     return rows
-
-
-def eval_ppl_on_ranks(source, data_path: str, seq_lengths, stride: int, max_windows,
-                      micro_batch_size: int, data_dtype=None, progress: bool = True) -> dict:
-    """One rank of tools/eval_ppl.py: build the model, read the data, evaluate every length."""
-    from megalong.eval.data import open_eval_tokens
-    from megalong.eval.loading import build_eval_model, init_eval_runtime
-
-    init_eval_runtime(source)
-    data = open_eval_tokens(data_path, vocab_size=source.arch.vocab_size, dtype=data_dtype)
-    model = build_eval_model(source, max(seq_lengths))
-    rows = evaluate_perplexity(model, data.tokens, seq_lengths, stride=stride,
-                               max_windows=max_windows, micro_batch_size=micro_batch_size,
-                               progress=progress)
-    return {"kind": "perplexity", "model": source.describe(), "data": data.describe(),
-            "stride": stride, "max_windows": max_windows, "attention": "dense", "results": rows}
-
-
-def check_windows_fit(num_tokens: int, seq_lengths, stride: int) -> None:
-    """Torch-free: every requested length has at least one window."""
-    for seq_length in seq_lengths:
-        window_starts(num_tokens, seq_length, stride, max_windows=1)

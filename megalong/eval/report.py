@@ -6,13 +6,13 @@ import math
 import os
 from typing import Optional
 
+from megalong.data.files import make_dirs, staging_path
 from megalong.errors import MegalongError
+
 
 
 def write_json(path: str, report: dict) -> None:
     """Atomically (a temp sibling renamed into place)."""
-    from megalong.data.files import make_dirs, staging_path
-
     make_dirs(os.path.dirname(os.path.abspath(path)))
     staging = staging_path(path)
     with open(staging, "w") as handle:
@@ -104,8 +104,6 @@ def plot_ppl(reports: dict, path: str, *, title: str = "Perplexity vs context le
 
 
 def _save(figure, path: str) -> None:
-    from megalong.data.files import make_dirs
-
     make_dirs(os.path.dirname(os.path.abspath(path)))
     staging = f"{path}.tmp-{os.getpid()}.png"
     figure.savefig(staging)

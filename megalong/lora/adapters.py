@@ -38,9 +38,10 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
+from megalong.config import weight_map
 from megalong.errors import MegalongError
 from megalong.lora.merge import fuse_parts, lora_scale
-from megalong.config import weight_map
+
 
 COLUMN_LINEARS = tuple(linear for linear, m in weight_map.LINEARS.items() if m.tp_dim == 0)
 ADAPTER_SUFFIX = "_lora"

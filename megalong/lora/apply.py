@@ -9,14 +9,17 @@ Export: merge_lora(model) folds the adapters into the base weights shard by shar
 
 import torch
 
-from megalong.errors import MegalongError
-from megalong.lora.adapters import ADAPTER_SUFFIX, COLUMN_LINEARS, LoRAAdapter
-from megalong.lora.merge import add_in_place, column_delta, kaiming_uniform_a, row_delta
+from megalong.config import weight_map
+from megalong.config.arch import LlamaArch
 from megalong.config.lora import (PART_ORDER, TRAINABLE_EXTRAS, LoraConfig, LoraOptions,
                                   lora_metadata, validate_trainable)
 from megalong.config.weight_map import PART_TO_LINEAR
-from megalong.config import weight_map
-from megalong.config.arch import LlamaArch
+from megalong.convert.layouts import tp_shard
+from megalong.errors import MegalongError
+from megalong.lora.adapters import ADAPTER_SUFFIX, COLUMN_LINEARS, LoRAAdapter
+from megalong.lora.merge import add_in_place, column_delta, kaiming_uniform_a, row_delta
+from megalong.runtime import device
+
 
 # The adapted linears' parent modules and how their parts' rows interleave (merge.py's names for
 # the weight map's kinds).
@@ -97,8 +100,6 @@ def init_lora(model, seed: int, *, b_std: float = 0.0) -> None:
     shard: the same adapter at every TP/PP layout."""
     from megatron.core import parallel_state
 
-    from megalong.convert.layouts import tp_shard
-
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     with torch.no_grad():
@@ -177,8 +178,6 @@ def parameter_counts(models) -> tuple[int, int]:
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-    from megalong.runtime import device
 
     counts = torch.zeros(2, dtype=torch.float64, device=device())  # nccl reduces device tensors
     for model in models if isinstance(models, (list, tuple)) else [models]:

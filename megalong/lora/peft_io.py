@@ -17,10 +17,16 @@ import shutil
 import tempfile
 
 from megalong.config import weight_map
+from megalong.config.lora import LoraOptions
 from megalong.config.peft import (CONFIG_FILE, EXTRA_MODULES, WEIGHT_FILES, ordered_parts,
                                   read_peft_config)
 from megalong.config.weight_map import HF_MODULE_TO_PART, LORA_PARTS
+from megalong.convert.hf_checkpoint import move_into_place
+from megalong.convert.layouts import tp_shard
+from megalong.convert.model_io import iter_hf_tensors
 from megalong.errors import MegalongError
+from megalong.lora.apply import iter_adapters
+
 
 _PREFIX = "base_model.model."
 # A factor of any module under the adapted linears' parents (self_attn, mlp); unknown modules are
@@ -108,8 +114,6 @@ class PeftAdapter:
                                     f"implies {expected if expected else 'no such tensor'}")
 
     def options(self):
-        from megalong.config.lora import LoraOptions
-
         return LoraOptions(rank=self.config["rank"], alpha=self.config["alpha"],
                            dropout=self.config["dropout"], parts=self.parts)
 
@@ -174,9 +178,6 @@ def load_lora_factors(model, adapter: PeftAdapter, num_layers: int) -> None:
     import torch
     from megatron.core import parallel_state
 
-    from megalong.convert.layouts import tp_shard
-    from megalong.lora.apply import iter_adapters
-
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     beyond = sorted({layer for layer, _ in adapter.factors if layer >= num_layers})
@@ -213,9 +214,6 @@ def iter_peft_tensors(model, arch, padded_vocab: int, extras):
     tensors of the `extras` groups (modules_to_save)."""
     from megatron.core import parallel_state
 
-    from megalong.convert.model_io import iter_hf_tensors
-    from megalong.lora.apply import iter_adapters
-
     if parallel_state.get_tensor_model_parallel_world_size() != 1:
         raise MegalongError("PEFT export reads a model built at TP=1, PP=1")
     for layer, _, _, lora in iter_adapters(model):
@@ -246,7 +244,6 @@ def write_peft_adapter(out: str, tensors, config: dict, *, overwrite: bool = Fal
         save_file(state, os.path.join(staging, WEIGHT_FILES[0]), metadata={"format": "pt"})
         with open(os.path.join(staging, CONFIG_FILE), "w") as handle:
             json.dump(config, handle, indent=2)
-        from megalong.convert.hf_checkpoint import move_into_place
 
         move_into_place(staging, out)
     except BaseException:

@@ -11,9 +11,9 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalong import runtime
+from megalong.config.arch import LlamaArch
 from megalong.config.model import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError
-from megalong.config.arch import LlamaArch
 from megalong.model.chunked_loss import chunked_cross_entropy
 from megalong.model.cp_layout import contiguous_rotary_embedding
 from megalong.model.rope import rotate_half_rope

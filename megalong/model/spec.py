@@ -13,10 +13,10 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megalong.attention.core_attention import S2CoreAttention
 from megalong.attention.kernels import PACKAGE_LOAD_ERRORS
+from megalong.config.weight_map import te_module_prefixes
 from megalong.errors import MegalongError
 from megalong.model.norm import RMSNorm
 from megalong.model.swiglu import SwiGLUMLP
-from megalong.config.weight_map import te_module_prefixes
 
 
 # Checkpoints written with the local spec load into the TE spec and back: the local norm keys are

@@ -2,6 +2,7 @@
 checkpoints and logging ask these, never torch.cuda. torch is imported on the first call:
 importing megalong.runtime stays torch-free."""
 
+from megalong import runtime
 from megalong.device_policy import cpu_forced
 
 
@@ -13,15 +14,11 @@ def use_cuda() -> bool:
 
 
 def device_type() -> str:
-    from megalong import runtime  # through the package, so a test's monkeypatch reaches it
-
     return "cuda" if runtime.use_cuda() else "cpu"
 
 
 def device():
     """The torch.device this rank computes on."""
     import torch
-
-    from megalong import runtime
 
     return torch.device("cuda", torch.cuda.current_device()) if runtime.use_cuda() else torch.device("cpu")

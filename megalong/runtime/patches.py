@@ -13,7 +13,7 @@ Groups, applied explicitly (nothing here acts at import):
 - "bring-up": every device, by `apply_patches()` (init_distributed, and model configs built
   without it: model/llama.py);
 - "cpu": the CPU adaptation (`adapt_megatron_to_cpu()`), by `apply_patches()` when no GPU is used;
-- "eval": evaluation runs' quieter log (eval/loading.py);
+- "eval": evaluation runs' quieter log (eval/runs.py);
 - "model": patches that take megalong's module to install, called by the model code itself.
 This module imports neither torch nor megatron at its top: the import group runs before them.
 """
@@ -24,7 +24,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
+from megalong import runtime
+from megalong.child_processes import exit_with_parent
 from megalong.errors import MegalongError
+
 
 WRITTEN_FOR = "0.16"  # the megatron-core series every patch below was read against
 GROUPS = ("import", "bring-up", "cpu", "eval", "model")
@@ -102,8 +105,6 @@ def _patch(group: str, *, other_versions: str = "warn", written_for: str = WRITT
 def apply_patches(group: str = "bring-up") -> None:
     """Apply a group's patches without arguments, in table order. "bring-up" (the default) also
     applies the "cpu" group when no GPU is used, and checks the import group's version."""
-    from megalong import runtime
-
     assert group in GROUPS
     if group == "bring-up":
         for patch in _group("import"):  # applied before megatron was imported: checked now
@@ -192,8 +193,6 @@ def checkpoint_writer_exits_with_us() -> None:
         if filesystem_async._results_queue is None:
             import multiprocessing
             from multiprocessing.managers import SyncManager
-
-            from megalong.child_processes import exit_with_parent
 
             manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
             manager.start(initializer=exit_with_parent, initargs=(os.getpid(),))

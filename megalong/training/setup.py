@@ -16,6 +16,7 @@ from megatron.core.distributed import (DistributedDataParallel, DistributedDataP
 from megalong import runtime
 from megalong.build import build_model, model_options
 from megalong.checkpoint import load_checkpoint
+from megalong.config.arch import PRESETS, LlamaArch
 from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata, read_metadata
 from megalong.config.job import JobConfig
 from megalong.config.model import default_interpolation_factor, resolve_group_size
@@ -23,7 +24,6 @@ from megalong.data.pretrain import build_pretrain_datasets
 from megalong.data.sft import SftDataset
 from megalong.errors import MegalongError
 from megalong.lora.apply import setup_lora
-from megalong.config.arch import PRESETS, LlamaArch
 from megalong.training.optimizer import build_optimizer, build_scheduler
 from megalong.training.progress import log
 from megalong.training.tokenizer_check import load_checked_tokenizer

@@ -1,13 +1,12 @@
 """The training tokenizer, checked against the model before torch is imported (torch-free)."""
 
-from megalong.source import find_tokenizer
+from megalong.data.tokenizer import load_tokenizer
 from megalong.errors import MegalongError
+from megalong.source import find_tokenizer
 
 
 def load_checked_tokenizer(tokenizer, load, arch):
     """--tokenizer, else the tokenizer that came with --load; its ids must fit the model."""
-    from megalong.data.tokenizer import load_tokenizer
-
     path = tokenizer or find_tokenizer(load)
     if path is None:
         raise MegalongError("no tokenizer: pass --tokenizer (the checkpoint carries none)")

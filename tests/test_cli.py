@@ -1,0 +1,53 @@
+"""The console scripts setup.py installs: each runs --help without importing torch, and each is
+the module its tools/ or examples/ shim runs."""
+
+import ast
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHIMS = {"megalong-train": "examples/pretrain_longlora.py",
+         "megalong-convert": "tools/checkpoint_convert.py",
+         "megalong-eval-ppl": "tools/eval_ppl.py", "megalong-passkey": "tools/passkey.py",
+         "megalong-generate": "tools/generate.py", "megalong-preprocess": "tools/preprocess_data.py",
+         "megalong-tokenizer": "tools/train_tokenizer.py", "megalong-plan": "tools/plan.py",
+         "megalong-report": None}
+
+
+def console_scripts() -> dict:
+    """name -> module, from setup.py's entry points (evaluated the way setup() sees them)."""
+    text = (ROOT / "setup.py").read_text()
+    pairs = re.findall(r'\("([\w-]+)", "(\w+)"\)', text[text.index("console_scripts"):])
+    return {f"megalong-{name}": f"megalong.cli.{module}" for name, module in pairs}
+
+
+def test_setup_declares_every_command():
+    assert set(console_scripts()) == set(SHIMS)
+
+
+@pytest.mark.parametrize("name", sorted(SHIMS))
+def test_console_script_prints_its_help(name):
+    script = pathlib.Path(sys.executable).parent / name
+    assert script.exists(), f"{script} is not installed: run pip install -e . (tests/run.sh does)"
+    probe = ("import runpy, sys; sys.argv = [sys.argv[1], '--help']\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as end:\n    assert end.code in (0, None), end.code\n"
+             "assert 'torch' not in sys.modules, 'torch imported for --help'\n")
+    result = subprocess.run([sys.executable, "-c", probe, str(script)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "RANK": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout
+
+
+@pytest.mark.parametrize("name, shim", [(n, s) for n, s in sorted(SHIMS.items()) if s])
+def test_shims_are_thin(name, shim):
+    """tools/*.py and examples/*.py only import their command (no sys.path edits)."""
+    tree = ast.parse((ROOT / shim).read_text())
+    imports = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert imports == [console_scripts()[name]], imports
+    assert "sys.path" not in (ROOT / shim).read_text()

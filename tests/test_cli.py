@@ -51,3 +51,21 @@ def test_shims_are_thin(name, shim):
     imports = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     assert imports == [console_scripts()[name]], imports
     assert "sys.path" not in (ROOT / shim).read_text()
+
+
+def test_train_recipe_comes_first_and_the_command_line_wins(monkeypatch):
+    from megalong.cli.train import build_parser, with_recipe
+    from megalong.config.job import JobConfig
+
+    for name in ("TP", "PP", "SEQ_LEN", "MODEL", "LOAD", "DATA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    assert with_recipe(["--model", "tiny"]) == ["--model", "tiny"]  # no recipe: unchanged
+    argv = with_recipe(["--recipe", "llama2-7b", "--seq-length", "131072", "--lr", "1e-4"])
+    job = JobConfig.from_args(build_parser().parse_args(argv))
+    # The 7B recipe at 128k: TP=8 with SP, bf16, full recompute (recipes.py); --lr overrides it.
+    assert job.parallel.tensor_model_parallel_size == 8 and job.parallel.sequence_parallel
+    assert job.training.bf16 and job.training.recompute_granularity == "full"
+    assert job.model.seq_length == 131072 and job.training.lr == 1e-4
+    short = JobConfig.from_args(build_parser().parse_args(
+        with_recipe(["--recipe", "llama2-7b", "--seq-length", "32768"])))
+    assert short.parallel.tensor_model_parallel_size == 2

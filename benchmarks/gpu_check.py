@@ -257,7 +257,7 @@ def prepare_model_and_data(work: str, seq_length: int) -> dict:
         builder.add_document(document.astype(np.uint16), [document.size])
     builder.finalize(paths["data"] + ".idx")
     write_random_hf_model(paths["hf"], arch, std=0.08)
-    hf_to_megatron(paths["hf"], paths["base"], tp=1, seq_length=seq_length)
+    hf_to_megatron(paths["hf"], paths["base"], seq_length=seq_length)
     return paths
 
 

@@ -56,9 +56,12 @@ def _convert_rank(source: ModelSource, staging, metadata: CheckpointMetadata, pe
     save_checkpoint([model], staging, iteration=0, metadata=metadata)
 
 
-def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_factor=None,
-                   vocab_divisible_by=VOCAB_DIVISIBLE_BY, overwrite=False, timeout_s=3600.0,
-                   peft_adapter=None):
+def hf_to_megatron(hf_dir, out, *, parallel: ParallelConfig = ParallelConfig(), seq_length=None,
+                   interpolation_factor=None, vocab_divisible_by=VOCAB_DIVISIBLE_BY,
+                   overwrite=False, timeout_s=3600.0, peft_adapter=None):
+    """`hf_dir` as a megalong checkpoint written by `parallel`'s TP x PP ranks (torchrun's, or
+    local gloo ranks spawned here), the vocabulary padded for its TP size."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     hf_config, config_path = read_hf_dir_config(hf_dir)
     arch, recorded_factor = arch_from_hf_config(hf_config, config_path)
     validate_tp(arch, tp, pp)
@@ -74,9 +77,7 @@ def hf_to_megatron(hf_dir, out, *, tp=1, pp=1, seq_length=None, interpolation_fa
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, lora=lora,
         source=os.path.abspath(hf_dir), hf_config=hf_config)
     source = ModelSource(kind="hf", path=hf_dir, arch=arch, interpolation_factor=factor,
-                         parallel=ParallelConfig(tensor_model_parallel_size=tp,
-                                                 pipeline_model_parallel_size=pp),
-                         padded_vocab_size=metadata.padded_vocab_size)
+                         parallel=parallel, padded_vocab_size=metadata.padded_vocab_size)
     _log(f"hf-to-megatron: {hf_dir} -> {out} at TP={tp} PP={pp}, padded vocab "
          f"{metadata.padded_vocab_size}, interpolation factor {factor}")
     staging = _staging_dir(out)

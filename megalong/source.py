@@ -35,15 +35,17 @@ class ModelSource:
                 "vocab_size": self.arch.vocab_size, "lora": bool(self.lora)}
 
 
-def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = None, tp: int = 1,
-                         pp: int = 1, interpolation_factor: Optional[float] = None) -> ModelSource:
+def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = None,
+                         parallel: ParallelConfig = ParallelConfig(),
+                         interpolation_factor: Optional[float] = None) -> ModelSource:
     """Everything about the model that can be checked without torch."""
     if (load is None) == (hf_dir is None):
         raise MegalongError("give exactly one of --load (a megalong checkpoint) or --hf-dir")
     if interpolation_factor is not None and not interpolation_factor >= 1:
         raise MegalongError(f"--rotary-seq-len-interpolation-factor must be >= 1, got "
                             f"{interpolation_factor}")
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel.validate()
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if load is not None:
         iteration = select_iteration(load)  # a truncated file is named here
         meta = read_metadata(load, iteration)

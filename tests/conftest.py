@@ -99,5 +99,5 @@ def tiny_megatron_ckpt(tmp_path_factory, tiny_hf_dir):
     from megalong.conversion import hf_to_megatron
 
     out = str(tmp_path_factory.mktemp("mc") / "tiny")
-    hf_to_megatron(tiny_hf_dir, out, tp=1, seq_length=64)
+    hf_to_megatron(tiny_hf_dir, out, seq_length=64)
     return out

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from megalong.config.parallel import ParallelConfig
 from megalong.errors import MegalongError
+from megalong.eval.data import window_starts
 from megalong.eval.passkey import (
     FILLER_SENTENCES, QUESTION, TASK, build_passkey_prompt, fit_passkey_prompt, generated_number,
     key_line, passkey_correct, summarize, sweep_cases,
 )
-from megalong.eval.data import window_starts
 from megalong.spawn import run_on_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,9 +276,11 @@ def test_tp2_pp2_and_a_converted_checkpoint_match_hf(tiny_hf_dir, tiny_megatron_
 
     prompt = random.Random(2).sample(range(VOCAB), 12)
     _, eos_id = hf_greedy(tiny_hf_dir, prompt, 1)
-    sources = [resolve_model_source(hf_dir=tiny_hf_dir, tp=2),
-               resolve_model_source(load=tiny_megatron_ckpt, tp=2),  # written at TP=1, vocab 1024
-               resolve_model_source(hf_dir=tiny_hf_dir, pp=2)]
+    tp2, pp2 = (ParallelConfig(tensor_model_parallel_size=2),
+                ParallelConfig(pipeline_model_parallel_size=2))
+    sources = [resolve_model_source(hf_dir=tiny_hf_dir, parallel=tp2),
+               resolve_model_source(load=tiny_megatron_ckpt, parallel=tp2),  # written at TP=1
+               resolve_model_source(hf_dir=tiny_hf_dir, parallel=pp2)]
     rank0, rank1 = run_on_ranks(eval_checks, 2, sources, eval_tokens, prompt, 16, eos_id, sample=True)
     for name, result in [("tp2", rank0[0]), ("tp2 checkpoint", rank0[1]), ("pp2", rank1[2])]:
         assert_matches_hf(result, tiny_hf_dir, eval_tokens, prompt, name)

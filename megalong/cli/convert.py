@@ -14,6 +14,7 @@ import sys
 from megalong.checkpoint_manifest import select_iteration
 from megalong.config.checkpoint import read_metadata
 from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
+from megalong.config.parallel import ParallelConfig
 from megalong.config.peft import read_peft_config
 from megalong.data.files import check_writable_dir
 from megalong.errors import MegalongError, run_cli
@@ -129,7 +130,9 @@ def main(argv=None) -> None:
             raise MegalongError(f"{args.a} and {args.b} differ")
     elif args.command == "hf-to-megatron":
         conversion.hf_to_megatron(
-            args.hf_dir, args.out, tp=args.tp, pp=args.pp, seq_length=args.seq_length,
+            args.hf_dir, args.out, seq_length=args.seq_length,
+            parallel=ParallelConfig(tensor_model_parallel_size=args.tp,
+                                    pipeline_model_parallel_size=args.pp),
             interpolation_factor=args.rotary_seq_len_interpolation_factor,
             vocab_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite,
             peft_adapter=args.peft_adapter)

@@ -5,6 +5,7 @@ import argparse
 import os
 from typing import Optional
 
+from megalong.config.parallel import ParallelConfig
 from megalong.data.files import check_writable_dir
 from megalong.data.tokenizer import check_tokenizer_path
 from megalong.errors import MegalongError
@@ -26,8 +27,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def source_from_args(args) -> ModelSource:
     return resolve_model_source(
-        load=args.load, hf_dir=args.hf_dir, tp=args.tensor_model_parallel_size,
-        pp=args.pipeline_model_parallel_size,
+        load=args.load, hf_dir=args.hf_dir, parallel=ParallelConfig(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size),
         interpolation_factor=args.rotary_seq_len_interpolation_factor)
 
 

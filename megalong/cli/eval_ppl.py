@@ -20,16 +20,6 @@ from megalong.eval.data import check_windows_fit, open_eval_tokens
 from megalong.eval.report import plot_ppl, ppl_markdown, write_json
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one value")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args.add_model_args(parser)
@@ -38,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dtype", choices=["uint16", "uint32", "int32"], default=None,
                       help="dtype of a flat token file (default uint16; uint32 when the vocabulary "
                            "exceeds 65536)")
-    data.add_argument("--seq-lengths", type=int_list, required=True,
+    data.add_argument("--seq-lengths", type=model_args.number_list(int), required=True,
                       help="comma-separated evaluation lengths, e.g. 2048,4096,8192")
     data.add_argument("--stride", type=int, default=256, help="tokens between window starts (256)")
     data.add_argument("--max-windows", type=int, default=None,

@@ -25,6 +25,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
 
 
+def number_list(kind):
+    """An argparse type: comma-separated values of `kind` (at least one)."""
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return values
+
+    return parse
+
+
 def source_from_args(args) -> ModelSource:
     return resolve_model_source(
         load=args.load, hf_dir=args.hf_dir, parallel=ParallelConfig(

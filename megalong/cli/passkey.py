@@ -19,26 +19,13 @@ from megalong.eval.passkey import fit_passkey_prompt
 from megalong.eval.report import passkey_markdown, plot_passkey, write_json
 
 
-def number_list(kind):
-    def parse(text: str):
-        try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-        if not values:
-            raise argparse.ArgumentTypeError("expected at least one value")
-        return values
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args.add_model_args(parser)
     sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--lengths", type=number_list(int), required=True,
+    sweep.add_argument("--lengths", type=model_args.number_list(int), required=True,
                        help="comma-separated prompt lengths in tokens")
-    sweep.add_argument("--depths", type=number_list(float), default=[0.0, 0.25, 0.5, 0.75, 1.0],
+    sweep.add_argument("--depths", type=model_args.number_list(float), default=[0.0, 0.25, 0.5, 0.75, 1.0],
                        help="comma-separated key depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
     sweep.add_argument("--trials", type=int, default=5, help="random keys per length and depth")
     sweep.add_argument("--seed", type=int, default=666, help="seed of the keys")

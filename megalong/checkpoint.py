@@ -15,7 +15,6 @@ iteration and every rank's RNG state; a converted HF model holds only the model.
 import json
 import os
 import shutil
-import sys
 import warnings
 
 import torch
@@ -30,7 +29,9 @@ from megalong.checkpoint_manifest import (candidate_iterations, check_checkpoint
                                           file_entries, list_files, write_manifest)
 from megalong.config.checkpoint import (METADATA, TRACKER, CheckpointMetadata, iteration_dir,
                                       read_metadata)
+from megalong.atomic import move_into_place
 from megalong.errors import MegalongError
+from megalong.log import log
 
 
 def _chunk_keys(model_chunks):
@@ -128,9 +129,7 @@ def save_checkpoint(model_chunks, root: str, iteration: int, metadata: Checkpoin
     if rank == 0:
         write_manifest(staging, {name: entry for share in shares for name, entry in share.items()})
         faults.checkpoint_writes_done(len(names) + 1, iteration)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        move_into_place(staging, final)  # a leftover iter_N (not named by the tracker) is replaced
         _fsync_dir(root)
         faults.checkpoint_writes_done(len(names) + 2, iteration)
         tracker_tmp = os.path.join(root, TRACKER + ".tmp")
@@ -188,8 +187,8 @@ def verified_iteration(root: str, start: int | None = None, *, fallback: bool = 
         if not fallback:
             raise MegalongError(damaged_message(root, iteration, problems))
         if rank == 0:
-            print(f"[megalong] {damaged_message(root, iteration, problems, hint=False)}; "
-                  "--load-fallback: trying an older checkpoint", file=sys.stderr, flush=True)
+            log(f"{damaged_message(root, iteration, problems, hint=False)}; "
+                "--load-fallback: trying an older checkpoint", every_rank=True)
     raise MegalongError(f"no intact checkpoint in {root}: iterations "
                         f"{', '.join(map(str, candidates))} are all damaged")
 

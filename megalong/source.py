@@ -8,6 +8,7 @@ from typing import Optional
 
 from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata
 from megalong.config.parallel import ParallelConfig
+from megalong.config.model import check_interpolation_factor
 from megalong.errors import MegalongError
 from megalong.config.arch import LlamaArch
 
@@ -41,9 +42,7 @@ def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = 
 
     if (load is None) == (hf_dir is None):
         raise MegalongError("give exactly one of --load (a megalong checkpoint) or --hf-dir")
-    if interpolation_factor is not None and not interpolation_factor >= 1:
-        raise MegalongError(f"--rotary-seq-len-interpolation-factor must be >= 1, got "
-                            f"{interpolation_factor}")
+    check_interpolation_factor(interpolation_factor)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if load is not None:
         from megalong.checkpoint_manifest import select_iteration

@@ -1,8 +1,10 @@
-"""Small file-system checks and atomic writes shared by the data tools (torch-free)."""
+"""Small file-system checks shared by the data tools (torch-free). Atomic writes are
+`megalong.atomic`'s (staging_path and remove_quietly are re-exported for the data modules)."""
 
 import glob
 import os
 
+from megalong.atomic import remove_quietly, staging_path  # noqa: F401 - re-exported
 from megalong.errors import MegalongError
 
 
@@ -71,16 +73,3 @@ def remove_created_dirs(created: list[str]) -> None:
             os.rmdir(path)
         except OSError:
             return
-
-
-def staging_path(path: str) -> str:
-    """A sibling temp name for `path`, renamed into place with os.replace once complete."""
-    return f"{path}.tmp-{os.getpid()}"
-
-
-def remove_quietly(*paths: str) -> None:
-    for path in paths:
-        try:
-            os.remove(path)
-        except OSError:
-            pass

@@ -12,10 +12,10 @@ The module top level is torch-free: the CLIs validate an adapter directory befor
 import json
 import os
 import re
-import shutil
-import tempfile
 
+from megalong.atomic import atomic_directory
 from megalong.errors import MegalongError
+from megalong.records import read_json
 from megalong.config import weight_map
 from megalong.config.weight_map import HF_MODULE_TO_PART, LORA_PARTS, PART_TO_HF_MODULE  # noqa: F401
 
@@ -43,13 +43,8 @@ def read_peft_config(directory: str) -> dict:
     if not os.path.isdir(directory):
         raise MegalongError(f"PEFT adapter directory {directory} does not exist")
     path = os.path.join(directory, CONFIG_FILE)
-    try:
-        with open(path) as handle:
-            config = json.load(handle)
-    except FileNotFoundError:
-        raise MegalongError(f"{path} not found: --peft-adapter must be a PEFT adapter directory") from None
-    except (OSError, ValueError) as err:
-        raise MegalongError(f"cannot read {path}: {err}") from None
+    config = read_json(path, missing=f"{path} not found: --peft-adapter must be a PEFT adapter "
+                                     "directory")
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise MegalongError(f"{path}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}; "
                             "only LORA adapters are supported")
@@ -314,20 +309,9 @@ def write_peft_adapter(out: str, tensors, config: dict, *, overwrite: bool = Fal
     """adapter_config.json + adapter_model.safetensors into `out`, all or nothing."""
     from safetensors.torch import save_file
 
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-        raise MegalongError(f"PEFT adapter directory {out} exists and is not empty; pass --overwrite")
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
-    try:
+    with atomic_directory(out, overwrite=overwrite, what="PEFT adapter directory") as staging:
         state = {key: (t if dtype is None else t.to(dtype)).contiguous() for key, t in tensors}
         save_file(state, os.path.join(staging, WEIGHT_FILES[0]), metadata={"format": "pt"})
         with open(os.path.join(staging, CONFIG_FILE), "w") as handle:
             json.dump(config, handle, indent=2)
-        from megalong.convert.hf_checkpoint import move_into_place
-
-        move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

@@ -29,7 +29,7 @@ from megalong.checkpoint_manifest import (candidate_iterations, check_checkpoint
                                           file_entries, list_files, write_manifest)
 from megalong.config.checkpoint import (METADATA, TRACKER, CheckpointMetadata, iteration_dir,
                                       read_metadata)
-from megalong.atomic import move_into_place
+from megalong.atomic import atomic_file, move_into_place
 from megalong.errors import MegalongError
 from megalong.log import log
 
@@ -132,9 +132,8 @@ def save_checkpoint(model_chunks, root: str, iteration: int, metadata: Checkpoin
         move_into_place(staging, final)  # a leftover iter_N (not named by the tracker) is replaced
         _fsync_dir(root)
         faults.checkpoint_writes_done(len(names) + 2, iteration)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        _write_durably(tracker_tmp, str(iteration))
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        with atomic_file(os.path.join(root, TRACKER)) as tracker_tmp:
+            _write_durably(tracker_tmp, str(iteration))
         _fsync_dir(root)
     dist.barrier()
     return final

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from megalong.errors import MegalongError
+from megalong.log import ProgressPrinter
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
@@ -141,9 +142,6 @@ def summarize(records: list[dict], lengths, depths) -> dict:
 def passkey_on_ranks(source, tokenizer_path: str, lengths, depths, trials: int, seed: int,
                      progress: bool = True) -> dict:
     """One rank of tools/passkey.py: every case, greedy with the KV cache, scored."""
-    import sys
-    import time
-
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -160,8 +158,10 @@ def passkey_on_ranks(source, tokenizer_path: str, lengths, depths, trials: int, 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     mine = cases[dp_rank::dp_size]
-    report_here = progress and dist.get_rank() == 0
-    records, start = [], time.monotonic()
+    # a line per case (each is a generation, seconds to minutes long)
+    printer = ProgressPrinter(interval_s=0, updating=False,
+                              enabled=progress and dist.get_rank() == 0)
+    records = []
     for number, case in enumerate(mine, 1):
         prompt = fit_passkey_prompt(tokenizer.encode, case.length, case.depth, case.key,
                                     extra_tokens=len(bos))
@@ -173,11 +173,10 @@ def passkey_on_ranks(source, tokenizer_path: str, lengths, depths, trials: int, 
                         "key": case.key, "prompt_tokens": len(ids),
                         "key_depth": round(prompt.depth, 4), "answer": answer,
                         "correct": passkey_correct(answer, case.key)})
-        if report_here:
-            print(f"[passkey] {number}/{len(mine)}: length {case.length} depth {case.depth:g} "
-                  f"key {case.key} -> {answer.strip()[:20]!r} "
-                  f"({'ok' if records[-1]['correct'] else 'wrong'}), "
-                  f"{time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
+        printer.update(lambda: f"[passkey] {number}/{len(mine)}: length {case.length} depth "
+                       f"{case.depth:g} key {case.key} -> {answer.strip()[:20]!r} "
+                       f"({'ok' if records[-1]['correct'] else 'wrong'}), "
+                       f"{printer.elapsed():.0f}s")
     if dp_size > 1:
         gathered = [None] * dp_size
         dist.all_gather_object(gathered, records, group=parallel_state.get_data_parallel_group())

@@ -15,7 +15,6 @@ iteration and every rank's RNG state; a converted HF model holds only the model.
 import json
 import os
 import shutil
-import sys
 import warnings
 
 import torch
@@ -26,12 +25,20 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megalong import faults, runtime
+from megalong.atomic import atomic_file, move_into_place
 from megalong.checkpoint_manifest import (candidate_iterations, check_checkpoint, damaged_message,
                                           file_entries, list_files, write_manifest)
 from megalong.config.checkpoint import (METADATA, TRACKER, CheckpointMetadata, iteration_dir,
                                         read_metadata)
 from megalong.errors import MegalongError
+from megalong.log import log
 from megalong.lora.apply import is_adapter_param
+
+
+
+
+
+
 
 
 def _chunk_keys(model_chunks):
@@ -129,14 +136,11 @@ def save_checkpoint(model_chunks, root: str, iteration: int, metadata: Checkpoin
     if rank == 0:
         write_manifest(staging, {name: entry for share in shares for name, entry in share.items()})
         faults.checkpoint_writes_done(len(names) + 1, iteration)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        move_into_place(staging, final)  # a leftover iter_N (not named by the tracker) is replaced
         _fsync_dir(root)
         faults.checkpoint_writes_done(len(names) + 2, iteration)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        _write_durably(tracker_tmp, str(iteration))
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        with atomic_file(os.path.join(root, TRACKER)) as tracker_tmp:
+            _write_durably(tracker_tmp, str(iteration))
         _fsync_dir(root)
     dist.barrier()
     return final
@@ -189,8 +193,8 @@ def verified_iteration(root: str, start: int | None = None, *, fallback: bool = 
         if not fallback:
             raise MegalongError(damaged_message(root, iteration, problems))
         if rank == 0:
-            print(f"[megalong] {damaged_message(root, iteration, problems, hint=False)}; "
-                  "--load-fallback: trying an older checkpoint", file=sys.stderr, flush=True)
+            log(f"{damaged_message(root, iteration, problems, hint=False)}; "
+                "--load-fallback: trying an older checkpoint", every_rank=True)
     raise MegalongError(f"no intact checkpoint in {root}: iterations "
                         f"{', '.join(map(str, candidates))} are all damaged")
 

@@ -16,8 +16,15 @@ import os
 import re
 import zlib
 
+from megalong.atomic import atomic_file
 from megalong.config.checkpoint import iteration_dir, latest_iteration
 from megalong.errors import MegalongError
+
+
+
+
+
+
 
 
 MANIFEST = "manifest.json"
@@ -54,12 +61,12 @@ def file_entries(directory: str, names) -> dict:
 
 
 def write_manifest(directory: str, entries: dict) -> None:
-    tmp = os.path.join(directory, MANIFEST + ".manifest-tmp")
-    with open(tmp, "w") as handle:
-        json.dump({"format": 1, "files": dict(sorted(entries.items()))}, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, os.path.join(directory, MANIFEST))
+    # the suffix keeps a crash's leftover out of list_files
+    with atomic_file(os.path.join(directory, MANIFEST), suffix=".manifest-tmp") as tmp:
+        with open(tmp, "w") as handle:
+            json.dump({"format": 1, "files": dict(sorted(entries.items()))}, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def read_manifest(directory: str):

@@ -8,10 +8,9 @@ into safetensors shards, so the model is held once, never twice.
 
 import os
 import shutil
-import sys
-import tempfile
 
 from megalong import runtime
+from megalong.atomic import atomic_directory, check_out_dir
 from megalong.build import load_model
 from megalong.checkpoint import save_checkpoint
 from megalong.config.arch import VOCAB_DIVISIBLE_BY, LlamaArch
@@ -23,28 +22,20 @@ from megalong.config.model import default_interpolation_factor
 from megalong.config.parallel import ParallelConfig
 from megalong.config.peft import peft_config_json
 from megalong.convert.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, copy_tokenizer_files,
-                                            move_into_place, print_progress, write_hf_checkpoint)
+                                            print_progress, write_hf_checkpoint)
 from megalong.convert.model_io import iter_hf_tensors
 from megalong.errors import MegalongError
+from megalong.log import log
 from megalong.lora.apply import merge_lora as merge_adapters
 from megalong.lora.peft_io import PeftAdapter, iter_peft_tensors, write_peft_adapter
 from megalong.source import ModelSource, resolve_model_source
 from megalong.spawn import run_on_ranks
 
 
-def _log(message: str) -> None:
-    print(f"[megalong] {message}", file=sys.stderr, flush=True)
 
 
-def _staging_dir(out: str) -> str:
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
 
 
-def _check_out_dir(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-        raise MegalongError(f"output directory {out} exists and is not empty; pass --overwrite")
 
 
 def _convert_rank(source: ModelSource, staging, metadata: CheckpointMetadata, peft_adapter=None):
@@ -65,7 +56,7 @@ def hf_to_megatron(hf_dir, out, *, parallel: ParallelConfig = ParallelConfig(), 
     hf_config, config_path = read_hf_dir_config(hf_dir)
     arch, recorded_factor = arch_from_hf_config(hf_config, config_path)
     validate_tp(arch, tp, pp)
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
     lora = None
     if peft_adapter:
         arch, lora = _peft_adapter_onto(arch, peft_adapter)
@@ -78,10 +69,9 @@ def hf_to_megatron(hf_dir, out, *, parallel: ParallelConfig = ParallelConfig(), 
         source=os.path.abspath(hf_dir), hf_config=hf_config)
     source = ModelSource(kind="hf", path=hf_dir, arch=arch, interpolation_factor=factor,
                          parallel=parallel, padded_vocab_size=metadata.padded_vocab_size)
-    _log(f"hf-to-megatron: {hf_dir} -> {out} at TP={tp} PP={pp}, padded vocab "
+    log(f"hf-to-megatron: {hf_dir} -> {out} at TP={tp} PP={pp}, padded vocab "
          f"{metadata.padded_vocab_size}, interpolation factor {factor}")
-    staging = _staging_dir(out)
-    try:
+    with atomic_directory(out, overwrite=overwrite) as staging:
         if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one of the ranks
             _convert_rank(source, staging, metadata, peft_adapter)
         else:
@@ -90,11 +80,7 @@ def hf_to_megatron(hf_dir, out, *, parallel: ParallelConfig = ParallelConfig(), 
         tokenizer_dir = os.path.join(staging, TOKENIZER_SUBDIR)
         os.makedirs(tokenizer_dir)
         copy_tokenizer_files(hf_dir, tokenizer_dir)
-        move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _log(f"wrote {out}")
+    log(f"wrote {out}")
     return out
 
 
@@ -107,11 +93,11 @@ def _peft_adapter_onto(arch: LlamaArch, peft_adapter: str):
         raise MegalongError(f"{peft_adapter}: its embedding has {rows} rows, fewer than the base "
                             f"vocabulary of {arch.vocab_size}")
     if rows is not None and rows > arch.vocab_size:
-        _log(f"vocabulary {arch.vocab_size} -> {rows} (the adapter's embedding); the lm_head grows "
+        log(f"vocabulary {arch.vocab_size} -> {rows} (the adapter's embedding); the lm_head grows "
              "by the mean of its rows, as LongLoRA's resize does")
         arch = arch.with_(vocab_size=rows)
     adapter.check_fits(arch)
-    _log(f"PEFT adapter {peft_adapter}: r={adapter.config['rank']} alpha={adapter.config['alpha']:g} "
+    log(f"PEFT adapter {peft_adapter}: r={adapter.config['rank']} alpha={adapter.config['alpha']:g} "
          f"on {','.join(adapter.parts)}; whole tensors: {len(adapter.hf_tensors)}")
     return arch, lora_metadata(adapter.options(), adapter.extras())
 
@@ -127,7 +113,7 @@ def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="f
     metadata.check_export(load, out=out, merge_lora=merge_lora, peft_adapter=peft_adapter)
     for directory in (out, peft_adapter):
         if directory:
-            _check_out_dir(directory, overwrite)
+            check_out_dir(directory, overwrite)
     runtime.init_distributed(source.parallel)
     torch_dtype = getattr(torch, dtype)
     # The whole model is in memory once: a bf16 export builds it in bf16 (half the RAM: 140 GB
@@ -138,7 +124,7 @@ def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="f
     lora = metadata.lora
     if peft_adapter:
         _export_peft_adapter(model, arch, metadata, peft_adapter, torch_dtype, overwrite)
-        _log(f"wrote PEFT adapter {peft_adapter} from {load} (iteration {iteration})")
+        log(f"wrote PEFT adapter {peft_adapter} from {load} (iteration {iteration})")
     if not out:
         return peft_adapter
     try:
@@ -163,8 +149,8 @@ def _export_peft_adapter(model, arch, metadata, directory, torch_dtype, overwrit
 def _export_hf(model, arch, metadata, load, out, iteration, torch_dtype, dtype, overwrite,
                max_shard_bytes, *, merge):
     if merge:
-        _log(f"merged {merge_adapters(model)} LoRA adapters into the base weights")
-    _log(f"megatron-to-hf: {load} (iteration {iteration}) -> {out}")
+        log(f"merged {merge_adapters(model)} LoRA adapters into the base weights")
+    log(f"megatron-to-hf: {load} (iteration {iteration}) -> {out}")
     tensors = ((name, t.to(torch_dtype)) for name, t in
                iter_hf_tensors(model, arch, metadata.padded_vocab_size))
     tokenizer_dir = os.path.join(load, TOKENIZER_SUBDIR)
@@ -176,5 +162,5 @@ def _export_hf(model, arch, metadata, load, out, iteration, torch_dtype, dtype, 
         copy_from=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
         overwrite=overwrite, progress=print_progress,
     )
-    _log(f"wrote {out}")
+    log(f"wrote {out}")
     return out

@@ -24,8 +24,11 @@
 import json
 import os
 import signal
-import sys
 import time
+
+from megalong.log import log
+
+
 
 
 def _iterations(variable: str) -> set[int]:
@@ -43,8 +46,7 @@ def _on_this_rank() -> bool:
 
 
 def _die(reason: str) -> None:
-    print(f"[megalong] fault injection: SIGKILL on rank {_rank()} {reason}", file=sys.stderr,
-          flush=True)
+    log(f"fault injection: SIGKILL on rank {_rank()} {reason}", every_rank=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -67,12 +69,11 @@ def after_iteration(iteration: int) -> None:
     if iteration in _iterations("MEGALONG_FAULT_KILL_AT_ITER"):
         _die(f"after iteration {iteration}")
     if iteration in _iterations("MEGALONG_FAULT_SIGTERM_AT_ITER"):
-        print(f"[megalong] fault injection: SIGTERM to rank {_rank()} after iteration {iteration}",
-              file=sys.stderr, flush=True)
+        log(f"fault injection: SIGTERM to rank {_rank()} after iteration {iteration}",
+            every_rank=True)
         os.kill(os.getpid(), signal.SIGTERM)
     if iteration in _iterations("MEGALONG_FAULT_HANG_AT_ITER"):
-        print(f"[megalong] fault injection: rank {_rank()} hangs after iteration {iteration}",
-              file=sys.stderr, flush=True)
+        log(f"fault injection: rank {_rank()} hangs after iteration {iteration}", every_rank=True)
         time.sleep(3600)
 
 

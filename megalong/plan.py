@@ -16,6 +16,7 @@ from megalong.config.model import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError
 
 
+
 RECOMPUTE = ("full", "selective", "none")
 GIB = 2**30
 

@@ -15,6 +15,7 @@ from typing import Mapping
 from megalong.errors import MegalongError
 
 
+
 RECIPE_MODELS = ("llama2-7b", "llama2-13b", "llama2-70b", "tiny")
 
 # Environment variable -> (what it sets, default), for the launcher's usage text.

@@ -10,8 +10,12 @@ from megalong.checkpoint_manifest import select_iteration
 from megalong.config.arch import LlamaArch
 from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata, read_metadata
 from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
+from megalong.config.model import check_interpolation_factor
 from megalong.config.parallel import ParallelConfig
 from megalong.errors import MegalongError
+
+
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,9 +45,7 @@ def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = 
     """Everything about the model that can be checked without torch."""
     if (load is None) == (hf_dir is None):
         raise MegalongError("give exactly one of --load (a megalong checkpoint) or --hf-dir")
-    if interpolation_factor is not None and not interpolation_factor >= 1:
-        raise MegalongError(f"--rotary-seq-len-interpolation-factor must be >= 1, got "
-                            f"{interpolation_factor}")
+    check_interpolation_factor(interpolation_factor)
     parallel.validate()
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if load is not None:

@@ -8,18 +8,13 @@ every rank and raises with that rank's traceback, so a hang never eats CI's time
 import io
 import os
 import queue as queue_mod
-import socket
 import time
 import traceback
 
 from megalong import runtime
 from megalong.errors import MegalongError
+from megalong.runtime.distributed import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(fn, rank, world_size, port, results, args, kwargs, env):
@@ -55,7 +50,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout_s: float = 240.0, env=None,
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     child_env = {"OMP_NUM_THREADS": "1" if world_size > 2 else os.environ.get("OMP_NUM_THREADS", "1")}
     child_env.update(env or {})
     procs = [

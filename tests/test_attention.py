@@ -372,9 +372,9 @@ def test_dense_attention_mask_and_errors():
 
 
 @pytest.mark.parametrize("seq_len,group_size,words", [
-    (24, 16, ["N=24", "G=16", "multiple"]),
-    (24, 3, ["G=3", "even"]),
-    (8, 16, ["G=16", "N=8", "larger"]),
+    (24, 16, ["seq-length 24", "group size 16", "multiple"]),
+    (24, 3, ["group size 3", "even"]),
+    (8, 16, ["group size 16", "seq-length 8", "between 2 and"]),
 ])
 def test_bad_group_size_errors(seq_len, group_size, words):
     q, k, v = random_qkv(seq_len, 1, 2, 2)

@@ -274,14 +274,14 @@ def stand_ins(tmp_path_factory, sp_model, demo_jsonl, corpus):
 
 
 def _env(stand_ins, work) -> dict:
-    from megalong.spawn import _free_port
+    from megalong.runtime import free_port
 
     env = {k: v for k, v in os.environ.items()
            if k not in ("MODEL", "SEQ_LEN", "LOAD", "SAVE", "DATA_PATH", "TP", "PP", "CP")}
     env.update({name: value for name, value in stand_ins.items() if name != "BIN"})
     env.update(WORK=work, PATH=stand_ins["BIN"] + os.pathsep + env.get("PATH", ""),
                PYTHON=sys.executable, MEGALONG_PYTHON=sys.executable, MEGALONG_DEVICE="cpu",
-               OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()), QUICKSTART_ITERS="2",
+               OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()), QUICKSTART_ITERS="2",
                MEGALONG_QUICKSTART_DIR=os.path.join(work, "quickstart"))
     return env
 
@@ -341,7 +341,7 @@ tr ',' '\\n' <<< "$3"
 
 @pytest.mark.slow
 def test_sbatch_trains_tiny_model_on_two_fake_nodes(tiny_megatron_ckpt, corpus, sp_model, tmp_path):
-    from megalong.spawn import _free_port
+    from megalong.runtime import free_port
     from test_training import _losses_from_log, train_args
 
     bin_dir = tmp_path / "bin"
@@ -354,7 +354,7 @@ def test_sbatch_trains_tiny_model_on_two_fake_nodes(tiny_megatron_ckpt, corpus, 
         "MASTER_ADDR", "NNODES", "NODE_RANK", "LOCAL_RANK")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FAKE_SLURM_LOG=str(log),
                SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.2", SLURM_NNODES="2",
-               SLURM_SUBMIT_DIR=ROOT, NPROC_PER_NODE="1", MASTER_PORT=str(_free_port()),
+               SLURM_SUBMIT_DIR=ROOT, NPROC_PER_NODE="1", MASTER_PORT=str(free_port()),
                MODEL="tiny", SEQ_LEN="64", PYTHON=sys.executable, MEGALONG_DEVICE="cpu",
                OMP_NUM_THREADS="1")
     flags = train_args(tiny_megatron_ckpt, corpus, sp_model, "--save", str(save), "--save-interval", "5")

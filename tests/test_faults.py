@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import pytest
 
 from megalong.errors import MegalongError
-from megalong.spawn import _free_port, run_on_ranks
+from megalong.runtime import free_port
+from megalong.spawn import run_on_ranks
 from test_training import ENTRY, train_args, train_layouts
 from megalong.config.parallel import ParallelConfig
 
@@ -57,7 +58,7 @@ def launch(argv, tmp_path, name, *, nproc=2, env=None, timeout=420) -> Job:
     left behind can keep the test waiting."""
     losses_path, log_path = tmp_path / f"{name}.losses", tmp_path / f"{name}.log"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), ENTRY, *argv]
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), ENTRY, *argv]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGALONG_DEVICE": "cpu",
                 "MEGALONG_TEST_LOSS_LOG": str(losses_path), **(env or {})}
     with open(log_path, "w") as log:
@@ -267,7 +268,7 @@ def test_ranks_launched_with_different_flags_stop_with_a_clear_message(tiny_mega
     """Two nodes of one job (one process each, as srun or two torchrun calls start them) whose
     command lines differ in --lr: both stop at start-up, naming the flag, instead of training
     different things or hanging in mismatched collectives."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank, lr in enumerate(["2e-4", "3e-4"]):
         argv = train_args(tiny_megatron_ckpt, corpus, sp_model)

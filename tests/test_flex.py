@@ -14,7 +14,7 @@ if flex.flex_attention is None:
 from test_attention import masked_attention, random_qkv, reference_s2, s2_mask  # noqa: E402
 
 from megalong.attention.flex import FlexKernel, s2_block_mask, s2_mask_mod  # noqa: E402
-from megalong.attention.groups import GroupSizeError  # noqa: E402
+from megalong.config.model import GroupSizeError  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

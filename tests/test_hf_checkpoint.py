@@ -292,7 +292,7 @@ def test_head_dim_override():
         ({"architectures": ["LlamaForSequenceClassification"]}, "do not include LlamaForCausalLM"),
         ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
         ({"rope_scaling": {"type": "dynamic", "factor": 4.0}}, "rope type 'dynamic' is not supported"),
-        ({"rope_scaling": {"type": "linear", "factor": -1}}, "factor must be a positive number"),
+        ({"rope_scaling": {"type": "linear", "factor": -1}}, "rope scaling factor must be >= 1"),
         ({"num_key_value_heads": 5}, "num_attention_heads 32 is not a multiple of num_key_value_heads 5"),
         ({"hidden_size": 4001}, "hidden_size 4001 is not a multiple of num_attention_heads 32"),
         ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, got 0"),

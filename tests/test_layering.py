@@ -16,7 +16,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "megalong"
 # lower layer, and units of its own layer that do not import it back (no cycles, checked below).
 LAYERS = (
     ("errors",),
-    ("device_policy", "config"),  # torch-free: architectures, weight map, flags, metadata
+    # torch-free: architectures, weight map, flags, metadata; atomic writes, JSON records, logging
+    ("device_policy", "config", "atomic", "records", "log"),
     ("checkpoint_manifest", "source", "plan", "recipes"),  # torch-free, over the configuration
     ("runtime", "faults", "spawn", "child_processes"),
     ("attention", "data"),
@@ -31,7 +32,8 @@ LAYERS = (
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 
 TORCH_FREE = (
-    "megalong.errors", "megalong.device_policy", "megalong.runtime", "megalong.config.job",
+    "megalong.errors", "megalong.device_policy", "megalong.atomic", "megalong.records",
+    "megalong.log", "megalong.runtime", "megalong.config.job",
     "megalong.config.arch", "megalong.config.weight_map", "megalong.config.hf_config",
     "megalong.config.lora", "megalong.config.checkpoint",
     "megalong.checkpoint_manifest", "megalong.source", "megalong.plan", "megalong.recipes",

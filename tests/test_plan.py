@@ -1,7 +1,6 @@
 """megalong/plan.py and tools/plan.py: hand-computed counts, FLOPs and memory terms, clear errors,
 and the estimate against the measured peak of live torch tensors of real CPU training steps."""
 
-import dataclasses
 import json
 import os
 import subprocess

@@ -132,16 +132,16 @@ def _losses_from_log(stderr: str) -> list[float]:
 
 @pytest.mark.slow
 def test_launcher_two_nodes_equal_one_node(tiny_megatron_ckpt, corpus, sp_model, tmp_path):
-    from megalong.spawn import _free_port
+    from megalong.runtime import free_port
 
     flags = train_args(tiny_megatron_ckpt, corpus, sp_model, "--save", str(tmp_path / "x"),
                        "--tensor-model-parallel-size", "2")
     env = {**os.environ, "MODEL": "tiny", "SEQ_LEN": "64", "OMP_NUM_THREADS": "1",
            "PYTHON": sys.executable, "MEGALONG_DEVICE": "cpu"}
     one = subprocess.run(["bash", LAUNCHER, *flags], env={**env, "NPROC_PER_NODE": "4",
-                         "MASTER_PORT": str(_free_port())}, capture_output=True, text=True, timeout=300)
+                         "MASTER_PORT": str(free_port())}, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    port = str(_free_port())
+    port = str(free_port())
     flags[flags.index("--save") + 1] = str(tmp_path / "y")
     nodes = [subprocess.Popen(["bash", LAUNCHER, *flags], env={
         **env, "NNODES": "2", "NODE_RANK": str(rank), "NPROC_PER_NODE": "2",
@@ -341,14 +341,14 @@ def test_parameters_are_gathered_before_saving_and_evaluating(flags, synced, mon
 def test_torchrun_runs_the_launcher_as_typed(tiny_megatron_ckpt, corpus, sp_model, tmp_path):
     """`torchrun [flags] examples/pretrain_longlora.sh [flags]`: torchrun runs the file with
     Python on every rank; it trains (the recipe's flags, then the command line's)."""
-    from megalong.spawn import _free_port
+    from megalong.runtime import free_port
 
     flags = train_args(tiny_megatron_ckpt, corpus, sp_model, "--save", str(tmp_path / "run"),
                        "--tensor-model-parallel-size", "2", iters=2)
     env = {**os.environ, "MODEL": "tiny", "SEQ_LEN": "64", "OMP_NUM_THREADS": "1",
            "MEGALONG_DEVICE": "cpu"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--master-port",
-                str(_free_port())]
+                str(free_port())]
     trained = subprocess.run([*torchrun, "--nproc-per-node", "2", LAUNCHER, *flags], env=env,
                              capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]

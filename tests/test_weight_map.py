@@ -80,7 +80,8 @@ def built_state_shapes(arch, tp, pp):
     from megalong.config.lora import LoraOptions
     from megalong.model.llama import ModelOptions, build_llama
 
-    runtime.init_distributed(runtime.ParallelSizes(tensor=tp, pipeline=pp))
+    runtime.init_distributed(ParallelConfig(tensor_model_parallel_size=tp,
+                                            pipeline_model_parallel_size=pp))
     padded = arch.padded_vocab(128, tp)
     model = build_llama(arch, ModelOptions(seq_length=16, padded_vocab_size=padded,
                                            attention="full", initialize=False))

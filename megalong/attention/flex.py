@@ -15,8 +15,11 @@ from typing import Dict, Optional
 
 import torch
 
-from megalong.attention.groups import (cache_device, check_group_size,
+from megalong.config.model import check_group_size
+from megalong.attention.groups import (cache_device,
                                        first_shifted_head as _first_shifted)
+
+
 
 
 try:  # torch >= 2.5

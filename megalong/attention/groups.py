@@ -17,33 +17,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megalong.errors import MegalongError
 
 
-class GroupSizeError(MegalongError, ValueError):
-    """Sequence length and group size do not fit together."""
-
-
-def check_group_size(seq_len: int, group_size: int) -> None:
-    """N % G == 0, G even, G <= N; else a GroupSizeError naming N, G and the fix."""
-    N, G = seq_len, group_size
-    if G <= 0 or G % 2:
-        raise GroupSizeError(
-            f"S²-Attn group size G={G} (sequence length N={N}) must be a positive even number: "
-            "shifted heads use groups offset by G/2; pick an even --group-size or a "
-            "--group-size-ratio that gives one"
-        )
-    if G > N:
-        raise GroupSizeError(
-            f"S²-Attn group size G={G} is larger than the sequence length N={N}; use G <= N "
-            "(lower --group-size / --group-size-ratio or raise --seq-length)"
-        )
-    if N % G:
-        raise GroupSizeError(
-            f"sequence length N={N} is not a multiple of the S²-Attn group size G={G}; use a "
-            f"sequence length divisible by {G} (pad SFT samples to a multiple of G) or change "
-            "--group-size / --group-size-ratio"
-        )
 
 
 def group_bounds(seq_len: int, group_size: int, shifted: bool) -> List[int]:

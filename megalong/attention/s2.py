@@ -6,10 +6,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megalong.attention.groups import (check_group_size, cu_seqlens, cu_seqlens_both_halves,
+from megalong.attention.groups import (cu_seqlens, cu_seqlens_both_halves,
                                        fold_spans, head_halves, kv_head_index, pieces_per_span,
                                        unfold_spans, varlen_tokens)
 from megalong.attention.kernels import resolve_kernel
+from megalong.config.model import check_group_size
+
+
 
 
 def _check_qkv(q, k, v):

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from megalong.atomic import check_out_dir
 from megalong.checkpoint_manifest import select_iteration
 from megalong.config.checkpoint import read_metadata
 from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config, validate_tp
@@ -18,6 +19,10 @@ from megalong.config.parallel import ParallelConfig
 from megalong.config.peft import read_peft_config
 from megalong.data.files import check_writable_dir
 from megalong.errors import MegalongError, run_cli
+
+
+
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,10 +94,7 @@ def validate(args) -> None:
     for flag, path in outputs:
         if path is None:
             continue
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise MegalongError(f"--{flag} {path} exists and is not a directory")
-        if os.path.isdir(path) and os.listdir(path) and not args.overwrite:
-            raise MegalongError(f"--{flag} {path} is not empty; pass --overwrite to replace it")
+        check_out_dir(path, args.overwrite, what=f"--{flag}")
         check_writable_dir(os.path.dirname(os.path.abspath(path)), what=f"--{flag} {path}: directory")
     if args.command == "hf-to-megatron":
         for name in ("tp", "pp", "seq_length", "make_vocab_size_divisible_by"):

@@ -4,9 +4,14 @@ import argparse
 import os
 import sys
 
+from megalong.atomic import check_out_dir
 from megalong.config.arch import PRESETS
 from megalong.data.files import check_writable_dir
 from megalong.errors import MegalongError, run_cli
+
+
+
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,11 +34,7 @@ def main(argv=None) -> None:
         arch = arch.with_(vocab_size=args.vocab_size)
     if not args.std > 0:
         raise MegalongError(f"--std must be > 0, got {args.std}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise MegalongError(f"--out {args.out} exists and is not a directory")
-    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise MegalongError(f"--out {args.out} is not empty; pass --overwrite to replace it")
-
+    check_out_dir(args.out, args.overwrite, what="--out")
     check_writable_dir(os.path.dirname(os.path.abspath(args.out)), what=f"--out {args.out}: directory")
     from megalong.convert.random_hf import write_random_hf_model
 

@@ -13,8 +13,17 @@ from megalong.config.arch import PRESETS
 from megalong.config.checkpoint import read_metadata
 from megalong.config.job import JobConfig
 from megalong.errors import MegalongError, run_cli
+from megalong.log import log
 from megalong.recipes import RECIPE_MODELS, recipe_argv
 from megalong.training.tokenizer_check import load_checked_tokenizer
+
+
+
+
+
+
+
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +69,7 @@ def validate_job(job: JobConfig, world_size: int) -> JobConfig:
     if load:
         # A missing or truncated file (sizes against the manifest) is caught here, before torch;
         # load_checkpoint checks the CRC-32s. --load-fallback picks an older intact iteration.
-        iteration = select_iteration(load, fallback=job.checkpoint.load_fallback, log=_log)
+        iteration = select_iteration(load, fallback=job.checkpoint.load_fallback, log=log)
         job = job.replace(checkpoint=dataclasses.replace(job.checkpoint, load_iteration=iteration))
         metadata = read_metadata(load, iteration)
         arch = metadata.arch
@@ -73,11 +82,6 @@ def validate_job(job: JobConfig, world_size: int) -> JobConfig:
         job.lora.check_fits_checkpoint(metadata.lora, load)
     load_checked_tokenizer(job.data.tokenizer, load, arch)
     return job
-
-
-def _log(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"[megalong] {message}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> list[float]:

@@ -7,13 +7,19 @@
 """
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 from megalong.config.arch import LlamaArch
 from megalong.errors import MegalongError
+from megalong.records import read_json
+
+
+
+
+
+
 
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -95,10 +101,5 @@ def read_metadata(root: str, iteration: int | None = None) -> CheckpointMetadata
     if iteration is None:
         iteration = latest_iteration(root)
     path = os.path.join(iteration_dir(root, iteration), METADATA)
-    try:
-        with open(path) as handle:
-            return CheckpointMetadata.from_json(json.load(handle), path)
-    except FileNotFoundError:
-        raise MegalongError(f"{path} is missing: the checkpoint is incomplete") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise MegalongError(f"{path} is unreadable: {err}") from None
+    data = read_json(path, missing=f"{path} is missing: the checkpoint is incomplete")
+    return CheckpointMetadata.from_json(data, path)

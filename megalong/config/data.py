@@ -7,6 +7,9 @@ from typing import Optional
 
 from megalong.config._fields import as_tuple, from_namespace
 from megalong.errors import MegalongError
+from megalong.records import check_records_head
+
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,13 +58,8 @@ class DataConfig:
 def _check_sft_head(path: str) -> None:
     """Cheap and torch-free: an empty file or list, or text that is neither json nor jsonl.
     (Every record is checked when the dataset is built.)"""
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        head = "".join(handle.read(4096).split())
-    if head in ("", "[]"):
-        raise MegalongError(f"--sft-data {path} holds no records")
-    if head[0] not in "[{":
-        raise MegalongError(f"--sft-data {path} is not json or jsonl (LongAlpaca: a list of "
-                            "{instruction, input, output} records)")
+    check_records_head(path, "--sft-data",
+                       " (LongAlpaca: a list of {instruction, input, output} records)")
 
 
 def strip_data_suffix(prefix: str) -> str:

@@ -1,12 +1,18 @@
 """HF config.json <-> LlamaArch, and parallel-size checks. Torch-free: CLIs run this before heavy work."""
 
-import json
 import math
 import os
 from typing import Optional
 
 from megalong.config.arch import LlamaArch
+from megalong.config.model import check_interpolation_factor
 from megalong.errors import MegalongError
+from megalong.records import read_json_object
+
+
+
+
+
 
 
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -48,7 +54,7 @@ def arch_from_hf_config(cfg: dict, source: str) -> tuple[LlamaArch, Optional[flo
     theta, rope_type, rope = _rope_settings(cfg, source)
     interpolation, llama3_rope = None, None
     if rope_type == "linear":
-        interpolation = _positive_float(rope, "factor", source)
+        interpolation = check_interpolation_factor(rope.get("factor"), f"{source}: rope scaling factor")
     elif rope_type == "llama3":
         missing = [k for k in _LLAMA3_ROPE_KEYS if k not in rope]
         if missing:
@@ -183,20 +189,6 @@ def validate_tp(arch: LlamaArch, tp: int, pp: int) -> None:
         raise MegalongError(
             f"pipeline-model-parallel-size {pp} does not divide num_hidden_layers {arch.num_layers}; use one of {valid}"
         )
-
-
-def read_json_object(path: str, what: str) -> dict:
-    """A JSON object from `path`, or a MegalongError naming the file (`what` says what it is for)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise MegalongError(f"{path} not found; {what}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MegalongError(f"cannot read {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise MegalongError(f"{path} does not hold a JSON object")
-    return data
 
 
 def read_hf_dir_config(hf_dir: str, flag: str = "--hf-dir") -> tuple[dict, str]:

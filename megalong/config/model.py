@@ -14,6 +14,8 @@ from megalong.device_policy import cuda_possible
 from megalong.errors import MegalongError
 
 
+
+
 # megatron-core's selective-recompute submodules that a Llama layer has (its others are MoE/MLA).
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
 
@@ -91,33 +93,42 @@ class ModelConfig:
         validate_context_parallel(seq_length, parallel.context_parallel_size,
                                   self.group_size_for(seq_length), tp=tp,
                                   sequence_parallel=parallel.sequence_parallel)
-        factor = self.rotary_seq_len_interpolation_factor
-        if factor is not None and factor < 1:
-            raise MegalongError(f"--rotary-seq-len-interpolation-factor must be >= 1, got {factor}")
+        check_interpolation_factor(self.rotary_seq_len_interpolation_factor)
         if self.transformer_impl == "transformer_engine" and not importable("transformer_engine"):
             raise MegalongError("--transformer-impl transformer_engine needs Transformer Engine, "
                                 "which is not installed (pip install 'megalong[gpu]', GPU only); "
                                 "use --transformer-impl local")
 
 
+class GroupSizeError(MegalongError, ValueError):
+    """Sequence length and S²-Attn group size do not fit together."""
+
+
+def check_group_size(seq_length: int, group_size: int, source: Optional[str] = None) -> None:
+    """The one S²-Attn group-size rule: 2 <= G <= N, G even (shifted heads move groups by G/2)
+    and N % G == 0; else a GroupSizeError naming N, G (and `source`, the flags G came from)."""
+    where = f" ({source})" if source else ""
+    if group_size < 2 or group_size > seq_length:
+        raise GroupSizeError(f"S²-Attn group size {group_size}{where} must be between 2 and "
+                             f"seq-length {seq_length}")
+    if group_size % 2:
+        raise GroupSizeError(f"S²-Attn group size {group_size}{where} must be even: shifted "
+                             f"heads move groups by half a group")
+    if seq_length % group_size:
+        raise GroupSizeError(
+            f"seq-length {seq_length} is not a multiple of group size {group_size}{where}; "
+            f"use a seq-length divisible by {group_size}, e.g. "
+            f"{seq_length // group_size * group_size or group_size}")
+
+
 def resolve_group_size(seq_length: int, group_size=None, ratio: float = 0.25) -> int:
-    """G from --group-size or --group-size-ratio; N % G == 0 and G even, else a clear error."""
+    """G from --group-size or --group-size-ratio, checked by check_group_size."""
     if group_size is None:
         group_size = int(round(seq_length * ratio))
         source = f"group-size-ratio {ratio} of seq-length {seq_length}"
     else:
         source = f"group-size {group_size}"
-    if group_size < 2 or group_size > seq_length:
-        raise MegalongError(f"S²-Attn group size {group_size} ({source}) must be between 2 and "
-                            f"seq-length {seq_length}")
-    if group_size % 2:
-        raise MegalongError(f"S²-Attn group size {group_size} ({source}) must be even: shifted "
-                            f"heads move groups by half a group")
-    if seq_length % group_size:
-        raise MegalongError(
-            f"seq-length {seq_length} is not a multiple of group size {group_size} ({source}); "
-            f"use a seq-length divisible by {group_size}, e.g. "
-            f"{seq_length // group_size * group_size or group_size}")
+    check_group_size(seq_length, group_size, source)
     return group_size
 
 
@@ -180,6 +191,17 @@ def validate_attention_kernel(kernel: str, *, bf16: bool) -> None:
     if package is not None and not importable(package):
         raise MegalongError(f"--attention-kernel {kernel} needs {package}, which is not "
                             "installed; use --attention-kernel sdpa or auto")
+
+
+def check_interpolation_factor(factor, what: str = "--rotary-seq-len-interpolation-factor"):
+    """The one rule for a linear RoPE interpolation factor (a flag's or a config.json's): None,
+    or a finite number >= 1 (positions are compressed, never stretched). Returns it as a float."""
+    if factor is None:
+        return None
+    if (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor)
+            or factor < 1):
+        raise MegalongError(f"{what} must be >= 1, got {factor!r}")
+    return float(factor)
 
 
 def default_interpolation_factor(seq_length, original_length, recorded=None):

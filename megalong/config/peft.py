@@ -1,12 +1,14 @@
 """A PEFT LoRA adapter's adapter_config.json: read and checked (an adapter megalong can represent
 exactly), and written for an export. Torch-free, so the CLIs check adapters before start-up."""
 
-import json
 import os
 
 from megalong.config import weight_map
 from megalong.config.weight_map import HF_MODULE_TO_PART, LORA_PARTS, PART_TO_HF_MODULE
 from megalong.errors import MegalongError
+from megalong.records import read_json
+
+
 
 
 CONFIG_FILE = "adapter_config.json"
@@ -22,13 +24,8 @@ def read_peft_config(directory: str) -> dict:
     if not os.path.isdir(directory):
         raise MegalongError(f"PEFT adapter directory {directory} does not exist")
     path = os.path.join(directory, CONFIG_FILE)
-    try:
-        with open(path) as handle:
-            config = json.load(handle)
-    except FileNotFoundError:
-        raise MegalongError(f"{path} not found: --peft-adapter must be a PEFT adapter directory") from None
-    except (OSError, ValueError) as err:
-        raise MegalongError(f"cannot read {path}: {err}") from None
+    config = read_json(path, missing=f"{path} not found: --peft-adapter must be a PEFT adapter "
+                                     "directory")
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise MegalongError(f"{path}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}; "
                             "only LORA adapters are supported")

@@ -3,16 +3,19 @@
 import json
 import os
 import shutil
-import sys
-import tempfile
 from typing import Callable, Iterable, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megalong.config.hf_config import arch_from_hf_config, read_json_object
+from megalong.atomic import atomic_directory
+from megalong.config.hf_config import arch_from_hf_config
 from megalong.errors import MegalongError
+from megalong.log import ProgressPrinter
+from megalong.records import read_json_object
+
+
 
 
 # Weight layouts in the order we look for them: (index file, single file).
@@ -122,8 +125,10 @@ def _load_bin(path: str) -> dict:
 
 
 def print_progress(tensors_written: int, bytes_written: int) -> None:
-    """A `progress` callable for write_hf_checkpoint: one line per shard on stderr."""
-    print(f"wrote {tensors_written} tensors, {bytes_written / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    """A `progress` callable for write_hf_checkpoint: one line per shard on stderr (a shard is
+    gigabytes, so every one is worth a line)."""
+    ProgressPrinter(interval_s=0, updating=False).update(
+        f"wrote {tensors_written} tensors, {bytes_written / 2**30:.2f} GiB")
 
 
 def write_hf_checkpoint(
@@ -144,27 +149,15 @@ def write_hf_checkpoint(
     dir beside out_dir that is renamed into place at the end; on any error it is removed.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise MegalongError(f"output path {out_dir} exists and is not a directory")
-        if os.listdir(out_dir) and not overwrite:
-            raise MegalongError(f"output directory {out_dir} is not empty; choose another or allow overwriting")
     if copy_from is not None and not os.path.isdir(copy_from):
         raise MegalongError(f"directory {copy_from} to copy tokenizer files from does not exist")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         _write_shards(tmp, tensors, max_shard_bytes, progress)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
         if copy_from is not None:
             copy_tokenizer_files(copy_from, tmp)
-        move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_shards(dir_: str, tensors, max_shard_bytes: int, progress) -> None:
@@ -221,23 +214,3 @@ def copy_tokenizer_files(source: str, target: str) -> None:
     for name in ("generation_config.json", *TOKENIZER_FILES):
         if os.path.isfile(os.path.join(source, name)):
             shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
-
-
-def move_into_place(tmp: str, out_dir: str) -> None:
-    """Rename tmp to out_dir; an existing out_dir is replaced only once tmp is complete."""
-    if not os.path.exists(out_dir):
-        os.rename(tmp, out_dir)
-        return
-    if not os.listdir(out_dir):
-        os.rmdir(out_dir)
-        os.rename(tmp, out_dir)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
-    os.rmdir(old)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -20,8 +20,15 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 
-from megalong.data.files import check_writable_dir, make_dirs, remove_quietly, staging_path
+from megalong.atomic import atomic_file
+from megalong.data.files import check_writable_dir, make_dirs
 from megalong.errors import MegalongError
+
+
+
+
+
+
 
 
 SOURCES = ("topics", "docstrings", "stdlib")
@@ -89,17 +96,12 @@ def write_demo_jsonl(path: str, source: str = "topics", max_bytes: int | None = 
     Returns (documents, bytes of text)."""
     check_writable_dir(os.path.dirname(os.path.abspath(path)))
     make_dirs(os.path.dirname(os.path.abspath(path)))
-    staging = staging_path(path)
     count = size = 0
-    try:
-        with open(staging, "w", encoding="utf-8") as handle:
-            for text in demo_documents(source, max_bytes):
-                handle.write(json.dumps({key: text}, ensure_ascii=False) + "\n")
-                count += 1
-                size += len(text.encode("utf-8"))
-        os.replace(staging, path)
-    finally:
-        remove_quietly(staging)
+    with atomic_file(path) as staging, open(staging, "w", encoding="utf-8") as handle:
+        for text in demo_documents(source, max_bytes):
+            handle.write(json.dumps({key: text}, ensure_ascii=False) + "\n")
+            count += 1
+            size += len(text.encode("utf-8"))
     return count, size
 
 

@@ -1,9 +1,12 @@
-"""Small file-system checks and atomic writes shared by the data tools (torch-free)."""
+"""Small file-system checks shared by the data tools (torch-free). Atomic writes are
+`megalong.atomic`'s."""
 
 import glob
 import os
 
 from megalong.errors import MegalongError
+
+
 
 
 def expand_inputs(patterns: list[str], what: str = "input") -> list[str]:
@@ -71,16 +74,3 @@ def remove_created_dirs(created: list[str]) -> None:
             os.rmdir(path)
         except OSError:
             return
-
-
-def staging_path(path: str) -> str:
-    """A sibling temp name for `path`, renamed into place with os.replace once complete."""
-    return f"{path}.tmp-{os.getpid()}"
-
-
-def remove_quietly(*paths: str) -> None:
-    for path in paths:
-        try:
-            os.remove(path)
-        except OSError:
-            pass

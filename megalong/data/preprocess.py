@@ -10,7 +10,6 @@ Everything up to the writing is torch-free (validation runs before the slow impo
 appear only when complete (staging names renamed at the end), so a failed run leaves nothing.
 """
 
-import json
 import os
 import sys
 import time
@@ -20,11 +19,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from megalong import runtime
+from megalong.atomic import atomic_file, remove_quietly, staging_path
 from megalong.config.data import strip_data_suffix
-from megalong.data.files import (check_writable_dir, expand_inputs, make_dirs, remove_created_dirs,
-                                 remove_quietly, staging_path)
+from megalong.data.files import check_writable_dir, expand_inputs, make_dirs, remove_created_dirs
 from megalong.data.tokenizer import Tokenizer, check_tokenizer_path, load_tokenizer
 from megalong.errors import MegalongError
+from megalong.log import ProgressPrinter
+from megalong.records import iter_records
+
+
+
+
+
+
 
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -56,25 +63,8 @@ def _json_texts(path: str, json_key: str) -> Iterator[str]:
             raise MegalongError(f"{where}: {json_key!r} holds {type(value).__name__}, not text")
         return value
 
-    with open(path, encoding="utf-8") as handle:
-        head = handle.read(4096).lstrip()
-        handle.seek(0)
-        if head.startswith("["):  # a JSON array of records (LongAlpaca style)
-            try:
-                records = json.load(handle)
-            except ValueError as err:
-                raise MegalongError(f"{path}: invalid JSON ({err})") from None
-            for index, record in enumerate(records):
-                yield text_of(record, f"{path}[{index}]")
-            return
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise MegalongError(f"{path}:{lineno}: invalid JSON ({err})") from None
-            yield text_of(record, f"{path}:{lineno}")
+    for where, record in iter_records(path):
+        yield text_of(record, where)
 
 
 def _parquet_texts(path: str, json_key: str) -> Iterator[str]:
@@ -153,27 +143,19 @@ class _Progress:
     `interval_s` seconds otherwise, and always a final line."""
 
     def __init__(self, stream, interval_s: float | None = None):
-        self.stream = stream
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.interval_s = interval_s if interval_s is not None else (0.5 if self.tty else 10.0)
-        self.start = self.last = time.monotonic()
+        self.printer = ProgressPrinter(interval_s=interval_s, stream=stream,
+                                       enabled=stream is not None)
 
     def line(self, documents: int, tokens: int) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
+        elapsed = self.printer.elapsed()
         return (f"[preprocess] {documents:,} documents, {tokens:,} tokens, "
                 f"{tokens / elapsed:,.0f} tokens/s, {elapsed:.1f}s")
 
     def update(self, documents: int, tokens: int) -> None:
-        now = time.monotonic()
-        if self.stream is None or now - self.last < self.interval_s:
-            return
-        self.last = now
-        end = "\r" if self.tty else "\n"
-        print(self.line(documents, tokens), end=end, file=self.stream, flush=True)
+        self.printer.update(lambda: self.line(documents, tokens))
 
     def finish(self, documents: int, tokens: int) -> None:
-        if self.stream is not None:
-            print(self.line(documents, tokens), file=self.stream, flush=True)
+        self.printer.update(lambda: self.line(documents, tokens), final=True)
 
 
 _WORKER_TOKENIZER = None
@@ -258,7 +240,7 @@ def preprocess_to_indexed(inputs: list[str], output_prefix: str, tokenizer: Toke
             remove_quietly(bin_staging, idx_staging)
             remove_created_dirs(created)
     meter.finish(documents, tokens)
-    return PreprocessResult(output_prefix, documents, tokens, time.monotonic() - meter.start,
+    return PreprocessResult(output_prefix, documents, tokens, time.monotonic() - meter.printer.start,
                             np.dtype(dtype).name)
 
 
@@ -351,12 +333,8 @@ def write_token_file(path: str, tokens, vocab_size: int) -> str:
         raise MegalongError(f"token ids must lie in [0, {vocab_size}) to write {path}")
     check_writable_dir(os.path.dirname(os.path.abspath(path)))
     make_dirs(os.path.dirname(os.path.abspath(path)))
-    staging = staging_path(path)
-    try:
+    with atomic_file(path) as staging:
         array.astype(dtype).tofile(staging)
-        os.replace(staging, path)
-    finally:
-        remove_quietly(staging)
     return path
 
 

@@ -16,13 +16,16 @@ entirely by the truncation has an all-zero loss_mask.
 """
 
 import functools
-import json
 import os
 
 import numpy as np
 
+from megalong.config.model import check_group_size
 from megalong.data.tokenizer import Tokenizer, load_tokenizer
 from megalong.errors import MegalongError
+from megalong.records import iter_records
+
+
 
 
 # Llama-2 chat's default system prompt, as LongLoRA's SFT prompt embeds it (the double space
@@ -50,34 +53,20 @@ def load_sft_records(path: str) -> list[dict]:
     `instruction` and `output`; `input` is optional."""
     if not os.path.isfile(path):
         raise MegalongError(f"SFT data {path} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        head = handle.read(4096).lstrip()
-        handle.seek(0)
-        try:
-            if head.startswith("["):
-                records = json.load(handle)
-            else:
-                records = [json.loads(line) for line in handle if line.strip()]
-        except ValueError as err:
-            raise MegalongError(f"SFT data {path} is not valid json or jsonl ({err})") from None
-    if not records:
-        raise MegalongError(f"SFT data {path} holds no records")
-    for index, record in enumerate(records):
+    records = []
+    for where, record in iter_records(path):
         if not isinstance(record, dict):
-            raise MegalongError(f"SFT data {path}[{index}] is {type(record).__name__}, not an object")
+            raise MegalongError(f"SFT data {where} is {type(record).__name__}, not an object")
         for key in ("instruction", "output"):
             if not isinstance(record.get(key), str):
-                raise MegalongError(f"SFT data {path}[{index}] lacks a string {key!r} "
+                raise MegalongError(f"SFT data {where} lacks a string {key!r} "
                                     "(LongAlpaca records have instruction, input, output)")
         if record.get("input") is not None and not isinstance(record["input"], str):
-            raise MegalongError(f"SFT data {path}[{index}]: 'input' is not a string")
+            raise MegalongError(f"SFT data {where}: 'input' is not a string")
+        records.append(record)
+    if not records:
+        raise MegalongError(f"SFT data {path} holds no records")
     return records
-
-
-def check_group_size(seq_length: int, group_size: int) -> None:
-    if group_size < 1 or seq_length < 1 or seq_length % group_size:
-        raise MegalongError(f"seq-length {seq_length} is not a multiple of group size {group_size}; "
-                            "SFT pads samples to multiples of the group size")
 
 
 def build_sft_sample(prompt_ids: list[int], answer_ids: list[int], *, bos_id: int | None,

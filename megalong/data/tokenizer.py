@@ -9,12 +9,15 @@ Every tokenizer encodes without BOS/EOS; callers add them where the format wants
 """
 
 import io
-import json
 import os
 from collections.abc import Iterable, Iterator
 
-from megalong.data.files import check_writable_dir, make_dirs, staging_path
+from megalong.atomic import atomic_file
+from megalong.data.files import check_writable_dir, make_dirs
 from megalong.errors import MegalongError
+from megalong.records import read_json
+
+
 
 
 # Names tried when a HF tokenizer directory does not say which token ends a document.
@@ -89,11 +92,7 @@ def _special_token_names(directory: str) -> dict:
         path = os.path.join(directory, filename)
         if not os.path.isfile(path):
             continue
-        try:
-            with open(path, encoding="utf-8") as handle:
-                config = json.load(handle)
-        except (OSError, ValueError) as err:
-            raise MegalongError(f"cannot read {path}: {err}") from None
+        config = read_json(path)
         for role in ("bos", "eos", "pad"):
             value = config.get(f"{role}_token")
             if isinstance(value, dict):
@@ -240,10 +239,8 @@ def train_sentencepiece(texts_or_files: Iterable[str], vocab_size: int, out_dir:
         raise MegalongError(f"sentencepiece training failed: {str(err).strip().splitlines()[-1]}") from None
     make_dirs(out_dir)
     path = os.path.join(out_dir, "tokenizer.model")
-    staging = staging_path(path)
-    with open(staging, "wb") as handle:
+    with atomic_file(path) as staging, open(staging, "wb") as handle:
         handle.write(model.getvalue())
-    os.replace(staging, path)
     return path
 
 

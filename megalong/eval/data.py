@@ -15,6 +15,8 @@ from megalong.errors import MegalongError
 
 
 
+
+
 @dataclass(frozen=True)
 class EvalTokens:
     path: str

@@ -17,6 +17,9 @@ from typing import Optional
 
 from megalong import runtime
 from megalong.errors import MegalongError
+from megalong.records import iter_records
+
+
 
 
 
@@ -149,27 +152,20 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, vocab_size
 
 def read_prompts(path: str) -> list[str]:
     """A text file is one prompt; a .jsonl file holds one {"prompt": ...} object per line."""
-    import json
     import os
 
     if not os.path.isfile(path):
         raise MegalongError(f"--prompt-file {path} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
     if not path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
         if not text.strip():
             raise MegalongError(f"--prompt-file {path} is empty")
         return [text.rstrip("\n")]
     prompts = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as err:
-            raise MegalongError(f"{path}:{number} is not JSON ({err})") from None
+    for where, item in iter_records(path):
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise MegalongError(f'{path}:{number} lacks a "prompt" string')
+            raise MegalongError(f'{where} lacks a "prompt" string')
         prompts.append(item["prompt"])
     if not prompts:
         raise MegalongError(f"--prompt-file {path} holds no prompts")

@@ -19,6 +19,12 @@ from megalong.errors import MegalongError
 
 
 
+
+
+
+
+
+
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."

@@ -8,7 +8,6 @@ the same number of predictions, so that mean is also Σ loss / Σ tokens, which 
 add up. Attention is dense (the model is built with attention "full", in eval mode).
 """
 
-import sys
 import time
 from typing import Optional
 
@@ -16,7 +15,14 @@ import numpy as np
 
 from megalong import runtime
 from megalong.eval.data import perplexity, window_starts
+from megalong.log import ProgressPrinter
 from megalong.model.forward import run_microbatches
+
+
+
+
+
+
 
 
 
@@ -36,21 +42,18 @@ class _Progress:
     """Windows done, running perplexity, tokens/s and ETA on stderr (one reporting rank)."""
 
     def __init__(self, label: str, total: int, enabled: bool, interval_s: float = 5.0):
-        self.label, self.total, self.enabled, self.interval_s = label, total, enabled, interval_s
-        self.start = self.last = time.monotonic()
-        self.tty = sys.stderr.isatty()
+        self.label, self.total = label, total
+        self.printer = ProgressPrinter(interval_s=interval_s, enabled=enabled)
 
     def update(self, done: int, tokens: int, mean_loss: float, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self.last < self.interval_s):
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        eta = elapsed / max(done, 1) * (self.total - done)
-        line = (f"[eval_ppl] {self.label}: {done}/{self.total} windows, ppl {perplexity(mean_loss):.4g}, "
-                f"{tokens / elapsed:,.0f} tokens/s, {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
-        end = "\n" if final or not self.tty else "\r"
-        print(line, end=end, file=sys.stderr, flush=True)
+        def line():
+            elapsed = self.printer.elapsed()
+            eta = elapsed / max(done, 1) * (self.total - done)
+            return (f"[eval_ppl] {self.label}: {done}/{self.total} windows, ppl "
+                    f"{perplexity(mean_loss):.4g}, {tokens / elapsed:,.0f} tokens/s, "
+                    f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+
+        self.printer.update(line, final=final)
 
 
 def mean_window_loss(model, tokens: np.ndarray, seq_length: int, starts: list[int], *,

@@ -6,29 +6,29 @@ import math
 import os
 from typing import Optional
 
-from megalong.data.files import make_dirs, staging_path
-from megalong.errors import MegalongError
+from megalong.atomic import atomic_file
+from megalong.data.files import make_dirs
+from megalong.records import read_json as _read_json
+
+
+
+
+
+
 
 
 
 def write_json(path: str, report: dict) -> None:
     """Atomically (a temp sibling renamed into place)."""
+    from megalong.data.files import make_dirs
     make_dirs(os.path.dirname(os.path.abspath(path)))
-    staging = staging_path(path)
-    with open(staging, "w") as handle:
+    with atomic_file(path) as staging, open(staging, "w") as handle:
         json.dump(report, handle, indent=2)
         handle.write("\n")
-    os.replace(staging, path)
 
 
 def read_json(path: str) -> dict:
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise MegalongError(f"report {path} does not exist") from None
-    except (OSError, ValueError) as err:
-        raise MegalongError(f"cannot read report {path}: {err}") from None
+    return _read_json(path, missing=f"report {path} does not exist")
 
 
 def _number(value, digits: int = 4) -> str:
@@ -105,9 +105,8 @@ def plot_ppl(reports: dict, path: str, *, title: str = "Perplexity vs context le
 
 def _save(figure, path: str) -> None:
     make_dirs(os.path.dirname(os.path.abspath(path)))
-    staging = f"{path}.tmp-{os.getpid()}.png"
-    figure.savefig(staging)
-    os.replace(staging, path)
+    with atomic_file(path, suffix=".png") as staging:  # matplotlib picks the format by suffix
+        figure.savefig(staging)
 
 
 # ---------------------------------------------------------------- passkey

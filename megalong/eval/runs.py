@@ -4,7 +4,6 @@ run_on_model_ranks: under torchrun the current process is one of the ranks (rank
 are data parallel); otherwise tp*pp local gloo ranks are spawned (one runs in this process)."""
 
 import os
-import sys
 import time
 
 import torch.distributed as dist
@@ -17,8 +16,11 @@ from megalong.eval.data import open_eval_tokens
 from megalong.eval.generate import Sampling, generate_one
 from megalong.eval.passkey import fit_passkey_prompt, passkey_correct, summarize, sweep_cases
 from megalong.eval.perplexity import evaluate_perplexity
+from megalong.log import ProgressPrinter
 from megalong.source import ModelSource
 from megalong.spawn import run_on_ranks
+
+
 
 
 
@@ -73,8 +75,10 @@ def passkey_on_ranks(source, tokenizer_path: str, lengths, depths, trials: int, 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     mine = cases[dp_rank::dp_size]
-    report_here = progress and dist.get_rank() == 0
-    records, start = [], time.monotonic()
+    # a line per case (each is a generation, seconds to minutes long)
+    printer = ProgressPrinter(interval_s=0, updating=False,
+                              enabled=progress and dist.get_rank() == 0)
+    records = []
     for number, case in enumerate(mine, 1):
         prompt = fit_passkey_prompt(tokenizer.encode, case.length, case.depth, case.key,
                                     extra_tokens=len(bos))
@@ -86,11 +90,10 @@ def passkey_on_ranks(source, tokenizer_path: str, lengths, depths, trials: int, 
                         "key": case.key, "prompt_tokens": len(ids),
                         "key_depth": round(prompt.depth, 4), "answer": answer,
                         "correct": passkey_correct(answer, case.key)})
-        if report_here:
-            print(f"[passkey] {number}/{len(mine)}: length {case.length} depth {case.depth:g} "
-                  f"key {case.key} -> {answer.strip()[:20]!r} "
-                  f"({'ok' if records[-1]['correct'] else 'wrong'}), "
-                  f"{time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
+        printer.update(lambda: f"[passkey] {number}/{len(mine)}: length {case.length} depth "
+                       f"{case.depth:g} key {case.key} -> {answer.strip()[:20]!r} "
+                       f"({'ok' if records[-1]['correct'] else 'wrong'}), "
+                       f"{printer.elapsed():.0f}s")
     if dp_size > 1:
         gathered = [None] * dp_size
         dist.all_gather_object(gathered, records, group=parallel_state.get_data_parallel_group())

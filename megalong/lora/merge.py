@@ -17,6 +17,8 @@ from megalong.convert.layouts import qkv_hf_to_megatron
 from megalong.errors import MegalongError
 
 
+
+
 FUSED_PARTS = {"qkv": ("q", "k", "v"), "fc1": ("gate", "up")}
 
 

@@ -13,19 +13,20 @@ adapter directory before importing torch).
 import json
 import os
 import re
-import shutil
-import tempfile
 
+from megalong.atomic import atomic_directory
 from megalong.config import weight_map
 from megalong.config.lora import LoraOptions
 from megalong.config.peft import (CONFIG_FILE, EXTRA_MODULES, WEIGHT_FILES, ordered_parts,
                                   read_peft_config)
 from megalong.config.weight_map import HF_MODULE_TO_PART, LORA_PARTS
-from megalong.convert.hf_checkpoint import move_into_place
 from megalong.convert.layouts import tp_shard
 from megalong.convert.model_io import iter_hf_tensors
 from megalong.errors import MegalongError
 from megalong.lora.apply import iter_adapters
+
+
+
 
 
 _PREFIX = "base_model.model."
@@ -234,19 +235,9 @@ def write_peft_adapter(out: str, tensors, config: dict, *, overwrite: bool = Fal
     """adapter_config.json + adapter_model.safetensors into `out`, all or nothing."""
     from safetensors.torch import save_file
 
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-        raise MegalongError(f"PEFT adapter directory {out} exists and is not empty; pass --overwrite")
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
-    try:
+    with atomic_directory(out, overwrite=overwrite, what="PEFT adapter directory") as staging:
         state = {key: (t if dtype is None else t.to(dtype)).contiguous() for key, t in tensors}
         save_file(state, os.path.join(staging, WEIGHT_FILES[0]), metadata={"format": "pt"})
         with open(os.path.join(staging, CONFIG_FILE), "w") as handle:
             json.dump(config, handle, indent=2)
-
-        move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

@@ -24,6 +24,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megalong.errors import MegalongError
 
 
+
 # Per-token fields of a micro-batch, [b, s] each.
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 

@@ -10,8 +10,8 @@ the modules here call each other through this package, so a test's monkeypatch o
 `runtime.use_cuda` (or any name below) reaches them."""
 
 from megalong.runtime.devices import device, device_type, use_cuda
-from megalong.runtime.distributed import (_create_context_parallel_communicator, _free_port,
-                                          check_ranks_agree, distributed_failures_as_errors,
+from megalong.runtime.distributed import (_create_context_parallel_communicator, check_ranks_agree,
+                                          distributed_failures_as_errors, free_port,
                                           init_distributed, shutdown)
 from megalong.runtime.memory import KEEP_FREED_GLIBC_TUNABLES, keep_freed_memory
 from megalong.runtime.patches import (PATCHES, WRITTEN_FOR, adapt_megatron_to_cpu, apply_patches,
@@ -19,9 +19,10 @@ from megalong.runtime.patches import (PATCHES, WRITTEN_FOR, adapt_megatron_to_cp
 from megalong.runtime.rng import seed_everything
 
 
+
 __all__ = [
     "KEEP_FREED_GLIBC_TUNABLES", "PATCHES", "WRITTEN_FOR",
     "adapt_megatron_to_cpu", "apply_patches", "check_ranks_agree", "device", "device_type",
-    "distributed_failures_as_errors", "fill_fused_rope_slot", "init_distributed",
+    "distributed_failures_as_errors", "fill_fused_rope_slot", "free_port", "init_distributed",
     "keep_freed_memory", "megatron_version", "seed_everything", "shutdown", "use_cuda",
 ]

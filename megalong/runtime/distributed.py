@@ -11,6 +11,7 @@ from megalong.config.parallel import ParallelConfig
 from megalong.errors import MegalongError
 
 
+
 def init_distributed(
     parallel: ParallelConfig = ParallelConfig(), *, seed: int = 1234, timeout_s: float = 600.0
 ) -> None:
@@ -24,7 +25,7 @@ def init_distributed(
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         if runtime.use_cuda():
@@ -135,7 +136,8 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for MASTER_PORT; the OS may hand it out again later)."""
     import socket
 
     with socket.socket() as sock:

@@ -16,8 +16,10 @@ from megalong.errors import MegalongError
 from megalong.model.forward import run_microbatches
 from megalong.training.batches import microbatches
 from megalong.training.numerics import guarded_step
-from megalong.training.progress import Progress, log
+from megalong.log import log
+from megalong.training.progress import Progress
 from megalong.training.setup import Trainer, build_trainer, data_parallel_rank_and_size
+
 
 
 def _reduced_loss(outputs) -> tuple[float, int]:

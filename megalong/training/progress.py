@@ -1,12 +1,13 @@
 """Per-step log line (loss, lr, grad norm, tokens/s, peak memory, ETA) and TensorBoard scalars."""
 
 import resource
-import sys
 import time
 
 import torch
 
 from megalong import runtime
+from megalong.log import ProgressPrinter
+
 
 
 def peak_memory_gib() -> float:
@@ -27,7 +28,9 @@ class Progress:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(tensorboard_dir)
-        self.tty = enabled and sys.stderr.isatty()
+        # every line the loop asks for (it keeps the log interval), one per line
+        self.printer = ProgressPrinter(interval_s=0, enabled=enabled, updating=False)
+        self.tty = self.printer.tty
 
     def step(self, iteration: int, *, loss: float, lr: float, grad_norm, step_time: float,
              skipped: bool = False, extra: str = "", halo=None) -> None:
@@ -49,7 +52,7 @@ class Progress:
         line = (f"{bar}iter {iteration}/{self.train_iters} | loss {loss:.6f} | lr {lr:.3g} | "
                 f"grad norm {norm} | {tokens_per_s:,.0f} tok/s | peak mem {peak_memory_gib():.2f} GiB"
                 f" | ETA {_hms(eta)}{' | SKIPPED (non-finite)' if skipped else ''}{extra}")
-        print(line, file=sys.stderr, flush=True)
+        self.printer.update(line)
         if self.writer:
             for name, value in [("train/loss", loss), ("train/lr", lr), ("train/tokens_per_s", tokens_per_s),
                                 ("train/peak_mem_gib", peak_memory_gib())]:
@@ -62,8 +65,7 @@ class Progress:
     def validation(self, iteration: int, loss: float) -> None:
         if not self.enabled:
             return
-        print(f"validation at iter {iteration} | loss {loss:.4f} | ppl {_exp(loss):.2f}",
-              file=sys.stderr, flush=True)
+        self.printer.update(f"validation at iter {iteration} | loss {loss:.4f} | ppl {_exp(loss):.2f}")
         if self.writer:
             self.writer.add_scalar("valid/loss", loss, iteration)
 
@@ -89,7 +91,3 @@ def _bytes(count: int) -> str:
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def log(message: str) -> None:
-    print(f"[megalong] {message}", file=sys.stderr, flush=True)

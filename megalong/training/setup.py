@@ -14,6 +14,7 @@ from megatron.core.distributed import (DistributedDataParallel, DistributedDataP
                                        finalize_model_grads)
 
 from megalong import runtime
+from megalong.atomic import atomic_directory
 from megalong.build import build_model, model_options
 from megalong.checkpoint import load_checkpoint
 from megalong.config.arch import PRESETS, LlamaArch
@@ -25,8 +26,9 @@ from megalong.data.sft import SftDataset
 from megalong.errors import MegalongError
 from megalong.lora.apply import setup_lora
 from megalong.training.optimizer import build_optimizer, build_scheduler
-from megalong.training.progress import log
+from megalong.log import log
 from megalong.training.tokenizer_check import load_checked_tokenizer
+
 
 
 @dataclass
@@ -207,11 +209,9 @@ def _carry_tokenizer(load: str, save: str) -> None:
     source = os.path.join(load, TOKENIZER_SUBDIR)
     target = os.path.join(save, TOKENIZER_SUBDIR)
     if os.path.isdir(source) and not os.path.isdir(target) and os.path.abspath(load) != os.path.abspath(save):
-        os.makedirs(save, exist_ok=True)
-        staging = target + ".tmp"  # a crash mid-copy must not leave a partial tokenizer behind
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging)
-        os.replace(staging, target)
+        # a crash mid-copy must not leave a partial tokenizer behind
+        with atomic_directory(target) as staging:
+            shutil.copytree(source, staging, dirs_exist_ok=True)
 
 
 def data_parallel_rank_and_size():

@@ -186,14 +186,15 @@ def _flops(args, arm, seq_length):
     sys.path.insert(0, ROOT)
     from _common import arch_of
 
-    from megalong.plan import PlanConfig, step_flops
+    from megalong.config.job import JobConfig
+    from megalong.plan import PlanConfig, recompute_flags, step_flops
 
     shape = shape_from_args(args)
-    cfg = PlanConfig(arch=arch_of(shape, seq_length), seq_length=seq_length,
-                     attention="full" if arm.endswith("dense") else "s2",
-                     full_finetune=arm == "megalong-fft", recompute=args.recompute,
-                     bf16=args.bf16)
-    return step_flops(cfg)
+    job = JobConfig().with_flags(seq_length=seq_length,
+                                 attention="full" if arm.endswith("dense") else "s2",
+                                 full_finetune=arm == "megalong-fft", bf16=args.bf16,
+                                 **recompute_flags(args.recompute))
+    return step_flops(PlanConfig(arch_of(shape, seq_length), job))
 
 
 def _mib(n):

@@ -5,107 +5,175 @@ megatron-core local or TE layers, LoRA+ adapters (DESIGN.md §7) or full fine-tu
 DDP with fp32 gradient buffers, megatron's Adam, S²-Attn or dense attention through a flash-style
 kernel (no N x N matrix is ever stored). See docs/PERF.md for how close it comes to measured
 peaks.
+
+What is planned is a training job's own typed configuration (megalong/config/job.py), read under
+its flags' names:
+
+    job = JobConfig().with_flags(seq_length=32768, tensor_model_parallel_size=8, bf16=True,
+                                 sequence_parallel=True, recompute_granularity="full")
+    memory_breakdown(PlanConfig(PRESETS["llama2-70b"], job))
 """
 
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 from megalong.config import weight_map
-from megalong.config.arch import LlamaArch
-from megalong.config.model import LOSS_CHUNK_TOKENS
+from megalong.config.arch import VOCAB_DIVISIBLE_BY, LlamaArch
+from megalong.config.job import JobConfig
+from megalong.config.lora import LoraConfig
+from megalong.config.model import ModelConfig
+from megalong.config.parallel import ParallelConfig
+from megalong.config.training import TrainingConfig
 from megalong.errors import MegalongError
 
 
 
+# The recompute choices the planner tells apart (recompute_flags: as training's flags).
 RECOMPUTE = ("full", "selective", "none")
 GIB = 2**30
 
 
+def recompute_flags(recompute: str, layers: Optional[int] = None) -> dict:
+    """A recompute choice as TrainingConfig's flags: full | selective | none, and with full
+    `layers` K: megatron's block method, only the first K layers of each stage (None: every
+    layer, the uniform method)."""
+    if recompute not in RECOMPUTE:
+        raise MegalongError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {recompute!r}")
+    return {"recompute_granularity": None if recompute == "none" else recompute,
+            "recompute_method": "uniform" if layers is None else "block",
+            "recompute_num_layers": 1 if layers is None else layers}
+
+
 @dataclass(frozen=True)
 class PlanConfig:
+    """A training job (its typed configuration) on an architecture, and where it runs. The
+    planner reads the job's concerns: parallel (tensor / context / pipeline sizes, sequence
+    parallel), model (seq_length, attention, S²-Attn group size), training (micro_batch_size,
+    bf16, recompute_granularity / recompute_method / recompute_num_layers, loss_chunk_tokens)
+    and lora (lora_rank, lora_targets, trainable_params, full_finetune). With uniform full
+    recompute it re-runs one layer at a time (recompute_num_layers is not modelled)."""
     arch: LlamaArch
-    seq_length: int
-    micro_batch_size: int = 1
-    tp: int = 1
-    cp: int = 1
-    pp: int = 1
-    recompute: str = "full"  # full | selective | none
-    # With recompute "full": recompute only the first K layers of each stage (megatron's block
-    # method, --recompute-method block --recompute-num-layers K); None: every layer (uniform).
-    recompute_layers: Optional[int] = None
-    lora_rank: int = 8
-    lora_parts: tuple = ("q", "k", "v", "o")
-    trainable_extras: tuple = ("embed", "norm")
-    full_finetune: bool = False
-    bf16: bool = True
-    attention: str = "s2"  # s2 | full
-    group_size_ratio: float = 0.25
-    sequence_parallel: bool = False
-    vocab_divisible_by: int = 128
-    # The loss's lm_head + cross entropy over this many tokens at a time (0: whole logits).
-    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
+    job: JobConfig
     # A GPU run: torch's fused RMSNorm and megatron's fused SwiGLU (megalong uses them on GPUs),
     # and the GPU attention kernels' contiguous copies of S²-Attn's folded q/k/v.
     gpu: bool = True
+    vocab_divisible_by: int = VOCAB_DIVISIBLE_BY  # Megatron-LM's --make-vocab-size-divisible-by
 
     def __post_init__(self):
-        arch, tp = self.arch, self.tp
-        if self.recompute not in RECOMPUTE:
-            raise MegalongError(f"recompute must be one of {', '.join(RECOMPUTE)}, "
-                                f"got {self.recompute!r}")
-        if self.attention not in ("s2", "full"):
-            raise MegalongError(f"attention must be s2 or full, got {self.attention!r}")
-        for name in ("tp", "cp", "pp", "micro_batch_size", "seq_length"):
-            if getattr(self, name) < 1:
-                raise MegalongError(f"{name} must be >= 1, got {getattr(self, name)}")
+        arch, parallel, training = self.arch, self.parallel, self.training
+        tp = parallel.tensor_model_parallel_size
+        pp = parallel.pipeline_model_parallel_size
+        cp = parallel.context_parallel_size
+        if training.recompute_granularity not in ("full", "selective", None):
+            raise MegalongError(f"recompute_granularity must be full, selective or None (no "
+                                f"recompute), got {training.recompute_granularity!r}")
+        if training.recompute_method not in ("uniform", "block"):
+            raise MegalongError(f"recompute_method must be uniform or block, got "
+                                f"{training.recompute_method!r}")
+        if (training.recompute_granularity == "selective"
+                and training.recompute_modules not in (None, ("core_attn",))):
+            raise MegalongError(f"the planner models selective recompute of core_attn only, got "
+                                f"recompute_modules {' '.join(training.recompute_modules)}")
+        if self.model.attention not in ("s2", "full"):
+            raise MegalongError(f"attention must be s2 or full, got {self.model.attention!r}")
+        for name, value in (("tensor_model_parallel_size", tp), ("context_parallel_size", cp),
+                            ("pipeline_model_parallel_size", pp),
+                            ("micro_batch_size", training.micro_batch_size),
+                            ("seq_length", self.seq_length)):
+            if value < 1:
+                raise MegalongError(f"{name} must be >= 1, got {value}")
         if arch.num_attention_heads % tp or arch.num_kv_heads % tp:
             raise MegalongError(f"tp {tp} must divide the {arch.num_attention_heads} query heads "
                                 f"and {arch.num_kv_heads} kv heads")
-        if arch.num_layers % self.pp:
-            raise MegalongError(f"pp {self.pp} must divide the {arch.num_layers} layers")
-        if self.seq_length % self.cp:
-            raise MegalongError(f"cp {self.cp} must divide seq-length {self.seq_length}")
-        if self.recompute_layers is not None and (
-                self.recompute != "full" or not 0 < self.recompute_layers <= self.stage_layers):
+        if arch.num_layers % pp:
+            raise MegalongError(f"pp {pp} must divide the {arch.num_layers} layers")
+        if self.seq_length % cp:
+            raise MegalongError(f"cp {cp} must divide seq-length {self.seq_length}")
+        if training.recompute_method == "block" and (
+                training.recompute_granularity != "full"
+                or not 0 < training.recompute_num_layers <= self.stage_layers):
             raise MegalongError(
-                f"recompute_layers needs recompute full and 1..{self.stage_layers} "
-                f"(the layers of a stage), got {self.recompute_layers}")
-        if not self.full_finetune and self.lora_rank < 1:
-            raise MegalongError(f"lora rank must be >= 1, got {self.lora_rank}")
+                f"recompute_method block needs recompute_granularity full and "
+                f"recompute_num_layers in 1..{self.stage_layers} (the layers of a stage), got "
+                f"recompute_granularity {training.recompute_granularity}, recompute_num_layers "
+                f"{training.recompute_num_layers}")
+        self.lora.validate()
+        self.group_size  # noqa: B018  (an S²-Attn group size that does not fit N is an error)
+
+    # The job's concerns.
+    @property
+    def parallel(self) -> ParallelConfig:
+        return self.job.parallel
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.job.model
+
+    @property
+    def training(self) -> TrainingConfig:
+        return self.job.training
+
+    @property
+    def lora(self) -> LoraConfig:
+        return self.job.lora
+
+    # What the formulas derive from them.
+    @property
+    def seq_length(self) -> int:
+        return self.model.seq_length_for(self.arch)
+
+    @property
+    def tokens(self) -> int:
+        """T: the tokens of one micro-batch on this rank (its context-parallel slice)."""
+        return (self.seq_length // self.parallel.context_parallel_size
+                * self.training.micro_batch_size)
 
     @property
     def stage_layers(self) -> int:
-        return self.arch.num_layers // self.pp
+        return self.arch.num_layers // self.parallel.pipeline_model_parallel_size
+
+    @property
+    def recompute(self) -> str:
+        """full | selective | none (recompute_granularity)."""
+        return self.training.recompute_granularity or "none"
 
     @property
     def recomputed_layers(self) -> int:
         """Layers per stage whose forward runs again in the backward (full recompute)."""
         if self.recompute != "full":
             return 0
-        return self.stage_layers if self.recompute_layers is None else self.recompute_layers
+        if self.training.recompute_method == "block":
+            return self.training.recompute_num_layers
+        return self.stage_layers
 
     @property
     def recompute_label(self) -> str:
-        label = self.recompute
-        if self.recompute == "full" and self.recompute_layers is not None:
-            label = f"block {self.recompute_layers}"
-        return label
+        if self.recompute == "full" and self.training.recompute_method == "block":
+            return f"block {self.training.recompute_num_layers}"
+        return self.recompute
 
     @property
     def fused(self) -> bool:
         return self.gpu
 
     @property
-    def group_size(self) -> int:
-        return int(round(self.seq_length * self.group_size_ratio))
+    def group_size(self) -> Optional[int]:
+        """S²-Attn's G (None with dense attention)."""
+        return self.model.group_size_for(self.seq_length)
+
+    @property
+    def adapted_parts(self) -> tuple:
+        """The HF linears that carry LoRA adapters (none with full fine-tuning)."""
+        return () if self.lora.full_finetune else self.lora.options().parts
 
     @property
     def param_bytes(self) -> int:
-        return 2 if self.bf16 else 4
+        return 2 if self.training.bf16 else 4
 
     @property
     def padded_vocab(self) -> int:
-        return self.arch.padded_vocab(self.vocab_divisible_by, self.tp)
+        return self.arch.padded_vocab(self.vocab_divisible_by,
+                                      self.parallel.tensor_model_parallel_size)
 
 
 # ------------------------------------------------------------------- parameters
@@ -129,13 +197,12 @@ def lora_part_params(arch: LlamaArch, rank: int) -> Dict[str, tuple]:
 
 def adapter_params(cfg: PlanConfig, *, per_rank: bool) -> int:
     """LoRA parameters of one layer (this TP rank's shard when per_rank)."""
-    if cfg.full_finetune:
-        return 0
+    tp = cfg.parallel.tensor_model_parallel_size
     total = 0
-    for part in cfg.lora_parts:
-        a, b, a_split, b_split = lora_part_params(cfg.arch, cfg.lora_rank)[part]
-        div_a = cfg.tp if per_rank and a_split else 1
-        div_b = cfg.tp if per_rank and b_split else 1
+    for part in cfg.adapted_parts:
+        a, b, a_split, b_split = lora_part_params(cfg.arch, cfg.lora.lora_rank)[part]
+        div_a = tp if per_rank and a_split else 1
+        div_b = tp if per_rank and b_split else 1
         total += a // div_a + b // div_b
     return total
 
@@ -143,7 +210,8 @@ def adapter_params(cfg: PlanConfig, *, per_rank: bool) -> int:
 def parameter_counts(cfg: PlanConfig) -> Dict[str, int]:
     """Parameters held by the busiest rank (first pipeline stage with the embedding, last with
     the lm_head; with pp = 1 both), split by kind, and what trains."""
-    arch, tp = cfg.arch, cfg.tp
+    arch, tp, pp = cfg.arch, cfg.parallel.tensor_model_parallel_size, \
+        cfg.parallel.pipeline_model_parallel_size
     H = arch.hidden_size
     layers = cfg.stage_layers
     linear = sum(layer_linear_params(arch).values()) // tp
@@ -152,20 +220,21 @@ def parameter_counts(cfg: PlanConfig) -> Dict[str, int]:
     embedding = vocab_rows * H
     lm_head = 0 if arch.tie_word_embeddings else vocab_rows * H
     stages = []
-    for stage in range(cfg.pp):
-        first, last = stage == 0, stage == cfg.pp - 1
+    extras = cfg.lora.trainable_extras
+    for stage in range(pp):
+        first, last = stage == 0, stage == pp - 1
         base = layers * (linear + norms) + (embedding if first else 0) \
             + ((lm_head + H) if last else 0)
         if arch.tie_word_embeddings and last and not first:
             base += embedding  # megatron keeps a copy of the tied weight on the last stage
         adapters = layers * adapter_params(cfg, per_rank=True)
-        if cfg.full_finetune:
+        if cfg.lora.full_finetune:
             trainable = base
         else:
             trainable = adapters
-            if "norm" in cfg.trainable_extras:
+            if "norm" in extras:
                 trainable += layers * norms + (H if last else 0)
-            if "embed" in cfg.trainable_extras and (first or arch.tie_word_embeddings and last):
+            if "embed" in extras and (first or arch.tie_word_embeddings and last):
                 trainable += embedding
         stages.append({"base": base, "adapters": adapters, "trainable": trainable})
     return max(stages, key=lambda s: s["base"] + s["adapters"])
@@ -194,17 +263,18 @@ def step_flops(cfg: PlanConfig) -> Dict[str, float]:
     hardware adds what recompute repeats (full: the forward, without attention's when it is
     kept; selective: attention's forward)."""
     arch = cfg.arch
-    tokens = cfg.seq_length * cfg.micro_batch_size
+    micro_batch, attention = cfg.training.micro_batch_size, cfg.model.attention
+    tokens = cfg.seq_length * micro_batch
     linears = arch.num_layers * sum(layer_linear_params(arch).values())
     lm_head = cfg.padded_vocab * arch.hidden_size
     adapters = arch.num_layers * adapter_params(cfg, per_rank=False)
     matmul = linears + lm_head + adapters
-    trainable_matmul = matmul if cfg.full_finetune else adapters
-    pairs = attention_pairs(cfg.seq_length, cfg.group_size, cfg.attention)
+    trainable_matmul = matmul if cfg.lora.full_finetune else adapters
+    pairs = attention_pairs(cfg.seq_length, cfg.group_size, attention)
     nh = arch.num_attention_heads
-    unshifted = nh // 2 if cfg.attention == "s2" else nh
+    unshifted = nh // 2 if attention == "s2" else nh
     head_pairs = unshifted * pairs["unshifted"] + (nh - unshifted) * pairs["shifted"]
-    attn_fwd = 4 * arch.head_dim * head_pairs * arch.num_layers * cfg.micro_batch_size
+    attn_fwd = 4 * arch.head_dim * head_pairs * arch.num_layers * micro_batch
     dense_fwd = 2 * matmul * tokens
     model = dense_fwd + 2 * matmul * tokens + 2 * trainable_matmul * tokens + 3 * attn_fwd
     share = cfg.recomputed_layers / cfg.stage_layers  # block: some layers only
@@ -213,7 +283,7 @@ def step_flops(cfg: PlanConfig) -> Dict[str, float]:
     return {"model": float(model), "hardware": float(model + repeat),
             "attention": float(3 * attn_fwd), "matmul_params": matmul,
             "trainable_matmul_params": trainable_matmul,
-            "per_gpu_model": float(model) / (cfg.tp * cfg.cp * cfg.pp)}
+            "per_gpu_model": float(model) / cfg.parallel.model_parallel_size}
 
 
 # ------------------------------------------------------------------- memory
@@ -221,9 +291,9 @@ def step_flops(cfg: PlanConfig) -> Dict[str, float]:
 
 def _widths(cfg: PlanConfig) -> Dict[str, float]:
     """Per-token widths (elements) of this rank's tensors."""
-    arch, tp = cfg.arch, cfg.tp
+    arch, tp = cfg.arch, cfg.parallel.tensor_model_parallel_size
     return {
-        "hidden": arch.hidden_size / tp if cfg.sequence_parallel else arch.hidden_size,
+        "hidden": arch.hidden_size / tp if cfg.parallel.sequence_parallel else arch.hidden_size,
         "hidden_full": arch.hidden_size,
         "q": arch.q_size / tp,
         "kv": arch.kv_size / tp,
@@ -259,10 +329,10 @@ def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
     - SwiGLU: fc1's output, plus silu's output unless fused (megatron's fused kernel on GPUs,
       model/swiglu.py's Function on CPU); fc2's input when fc2 trains.
     Frozen linears save no input (megatron's frozen-weight path)."""
-    a, T = cfg.param_bytes, cfg.seq_length // cfg.cp * cfg.micro_batch_size
+    a, T = cfg.param_bytes, cfg.tokens
     w = _widths(cfg)
-    parts = set() if cfg.full_finetune else set(cfg.lora_parts)
-    trains = (lambda *names: cfg.full_finetune or bool(parts & set(names)))
+    full_finetune, parts = cfg.lora.full_finetune, set(cfg.adapted_parts)
+    trains = (lambda *names: full_finetune or bool(parts & set(names)))
     out = {
         "norms": 2 * _norm_saved(cfg) * T * w["hidden"],
         "qkv_input": a * T * w["hidden"] if trains("q", "k", "v") else 0.0,
@@ -273,10 +343,10 @@ def layer_activation_bytes(cfg: PlanConfig) -> Dict[str, float]:
         "swiglu": a * T * w["ffn"] * (2 if cfg.fused else 3),
         "fc2_input": a * T * w["ffn"] if trains("down") else 0.0,
     }
-    if cfg.attention == "s2":
+    if cfg.model.attention == "s2":
         shifted_heads = (w["q"] / 2 + w["kv"])  # the shifted half's q, k and v
-        out["s2_end_groups"] = a * cfg.group_size * cfg.micro_batch_size * shifted_heads \
-            if cfg.cp == 1 else 0.0
+        out["s2_end_groups"] = a * cfg.group_size * cfg.training.micro_batch_size \
+            * shifted_heads if cfg.parallel.context_parallel_size == 1 else 0.0
         if cfg.gpu:  # cuDNN/flash SDPA saves contiguous copies of the strided group views
             out["s2_kernel_inputs"] = a * T * (w["q"] + 2 * w["kv"])
     return out
@@ -286,9 +356,10 @@ def _loss_bytes(cfg: PlanConfig, T: int, w: Dict[str, float]) -> float:
     """The loss's own tensors: the logits (and their float32 copy in bf16) of the whole sequence
     or of one chunk; a chunked loss also holds the input gradient it forms in the forward."""
     a = cfg.param_bytes
-    rows = min(T, cfg.loss_chunk_tokens) if cfg.loss_chunk_tokens else T
+    chunk = cfg.training.loss_chunk_tokens
+    rows = min(T, chunk) if chunk else T
     logits = a * rows * w["vocab"] + (4 * rows * w["vocab"] if a != 4 else 0.0)
-    return logits + (a * T * w["hidden_full"] if cfg.loss_chunk_tokens else 0.0)
+    return logits + (a * T * w["hidden_full"] if chunk else 0.0)
 
 
 def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
@@ -298,16 +369,17 @@ def memory_breakdown(cfg: PlanConfig) -> Dict[str, float]:
     The peak is the larger of two moments of the step: the loss (logits, and their float32
     copy in bf16, with every checkpoint alive) and a layer's backward (its saved tensors plus
     the gradients in flight)."""
-    a, T = cfg.param_bytes, cfg.seq_length // cfg.cp * cfg.micro_batch_size
+    a, T = cfg.param_bytes, cfg.tokens
     w = _widths(cfg)
     counts = parameter_counts(cfg)
     layers = cfg.stage_layers
     # 1F1B: the first stage holds the activations of up to pp micro-batches.
-    in_flight = cfg.pp
+    in_flight = cfg.parallel.pipeline_model_parallel_size
     weights = counts["base"] * cfg.param_bytes
     adapters = counts["adapters"] * cfg.param_bytes
     gradients = counts["trainable"] * 4  # megatron DDP's float32 gradient buffer
-    optimizer = counts["trainable"] * (8 + (4 if cfg.bf16 else 0))  # Adam moments (+ fp32 master)
+    # Adam moments (+ fp32 master weights in bf16)
+    optimizer = counts["trainable"] * (8 + (4 if cfg.training.bf16 else 0))
 
     per_layer = layer_activation_bytes(cfg)
     saved = sum(per_layer.values())

@@ -83,3 +83,16 @@ def test_gpu_attention_kernels_need_bf16_a_gpu_and_their_package(kernel, bf16, g
         config.validate_attention_kernel(kernel, bf16=True)
     for fine in ("auto", "sdpa"):
         config.validate_attention_kernel(fine, bf16=False)
+
+
+def test_with_flags_sets_each_setting_in_its_concern():
+    job = parse("--seq-length", "8192", "--lora-rank", "4")
+    changed = job.with_flags(tensor_model_parallel_size=8, bf16=True, full_finetune=True,
+                             seq_length=4096)
+    assert changed.parallel.tensor_model_parallel_size == 8 and changed.training.bf16
+    assert changed.lora.full_finetune and changed.lora.lora_rank == 4
+    assert changed.model.seq_length == 4096 and job.model.seq_length == 8192
+    assert changed.flags() == {**job.flags(), "tensor_model_parallel_size": 8, "bf16": True,
+                               "full_finetune": True, "seq_length": 4096}
+    with pytest.raises(TypeError, match="no job setting named tp"):
+        job.with_flags(tp=8)

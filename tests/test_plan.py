@@ -10,16 +10,25 @@ import pytest
 
 from megalong.errors import MegalongError
 from megalong.config.arch import PRESETS, LlamaArch
-from megalong.plan import (PlanConfig, adapter_params, attention_pairs,
-                           layer_activation_bytes, memory_breakdown, parameter_counts, step_flops)
+from megalong.config.job import JobConfig
+from megalong.plan import (PlanConfig, adapter_params, attention_pairs, layer_activation_bytes,
+                           memory_breakdown, parameter_counts, recompute_flags, step_flops)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # H=64, 2 layers, 4 heads of d=16, 2 kv heads, ffn 160, vocab 1000 (padded to 1024).
 SMALL = LlamaArch(64, 2, 4, 2, 160, 1000)
 
 
+def plan(arch, seq_length, *, recompute="full", recompute_layers=None, bf16=True, gpu=True,
+         **flags):
+    """The plan of a job given by its flags' names (bf16 and full recompute unless told)."""
+    job = JobConfig().with_flags(seq_length=seq_length, bf16=bf16,
+                                 **recompute_flags(recompute, recompute_layers), **flags)
+    return PlanConfig(arch, job, gpu=gpu)
+
+
 def test_parameter_counts_by_hand():
-    cfg = PlanConfig(arch=SMALL, seq_length=256, bf16=False)
+    cfg = plan(SMALL, 256, bf16=False)
     # Per layer: qkv 64*(4+2*2)*16 = 8192, proj 64*64 = 4096, fc1 2*64*160 = 20480,
     # fc2 160*64 = 10240 -> 43008; norms 2*64. Embedding and lm_head 1024*64 each; final norm 64.
     counts = parameter_counts(cfg)
@@ -30,10 +39,10 @@ def test_parameter_counts_by_hand():
     # Trainable: adapters, norms (2 per layer + the final one) and the embedding; not lm_head.
     assert counts["trainable"] == 2 * 3584 + 2 * 128 + 64 + 65536
     # TP=2: column B and row A halve; vocab padded to 128*2 = 256 multiples, split in two.
-    tp2 = PlanConfig(arch=SMALL, seq_length=256, tp=2, bf16=False)
+    tp2 = plan(SMALL, 256, tensor_model_parallel_size=2, bf16=False)
     assert adapter_params(tp2, per_rank=True) == 3 * 512 + (256 + 128 + 128) + (256 + 512)
     assert parameter_counts(tp2)["base"] == 2 * (43008 // 2 + 128) + 2 * 512 * 64 + 64
-    full = PlanConfig(arch=SMALL, seq_length=256, full_finetune=True, bf16=False)
+    full = plan(SMALL, 256, full_finetune=True, bf16=False)
     assert parameter_counts(full)["trainable"] == parameter_counts(full)["base"]
 
 
@@ -45,7 +54,7 @@ def test_attention_pairs_by_hand():
 
 def test_step_flops_by_hand():
     arch = LlamaArch(64, 1, 4, 4, 128, 1000)  # d = 16, MHA
-    cfg = PlanConfig(arch=arch, seq_length=8, group_size_ratio=0.5, recompute="none")
+    cfg = plan(arch, 8, group_size_ratio=0.5, recompute="none")
     linears = 64 * 12 * 16 + 64 * 64 + 3 * 64 * 128
     lm_head = 1024 * 64
     adapters = 4 * (8 * 64 + 64 * 8)
@@ -57,20 +66,20 @@ def test_step_flops_by_hand():
     assert flops["model"] == expected
     assert flops["attention"] == 3 * attn_fwd
     assert flops["hardware"] == expected
-    full = step_flops(PlanConfig(arch=arch, seq_length=8, group_size_ratio=0.5))
+    full = step_flops(plan(arch, 8, group_size_ratio=0.5))
     assert full["hardware"] == expected + 8 * 2 * matmul + attn_fwd  # one more forward
-    dense = step_flops(PlanConfig(arch=arch, seq_length=8, attention="full", recompute="none"))
+    dense = step_flops(plan(arch, 8, attention="full", recompute="none"))
     assert dense["attention"] == 3 * 4 * 16 * 4 * 36
 
 
 def test_memory_terms_by_hand():
-    cfg = PlanConfig(arch=SMALL, seq_length=256, bf16=False, recompute="full", gpu=False)
+    cfg = plan(SMALL, 256, bf16=False, recompute="full", gpu=False)
     mem = memory_breakdown(cfg)
     counts = parameter_counts(cfg)
     assert mem["weights"] == 4 * counts["base"]
     assert mem["gradients"] == 4 * counts["trainable"]
     assert mem["optimizer"] == 8 * counts["trainable"]
-    bf16 = memory_breakdown(PlanConfig(arch=SMALL, seq_length=256, bf16=True))
+    bf16 = memory_breakdown(plan(SMALL, 256, bf16=True))
     assert bf16["weights"] == 2 * counts["base"]
     assert bf16["optimizer"] == 12 * counts["trainable"]  # + float32 master weights
     # One layer, fp32, LoRA q,k,v,o, unfused SwiGLU, T = 256 tokens: norms 2 x (input + normed),
@@ -92,11 +101,11 @@ def test_memory_terms_by_hand():
 
 def test_recompute_orders_memory_and_sequence_parallel_shrinks_it():
     arch = PRESETS["llama2-7b"]
-    totals = {r: memory_breakdown(PlanConfig(arch=arch, seq_length=32768, recompute=r))["total"]
+    totals = {r: memory_breakdown(plan(arch, 32768, recompute=r))["total"]
               for r in ("none", "selective", "full")}
     assert totals["none"] > totals["selective"] > totals["full"]
-    tp = PlanConfig(arch=PRESETS["llama2-70b"], seq_length=32768, tp=8)
-    sp = PlanConfig(arch=PRESETS["llama2-70b"], seq_length=32768, tp=8, sequence_parallel=True)
+    tp = plan(PRESETS["llama2-70b"], 32768, tensor_model_parallel_size=8)
+    sp = plan(PRESETS["llama2-70b"], 32768, tensor_model_parallel_size=8, sequence_parallel=True)
     assert memory_breakdown(sp)["activations"] < memory_breakdown(tp)["activations"] / 4
 
 
@@ -104,13 +113,14 @@ def test_block_recompute_sits_between_none_and_full():
     """Block recompute of K of a stage's L layers: K layers keep their input, L - K everything;
     the recompute FLOPs are K/L of full's."""
     arch = PRESETS["llama2-7b"]
-    base = dict(arch=arch, seq_length=32768, tp=8, sequence_parallel=True)
-    full = PlanConfig(**base, recompute="full")
-    none = PlanConfig(**base, recompute="none")
-    assert memory_breakdown(PlanConfig(**base, recompute="full", recompute_layers=32)) == \
+    base = dict(arch=arch, seq_length=32768, tensor_model_parallel_size=8,
+                sequence_parallel=True)
+    full = plan(**base, recompute="full")
+    none = plan(**base, recompute="none")
+    assert memory_breakdown(plan(**base, recompute="full", recompute_layers=32)) == \
         memory_breakdown(full)
     repeat = (lambda c: step_flops(c)["hardware"] - step_flops(c)["model"])
-    totals = [memory_breakdown(PlanConfig(**base, recompute="full", recompute_layers=k))["total"]
+    totals = [memory_breakdown(plan(**base, recompute="full", recompute_layers=k))["total"]
               for k in (8, 16, 24)]
     assert memory_breakdown(none)["total"] > totals[0] > totals[1] > totals[2] > \
         memory_breakdown(full)["total"]
@@ -118,19 +128,69 @@ def test_block_recompute_sits_between_none_and_full():
     layer = sum(layer_activation_bytes(full).values())
     checkpoint = 2 * 32768 * 4096 / 8
     assert totals[0] - totals[1] == pytest.approx(8 * (layer - checkpoint))
-    block = PlanConfig(**base, recompute="full", recompute_layers=8)
+    block = plan(**base, recompute="full", recompute_layers=8)
     assert repeat(block) == pytest.approx(repeat(full) / 4)
-    with pytest.raises(MegalongError, match="recompute_layers needs recompute full"):
-        PlanConfig(**base, recompute="none", recompute_layers=4)
-    with pytest.raises(MegalongError, match="recompute_layers needs"):
-        PlanConfig(**base, recompute="full", recompute_layers=33)
+    with pytest.raises(MegalongError, match="recompute_method block needs recompute_granularity "
+                                            "full and recompute_num_layers in 1..32"):
+        plan(**base, recompute="none", recompute_layers=4)
+    with pytest.raises(MegalongError, match="recompute_method block needs .* got "
+                                            "recompute_granularity full, recompute_num_layers 33"):
+        plan(**base, recompute="full", recompute_layers=33)
 
 
 def test_bad_configs_raise_clear_errors():
     with pytest.raises(MegalongError, match="tp 3 must divide"):
-        PlanConfig(arch=PRESETS["llama2-70b"], seq_length=4096, tp=3)
+        plan(PRESETS["llama2-70b"], 4096, tensor_model_parallel_size=3)
     with pytest.raises(MegalongError, match="recompute must be one of"):
-        PlanConfig(arch=SMALL, seq_length=256, recompute="some")
+        plan(SMALL, 256, recompute="some")
+    job = JobConfig().with_flags(seq_length=256)
+    with pytest.raises(MegalongError, match="recompute_granularity must be full, selective or"):
+        PlanConfig(SMALL, job.with_flags(recompute_granularity="some"))
+    with pytest.raises(MegalongError, match="selective recompute of core_attn only"):
+        PlanConfig(SMALL, job.with_flags(recompute_granularity="selective",
+                                         recompute_modules=("core_attn", "mlp")))
+    with pytest.raises(MegalongError, match="--lora-rank must be >= 1"):
+        PlanConfig(SMALL, job.with_flags(lora_rank=0))
+    with pytest.raises(MegalongError, match="not a multiple of group size"):
+        PlanConfig(SMALL, job.with_flags(seq_length=250))  # G = 62 does not divide N
+    with pytest.raises(TypeError, match="no job setting named tp"):
+        job.with_flags(tp=2)
+
+
+def test_plan_reads_the_job_configuration():
+    """The planner's facts are the job's settings, under training's flag names: parallel sizes,
+    micro batch, precision, recompute (granularity, method, layers), LoRA (rank, targets,
+    trainable extras, full fine-tuning), attention and loss chunks."""
+    argv = ["--seq-length", "4096", "--tensor-model-parallel-size", "2",
+            "--pipeline-model-parallel-size", "2", "--context-parallel-size", "2",
+            "--sequence-parallel", "--micro-batch-size", "2", "--bf16",
+            "--recompute-granularity", "full", "--recompute-method", "block",
+            "--recompute-num-layers", "1", "--lora-rank", "4", "--lora-targets", "q,v,fc2",
+            "--trainable-params", "norm", "--group-size", "1024", "--loss-chunk-tokens", "512"]
+    job = JobConfig.from_args(JobConfig.parser().parse_args(argv))
+    cfg = PlanConfig(SMALL, job)
+    assert (cfg.seq_length, cfg.tokens, cfg.stage_layers, cfg.group_size) == (4096, 4096, 1, 1024)
+    assert (cfg.recompute, cfg.recomputed_layers, cfg.recompute_label) == ("full", 1, "block 1")
+    assert cfg.adapted_parts == ("q", "v", "down") and cfg.param_bytes == 2
+    assert cfg.padded_vocab == 1024
+    # Uniform full recompute: every layer of the stage; none and selective: none recomputed.
+    uniform = PlanConfig(SMALL, job.with_flags(recompute_method="uniform"))
+    assert (uniform.recomputed_layers, uniform.recompute_label) == (1, "full")
+    for flags, label in ((recompute_flags("none"), "none"),
+                         (recompute_flags("selective"), "selective")):
+        other = PlanConfig(SMALL, job.with_flags(**flags))
+        assert (other.recompute_label, other.recomputed_layers) == (label, 0)
+    # Each fact moves the plan the way its flag says.
+    counts = parameter_counts(cfg)
+    plain = parameter_counts(PlanConfig(SMALL, job.with_flags(trainable_params=())))
+    # pp = 2, one layer a stage: the last stage's norms (2 x 64 + the final 64) stop training.
+    assert counts["trainable"] - plain["trainable"] == 2 * 64 + 64
+    # Rank 4 on q, v (column: B split over TP 2) and down (row: A split): q 4*64 + 64*4/2,
+    # v 4*64 + 32*4/2, down 4*160/2 + 64*4.
+    assert counts["adapters"] == (256 + 128) + (256 + 64) + (320 + 256)
+    assert step_flops(cfg)["per_gpu_model"] == step_flops(cfg)["model"] / 8
+    full = PlanConfig(SMALL, job.with_flags(full_finetune=True))
+    assert full.adapted_parts == () and adapter_params(full, per_rank=True) == 0
 
 
 def test_cli_table_and_errors():
@@ -180,9 +240,9 @@ def test_estimate_within_15_percent_of_measured_peak(arm, recompute, chunk, bloc
                                                           "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])["tensor_peak"]
-    cfg = PlanConfig(arch=LlamaArch(256, 4, 4, 2, 704, 8000), seq_length=seq_length, bf16=False,
-                     recompute=recompute, full_finetune=arm == "megalong-fft", gpu=False,
-                     loss_chunk_tokens=chunk, recompute_layers=block,
-                     attention="full" if arm == "megalong-dense" else "s2")
+    cfg = plan(LlamaArch(256, 4, 4, 2, 704, 8000), seq_length, bf16=False,
+               recompute=recompute, full_finetune=arm == "megalong-fft", gpu=False,
+               loss_chunk_tokens=chunk, recompute_layers=block,
+               attention="full" if arm == "megalong-dense" else "s2")
     estimate = memory_breakdown(cfg)["total"]
     assert abs(estimate - measured) <= 0.15 * measured, (estimate, measured)

@@ -20,9 +20,11 @@ import itertools
 import sys
 
 from megalong.config.arch import PRESETS
+from megalong.config.job import JobConfig
 from megalong.config.model import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError, run_cli
-from megalong.plan import GIB, RECOMPUTE, PlanConfig, memory_breakdown, step_flops
+from megalong.plan import (GIB, RECOMPUTE, PlanConfig, memory_breakdown, recompute_flags,
+                           step_flops)
 
 
 
@@ -77,17 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args, **changes) -> PlanConfig:
-    values = dict(arch=PRESETS[args.model], seq_length=args.seq_length,
-                  micro_batch_size=args.micro_batch_size, tp=args.tp, cp=args.cp, pp=args.pp,
-                  recompute=args.recompute, recompute_layers=args.recompute_layers,
-                  lora_rank=args.lora_rank,
-                  full_finetune=args.full_finetune, bf16=args.bf16, attention=args.attention,
-                  group_size_ratio=args.group_size_ratio,
-                  sequence_parallel=args.sequence_parallel,
-                  loss_chunk_tokens=args.loss_chunk_tokens, gpu=not args.cpu)
-    values.update(changes)
-    return PlanConfig(**values)
+def job_from_args(args) -> JobConfig:
+    """The training job these flags describe, under training's flag names (--tp is
+    --tensor-model-parallel-size, --recompute full --recompute-layers K is --recompute-granularity
+    full --recompute-method block --recompute-num-layers K, ...)."""
+    return JobConfig().with_flags(
+        seq_length=args.seq_length, attention=args.attention,
+        group_size_ratio=args.group_size_ratio,
+        tensor_model_parallel_size=args.tp, context_parallel_size=args.cp,
+        pipeline_model_parallel_size=args.pp, sequence_parallel=args.sequence_parallel,
+        micro_batch_size=args.micro_batch_size, bf16=args.bf16,
+        loss_chunk_tokens=args.loss_chunk_tokens,
+        **recompute_flags(args.recompute, args.recompute_layers),
+        lora_rank=args.lora_rank, full_finetune=args.full_finetune)
+
+
+def config_from_args(args, **flags) -> PlanConfig:
+    """The plan of these flags' job, `flags` (the job's setting names) changing it."""
+    return PlanConfig(PRESETS[args.model], job_from_args(args).with_flags(**flags),
+                      gpu=not args.cpu)
 
 
 def _gib(n: float) -> str:
@@ -102,14 +112,16 @@ def describe(cfg: PlanConfig, args) -> str:
     gpu_gib = args.gpu_memory_gib
     mem = memory_breakdown(cfg)
     flops = step_flops(cfg)
-    layout = (f"TP={cfg.tp} CP={cfg.cp} PP={cfg.pp}{' SP' if cfg.sequence_parallel else ''}, "
-              f"micro-batch {cfg.micro_batch_size}, {'bf16' if cfg.bf16 else 'fp32'}, "
-              f"{'full fine-tuning' if cfg.full_finetune else f'LoRA+ r={cfg.lora_rank}'}, "
-              f"{'S²-Attn G=' + str(cfg.group_size) if cfg.attention == 's2' else 'dense attention'}, "
+    parallel, training, lora = cfg.parallel, cfg.training, cfg.lora
+    layout = (f"{_layout(cfg)}{' SP' if parallel.sequence_parallel else ''}, "
+              f"micro-batch {training.micro_batch_size}, {'bf16' if training.bf16 else 'fp32'}, "
+              f"{'full fine-tuning' if lora.full_finetune else f'LoRA+ r={lora.lora_rank}'}, "
+              f"{'S²-Attn G=' + str(cfg.group_size) if cfg.model.attention == 's2' else 'dense attention'}, "
               f"recompute {cfg.recompute_label}")
     rows = [("weights", mem["weights"]), ("LoRA adapters", mem["adapters"]),
             ("gradients (fp32 buffer)", mem["gradients"]),
-            ("optimizer state (Adam" + (" + fp32 master)" if cfg.bf16 else ")"), mem["optimizer"]),
+            ("optimizer state (Adam" + (" + fp32 master)" if training.bf16 else ")"),
+             mem["optimizer"]),
             (f"activations (recompute {cfg.recompute_label})", mem["activations"]),
             ("  of which attention workspace", mem["attention_workspace"]),
             ("**total per GPU**", mem["total"])]
@@ -137,19 +149,26 @@ def layouts(args, gpus: int):
         if tp * cp * pp != gpus:
             continue
         try:  # PlanConfig refuses a tp, cp or pp that does not divide the model
-            base = config_from_args(args, tp=tp, cp=cp, pp=pp, recompute="none",
-                                    recompute_layers=None,
-                                    sequence_parallel=tp > 1)
+            base = config_from_args(args, tensor_model_parallel_size=tp,
+                                    context_parallel_size=cp, pipeline_model_parallel_size=pp,
+                                    sequence_parallel=tp > 1, **recompute_flags("none"))
         except MegalongError:
             continue
-        if base.attention == "s2" and (base.seq_length // cp) % (base.group_size // 2):
+        if base.model.attention == "s2" and (base.seq_length // cp) % (base.group_size // 2):
             continue  # a CP slice must be a multiple of G/2 (DESIGN.md §6)
         blocks = sorted({base.stage_layers * q // 4 for q in (1, 2, 3)} - {0})
         choices = [(r, None) for r in RECOMPUTE] + [("full", k) for k in blocks]
         for recompute, block in choices:
-            cfg = dataclasses.replace(base, recompute=recompute, recompute_layers=block)
+            cfg = dataclasses.replace(base, job=base.job.with_flags(
+                **recompute_flags(recompute, block)))
             found.append((cfg, memory_breakdown(cfg)["total"]))
     return found
+
+
+def _layout(cfg: PlanConfig) -> str:
+    parallel = cfg.parallel
+    return (f"TP={parallel.tensor_model_parallel_size} CP={parallel.context_parallel_size} "
+            f"PP={parallel.pipeline_model_parallel_size}")
 
 
 def _divisors(n: int):
@@ -165,15 +184,18 @@ def _recompute_flops(cfg: PlanConfig) -> float:
 def search(args, gpus: int) -> str:
     rows = layouts(args, gpus)
     limit = usable_bytes(args)
-    rows.sort(key=lambda r: (r[1] > limit, _recompute_flops(r[0]), r[0].pp, r[1]))
+    rows.sort(key=lambda r: (r[1] > limit, _recompute_flops(r[0]),
+                             r[0].parallel.pipeline_model_parallel_size, r[1]))
     lines = [f"{args.model}, N = {args.seq_length}, {gpus} GPUs of {args.gpu_memory_gib:g} GiB, "
              f"at most {_gib(limit)} GiB planned (SP with TP > 1; cheapest first: least "
              f"recompute FLOPs, then fewer pipeline stages, then memory)", "",
              "| TP | CP | PP | recompute | GiB per GPU | fits |",
              "|---:|---:|---:|---|---:|---|"]
     for cfg, total in rows:
-        lines.append(f"| {cfg.tp} | {cfg.cp} | {cfg.pp} | {cfg.recompute_label} | {_gib(total)} "
-                     f"| {'yes' if total <= limit else 'no'} |")
+        parallel = cfg.parallel
+        lines.append(f"| {parallel.tensor_model_parallel_size} | {parallel.context_parallel_size} "
+                     f"| {parallel.pipeline_model_parallel_size} | {cfg.recompute_label} "
+                     f"| {_gib(total)} | {'yes' if total <= limit else 'no'} |")
     return "\n".join(lines)
 
 
@@ -186,12 +208,15 @@ def table(args) -> str:
     for model, length in itertools.product(TABLE_MODELS, TABLE_LENGTHS):
         args.model, args.seq_length = model, length
         rows = [r for r in layouts(args, 8) if r[1] <= limit]
-        rows.sort(key=lambda r: (_recompute_flops(r[0]), r[0].pp, r[1]))
-        tp8 = config_from_args(args, tp=8, cp=1, pp=1, recompute="full", sequence_parallel=True)
+        rows.sort(key=lambda r: (_recompute_flops(r[0]),
+                                 r[0].parallel.pipeline_model_parallel_size, r[1]))
+        tp8 = config_from_args(args, tensor_model_parallel_size=8, context_parallel_size=1,
+                               pipeline_model_parallel_size=1, sequence_parallel=True,
+                               **recompute_flags("full", args.recompute_layers))
         flops = step_flops(tp8)["model"] / 1e12
         if rows:
             cfg, total = rows[0]
-            best = f"TP={cfg.tp} CP={cfg.cp} PP={cfg.pp} | {cfg.recompute_label} | {_gib(total)}"
+            best = f"{_layout(cfg)} | {cfg.recompute_label} | {_gib(total)}"
         else:
             best = "none fits | – | –"
         lines.append(f"| {model} | {length:,} | {best} | {_gib(memory_breakdown(tp8)['total'])} "

@@ -1,7 +1,8 @@
 """One training job: a config per concern, parsed from flags once, validated across concerns.
 
     job = JobConfig.from_args(JobConfig.parser().parse_args(argv)).resolved(world_size, arch)
-    build_trainer(job)          # or JobConfig(model=ModelConfig(...), ...) from Python
+    build_trainer(job)          # or JobConfig(model=ModelConfig(...), ...) from Python,
+                                # or JobConfig().with_flags(seq_length=8192, bf16=True, ...)
 """
 
 import argparse
@@ -50,6 +51,22 @@ class JobConfig:
 
     def replace(self, **concerns) -> "JobConfig":
         return dataclasses.replace(self, **concerns)
+
+    def with_flags(self, **flags) -> "JobConfig":
+        """This job with settings changed by their flags' names (the concerns' field names, as
+        flags() lists them), each in its own concern:
+        JobConfig().with_flags(seq_length=32768, tensor_model_parallel_size=8, bf16=True)."""
+        changes, known = {}, set()
+        for concern, cls in _CONCERNS:
+            names = {f.name for f in dataclasses.fields(cls)}
+            known |= names
+            mine = {name: value for name, value in flags.items() if name in names}
+            if mine:
+                changes[concern] = dataclasses.replace(getattr(self, concern), **mine)
+        unknown = sorted(set(flags) - known)
+        if unknown:
+            raise TypeError(f"no job setting named {', '.join(unknown)}")
+        return self.replace(**changes)
 
     def resolved(self, world_size: int, arch: LlamaArch, *, with_data: bool = True) -> "JobConfig":
         """Every check that needs no torch, across concerns; returns the job with its defaults

@@ -13,10 +13,9 @@ from megalong import runtime
 from megalong.atomic import atomic_directory, check_out_dir
 from megalong.build import load_model
 from megalong.checkpoint import save_checkpoint
-from megalong.config.arch import VOCAB_DIVISIBLE_BY, LlamaArch
+from megalong.config.arch import VOCAB_DIVISIBLE_BY, LlamaArch, validate_tp
 from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata
-from megalong.config.hf_config import (arch_from_hf_config, hf_config_from_arch, read_hf_dir_config,
-                                       validate_tp)
+from megalong.config.hf_config import arch_from_hf_config, hf_config_from_arch, read_hf_dir_config
 from megalong.config.lora import LoraOptions, lora_metadata
 from megalong.config.model import default_interpolation_factor
 from megalong.config.parallel import ParallelConfig

@@ -27,7 +27,6 @@ from megalong.config.training import TrainingConfig
 from megalong.errors import MegalongError
 
 
-
 # The recompute choices the planner tells apart (recompute_flags: as training's flags).
 RECOMPUTE = ("full", "selective", "none")
 GIB = 2**30

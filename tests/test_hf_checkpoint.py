@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megalong.convert.hf_checkpoint import HFCheckpointReader, write_hf_checkpoint
-from megalong.config.hf_config import arch_from_hf_config, hf_config_from_arch, validate_tp
+from megalong.config.arch import validate_tp
+from megalong.config.hf_config import arch_from_hf_config, hf_config_from_arch
 from megalong.config.arch import padded_vocab_size
 from megalong.convert.layouts import hf_to_megatron, megatron_to_hf
 from megalong.errors import MegalongError

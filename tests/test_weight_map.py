@@ -6,6 +6,7 @@ import pytest
 
 from megalong.config import weight_map
 from megalong.config.arch import LlamaArch
+from megalong.config.parallel import ParallelConfig
 from megalong.spawn import run_on_ranks
 
 # GQA, vocab divisible neither by 2 nor by 128.

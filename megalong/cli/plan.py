@@ -23,8 +23,8 @@ from megalong.config.arch import PRESETS
 from megalong.config.job import JobConfig
 from megalong.config.model import LOSS_CHUNK_TOKENS
 from megalong.errors import MegalongError, run_cli
-from megalong.plan import (GIB, RECOMPUTE, PlanConfig, memory_breakdown, recompute_flags,
-                           step_flops)
+from megalong.plan import GIB, RECOMPUTE, PlanConfig, memory_breakdown, recompute_flags, step_flops
+
 
 
 

@@ -1,8 +1,10 @@
 """Llama-family architecture descriptions (torch-free, so CLIs can validate before importing torch)."""
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+from megalong.errors import MegalongError
 
 VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 
@@ -66,6 +68,26 @@ def padded_vocab_size(vocab: int, divisible_by: int = VOCAB_DIVISIBLE_BY, tp: in
     divisible_by * tp, so every TP rank holds an equal share of the embedding and lm_head."""
     multiple = divisible_by * tp
     return -(-vocab // multiple) * multiple
+
+
+def validate_tp(arch: LlamaArch, tp: int, pp: int) -> None:
+    """Raise MegalongError unless the model splits over tensor-parallel `tp` and pipeline-parallel `pp`."""
+    tp_dims = {
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_kv_heads,
+        "intermediate_size": arch.ffn_hidden_size,
+    }
+    bad = {name: n for name, n in tp_dims.items() if tp < 1 or n % tp}
+    if bad:
+        common = math.gcd(*tp_dims.values())
+        valid = [t for t in range(1, common + 1) if common % t == 0]
+        numbers = ", ".join(f"{name} {n}" for name, n in bad.items())
+        raise MegalongError(f"tensor-model-parallel-size {tp} does not divide {numbers}; use one of {valid}")
+    if pp < 1 or arch.num_layers % pp:
+        valid = [p for p in range(1, arch.num_layers + 1) if arch.num_layers % p == 0]
+        raise MegalongError(
+            f"pipeline-model-parallel-size {pp} does not divide num_hidden_layers {arch.num_layers}; use one of {valid}"
+        )
 
 
 PRESETS = {

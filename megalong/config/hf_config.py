@@ -171,26 +171,6 @@ def hf_config_from_arch(
     return config
 
 
-def validate_tp(arch: LlamaArch, tp: int, pp: int) -> None:
-    """Raise MegalongError unless the model splits over tensor-parallel `tp` and pipeline-parallel `pp`."""
-    tp_dims = {
-        "num_attention_heads": arch.num_attention_heads,
-        "num_key_value_heads": arch.num_kv_heads,
-        "intermediate_size": arch.ffn_hidden_size,
-    }
-    bad = {name: n for name, n in tp_dims.items() if tp < 1 or n % tp}
-    if bad:
-        common = math.gcd(*tp_dims.values())
-        valid = [t for t in range(1, common + 1) if common % t == 0]
-        numbers = ", ".join(f"{name} {n}" for name, n in bad.items())
-        raise MegalongError(f"tensor-model-parallel-size {tp} does not divide {numbers}; use one of {valid}")
-    if pp < 1 or arch.num_layers % pp:
-        valid = [p for p in range(1, arch.num_layers + 1) if arch.num_layers % p == 0]
-        raise MegalongError(
-            f"pipeline-model-parallel-size {pp} does not divide num_hidden_layers {arch.num_layers}; use one of {valid}"
-        )
-
-
 def read_hf_dir_config(hf_dir: str, flag: str = "--hf-dir") -> tuple[dict, str]:
     """(config.json of an HF model directory, its path), with the error naming the flag."""
     if not os.path.isdir(hf_dir):

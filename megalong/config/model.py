@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megalong.config._fields import from_namespace
-from megalong.config.arch import PRESETS, LlamaArch
-from megalong.config.hf_config import validate_tp
+from megalong.config.arch import PRESETS, LlamaArch, validate_tp
 from megalong.device_policy import cuda_possible
 from megalong.errors import MegalongError
 

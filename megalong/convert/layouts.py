@@ -10,8 +10,7 @@ from typing import Callable, Iterator
 import torch
 
 from megalong.config import weight_map
-from megalong.config.arch import LlamaArch
-from megalong.config.hf_config import validate_tp
+from megalong.config.arch import LlamaArch, validate_tp
 from megalong.config.weight_map import at
 from megalong.errors import MegalongError
 

@@ -237,7 +237,12 @@ def test_bad_inputs_fail_in_one_line_and_leave_nothing(lora_ckpt, exported, tiny
     base_ckpt = tmp_path / "base_ckpt"
     (base_ckpt / "iter_0000000").mkdir(parents=True)
     (base_ckpt / "latest_checkpointed_iteration.txt").write_text("0")
-    (base_ckpt / "iter_0000000" / "megalong.json").write_text(json.dumps({"arch": {}}))
+    # Only its metadata is read before the error: a base model's, without adapters.
+    from megalong.config.arch import PRESETS
+    from megalong.config.checkpoint import CheckpointMetadata
+
+    metadata = CheckpointMetadata(arch=PRESETS["tiny"], padded_vocab_size=1024, seq_length=64)
+    (base_ckpt / "iter_0000000" / "megalong.json").write_text(json.dumps(metadata.to_json()))
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("user data")

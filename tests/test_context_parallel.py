@@ -221,7 +221,8 @@ def run_layouts(ckpt, layouts):
     from megalong.checkpoint import load_checkpoint
     from megalong.config.checkpoint import read_metadata
     from megalong.config.job import JobConfig
-    from megalong.model.forward import full_logits, run_microbatches
+    from megalong.model.forward import run_microbatches
+    from model_logits import full_logits
     from megalong.model.llama import ModelOptions, build_llama
     from megalong.training.setup import wrap_data_parallel
 

@@ -37,7 +37,7 @@ def logits_from_checkpoint(load, tokens, layouts):
     from megalong import runtime
     from megalong.checkpoint import load_checkpoint
     from megalong.config.checkpoint import read_metadata
-    from megalong.model.forward import full_logits
+    from model_logits import full_logits
     from megalong.model.llama import ModelOptions, build_llama
 
     meta = read_metadata(load)

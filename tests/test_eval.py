@@ -197,7 +197,7 @@ def eval_checks(sources, tokens, prompt, max_new_tokens, eos_id, sample=False):
     from megalong.eval.generate import Sampling, _last_logits, generate_one
     from megalong.eval.runs import build_eval_model, init_eval_runtime
     from megalong.eval.perplexity import evaluate_perplexity
-    from megalong.model.forward import full_logits
+    from model_logits import full_logits
     from megatron.core.inference.contexts import StaticInferenceContext
 
     results = []

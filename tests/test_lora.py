@@ -157,7 +157,7 @@ def tp_layout_checks(hf_dir, tokens, checkpoint_root):
     from megalong.config.checkpoint import CheckpointMetadata
     from megalong.lora.apply import (LoraOptions, add_lora, describe_trainable, init_lora,
                                      iter_adapters, merge_lora, set_trainable)
-    from megalong.model.forward import full_logits
+    from model_logits import full_logits
 
     options = LoraOptions(rank=4, alpha=12.0, parts=ALL_PARTS)
     results = {}
@@ -313,7 +313,7 @@ def te_vs_local():
     from megalong.convert.layouts import local_to_te_key
     from megalong.lora.apply import LoraOptions, add_lora, init_lora
     from megalong.config.arch import PRESETS
-    from megalong.model.forward import full_logits
+    from model_logits import full_logits
     from megalong.model.llama import ModelOptions, build_llama
 
     runtime.init_distributed(ParallelConfig())

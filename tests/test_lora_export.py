@@ -38,7 +38,7 @@ def make_lora_checkpoint(hf_dir, root, tokens):
     from megalong.convert.layouts import tp_shard
     from megalong.convert.model_io import load_hf_weights
     from megalong.lora.apply import LoraOptions, add_lora, init_lora, is_norm_param, lora_metadata
-    from megalong.model.forward import full_logits
+    from model_logits import full_logits
     from megalong.model.llama import ModelOptions, build_llama
 
     tp = 2
@@ -74,7 +74,7 @@ def lora_checkpoint_logits(loads, tokens):
     from megalong.checkpoint import load_checkpoint
     from megalong.config.checkpoint import read_metadata
     from megalong.lora.apply import LoraOptions, add_lora
-    from megalong.model.forward import full_logits
+    from model_logits import full_logits
     from megalong.model.llama import ModelOptions, build_llama
 
     runtime.init_distributed(ParallelConfig())

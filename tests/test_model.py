@@ -35,7 +35,7 @@ def megatron_logits_for_layouts(hf_dir, tokens, layouts):
     from megalong.config.hf_config import arch_from_hf_config
     from megalong.config.arch import padded_vocab_size
     from megalong.convert.model_io import load_hf_weights
-    from megalong.model.forward import full_logits
+    from model_logits import full_logits
     from megalong.model.llama import ModelOptions, build_llama
 
     results = []

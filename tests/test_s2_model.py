@@ -34,7 +34,8 @@ def s2_loss_grads_and_eval_logits(hf_dir, tokens, tp):
     from megalong.config.hf_config import arch_from_hf_config
     from megalong.config.arch import padded_vocab_size
     from megalong.convert.model_io import load_hf_weights
-    from megalong.model.forward import full_logits, run_microbatches
+    from megalong.model.forward import run_microbatches
+    from model_logits import full_logits
     from megalong.model.llama import ModelOptions, build_llama
 
     runtime.init_distributed(ParallelConfig(tensor_model_parallel_size=tp))

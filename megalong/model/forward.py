@@ -4,7 +4,6 @@ works at any TP/PP. Per-token loss: the loss is a sum over tokens with its token
 from functools import partial
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -69,11 +68,3 @@ def run_microbatches(model_chunks, microbatches, *, forward_only: bool, mode: st
         forward_only=forward_only,
     )
 
-
-def full_logits(model, tokens: torch.Tensor):
-    """Logits [b, s, vocab] gathered over TP on the last pipeline stage, else None."""
-    with torch.no_grad():
-        outputs = run_microbatches(model, [{"tokens": tokens}], forward_only=True, mode="logits")
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    return outputs[0]["logits"]

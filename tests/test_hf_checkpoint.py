@@ -289,7 +289,7 @@ def test_head_dim_override():
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"model_type": "mistral"}, "odd/config.json: model_type 'mistral' is not supported"),
+        ({"model_type": "gemma"}, "odd/config.json: model_type 'gemma' is not supported"),
         ({"architectures": ["LlamaForSequenceClassification"]}, "do not include LlamaForCausalLM"),
         ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
         ({"rope_scaling": {"type": "dynamic", "factor": 4.0}}, "rope type 'dynamic' is not supported"),

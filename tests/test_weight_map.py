@@ -51,8 +51,11 @@ def test_derived_names():
     assert weight_map.PART_TO_HF_MODULE["gate"] == "gate_proj"
     assert peft_io.factor_key(3, "o", "A") == \
         "base_model.model.model.layers.3.self_attn.o_proj.lora_A.weight"
+    # Qwen3's q/k norms are in the "norm" group (LongLoRA's substring rule; PEFT's modules_to_save
+    # matches "norm" as a name suffix anyway).
     assert peft.EXTRA_MODULES == {"embed": ("embed_tokens",),
-                                     "norm": ("input_layernorm", "post_attention_layernorm", "norm")}
+                                  "norm": ("q_norm", "k_norm", "input_layernorm",
+                                           "post_attention_layernorm", "norm")}
     assert NORM_KEYS_TO_TE == {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
     assert weight_map.te_key("decoder.layers.1.pre_mlp_layernorm.weight") == \

@@ -4,7 +4,7 @@ import math
 import os
 from typing import Optional
 
-from megalong.config.arch import LlamaArch
+from megalong.config.arch import FAMILIES, LlamaArch
 from megalong.config.model import check_interpolation_factor
 from megalong.errors import MegalongError
 from megalong.records import read_json_object
@@ -18,17 +18,62 @@ from megalong.records import read_json_object
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def arch_from_hf_config(cfg: dict, source: str) -> tuple[LlamaArch, Optional[float]]:
-    """(arch, linear interpolation factor or None) from a config.json dict read from `source`."""
+_SUPPORTED_TYPES = ", ".join(FAMILIES)
+# Mixture-of-experts keys of transformers' MoE configs (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek).
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _family(cfg: dict, source: str):
     model_type = cfg.get("model_type")
     architectures = cfg.get("architectures") or []
-    if model_type != "llama" and not (model_type is None and "LlamaForCausalLM" in architectures):
+    if model_type is None:  # an old config.json: the class names the family
+        model_type = next((f.model_type for f in FAMILIES.values() if f.architecture in architectures), None)
+    if model_type not in FAMILIES:
         raise MegalongError(
-            f"{source}: model_type {model_type!r} is not supported; megalong converts Llama models (model_type 'llama')"
+            f"{source}: model_type {model_type!r} is not supported; megalong converts model_type "
+            f"{_SUPPORTED_TYPES}"
         )
-    if architectures and "LlamaForCausalLM" not in architectures:
-        raise MegalongError(f"{source}: architectures {architectures} do not include LlamaForCausalLM")
-    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+    family = FAMILIES[model_type]
+    if architectures and family.architecture not in architectures:
+        raise MegalongError(f"{source}: architectures {architectures} do not include {family.architecture}")
+    for key in _MOE_KEYS:
+        if cfg.get(key):
+            raise MegalongError(
+                f"{source}: {key} is {cfg[key]!r}; megalong supports dense models only ({key} absent or 0)"
+            )
+    return family
+
+
+def _sliding_window(cfg: dict, family, num_layers: int, source: str) -> Optional[int]:
+    """The sliding window transformers applies for this config, or None when no layer slides.
+    Mistral slides whenever sliding_window is set (4096 when absent); Qwen2/Qwen3 only with
+    use_sliding_window, on the layers layer_types (or max_window_layers) name."""
+    if family.model_type == "mistral":
+        window = cfg.get("sliding_window", family.default_sliding_window)
+    elif family.model_type in ("qwen2", "qwen3"):
+        window = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window", False) else None
+        layer_types = cfg.get("layer_types")
+        if window is not None and layer_types is None:
+            sliding = num_layers > cfg.get("max_window_layers", 28)
+        else:
+            sliding = window is not None and "sliding_attention" in (layer_types or ())
+        window = window if sliding else None
+    else:
+        window = None
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise MegalongError(f"{source}: sliding_window must be null or a positive integer, got {window!r}")
+    return window
+
+
+def arch_from_hf_config(cfg: dict, source: str) -> tuple[LlamaArch, Optional[float]]:
+    """(arch, linear interpolation factor or None) from a config.json dict read from `source`."""
+    family = _family(cfg, source)
+    checks = [("hidden_act", "silu")]
+    if family.model_type in ("llama", "qwen3"):
+        checks.append(("attention_bias", False))
+    if family.model_type == "llama":
+        checks.append(("mlp_bias", False))
+    for key, want in checks:
         if cfg.get(key, want) != want:
             raise MegalongError(f"{source}: {key} is {cfg[key]!r}; megalong supports only {want!r}")
 
@@ -41,7 +86,7 @@ def arch_from_hf_config(cfg: dict, source: str) -> tuple[LlamaArch, Optional[flo
     hidden = positive_int("hidden_size")
     heads = positive_int("num_attention_heads")
     kv_heads = positive_int("num_key_value_heads", heads)
-    head_dim = cfg.get("head_dim")
+    head_dim = cfg.get("head_dim", family.default_head_dim)
     if head_dim is not None:
         head_dim = positive_int("head_dim")
     if heads % kv_heads:
@@ -65,9 +110,10 @@ def arch_from_hf_config(cfg: dict, source: str) -> tuple[LlamaArch, Optional[flo
             f"{source}: rope type {rope_type!r} is not supported; megalong supports default, linear and llama3 RoPE"
         )
 
+    num_layers = positive_int("num_hidden_layers")
     arch = LlamaArch(
         hidden_size=hidden,
-        num_layers=positive_int("num_hidden_layers"),
+        num_layers=num_layers,
         num_attention_heads=heads,
         num_kv_heads=kv_heads,
         ffn_hidden_size=positive_int("intermediate_size"),
@@ -78,6 +124,8 @@ def arch_from_hf_config(cfg: dict, source: str) -> tuple[LlamaArch, Optional[flo
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         llama3_rope=llama3_rope,
         head_dim_override=head_dim if head_dim is not None and head_dim * heads != hidden else None,
+        family=family.model_type,
+        sliding_window=_sliding_window(cfg, family, num_layers, source),
     )
     return arch, interpolation
 
@@ -121,7 +169,8 @@ def hf_config_from_arch(
     torch_dtype: str = "float32",
     base_config: Optional[dict] = None,
 ) -> dict:
-    """A LlamaForCausalLM config.json dict readable by transformers 4.x, 5.x and vLLM.
+    """A config.json dict of the arch's family (LlamaForCausalLM, MistralForCausalLM, ...) readable
+    by transformers 4.x, 5.x and vLLM.
 
     max_position_embeddings stays at the original length; linear interpolation is recorded both
     as `rope_scaling` + top-level `rope_theta` (4.x, vLLM) and as `rope_parameters` (5.x).
@@ -143,9 +192,10 @@ def hf_config_from_arch(
     else:
         rope_scaling, rope_parameters = None, {"rope_type": "default", "rope_theta": theta}
 
+    family = FAMILIES[arch.family]
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "hidden_size": arch.hidden_size,
         "intermediate_size": arch.ffn_hidden_size,
         "num_hidden_layers": arch.num_layers,
@@ -158,13 +208,22 @@ def hf_config_from_arch(
         "rope_theta": theta,
         "rope_scaling": rope_scaling,
         "rope_parameters": rope_parameters,
-        "attention_bias": False,
-        "mlp_bias": False,
         "tie_word_embeddings": arch.tie_word_embeddings,
         "vocab_size": arch.vocab_size,
         "torch_dtype": torch_dtype,
         "use_cache": True,
     }
+    if family.model_type in ("llama", "qwen3"):
+        config["attention_bias"] = False
+    if family.model_type == "llama":
+        config["mlp_bias"] = False
+    if family.model_type == "mistral":  # null: no sliding (MistralConfig's default is 4096)
+        config["sliding_window"] = arch.sliding_window
+    elif family.model_type in ("qwen2", "qwen3"):
+        sliding = arch.sliding_window is not None
+        config.update(use_sliding_window=sliding, sliding_window=arch.sliding_window,
+                      max_window_layers=0 if sliding else arch.num_layers,
+                      layer_types=[("sliding" if sliding else "full") + "_attention"] * arch.num_layers)
     for key in _CARRIED_KEYS:
         if base_config and key in base_config:
             config[key] = base_config[key]

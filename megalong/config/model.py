@@ -86,6 +86,7 @@ class ModelConfig:
         tp = parallel.tensor_model_parallel_size
         validate_tp(arch, tp, parallel.pipeline_model_parallel_size)
         seq_length = self.seq_length_for(arch)
+        arch.check_sliding_window(seq_length, "--seq-length")
         if parallel.sequence_parallel and seq_length % tp:
             raise MegalongError(f"--sequence-parallel: seq-length {seq_length} must be divisible "
                                 f"by tensor-model-parallel-size {tp}")

@@ -40,7 +40,7 @@ class HFTensor:
     @property
     def module(self) -> str:
         """The HF module path: "model.layers.{i}.self_attn.q_proj"."""
-        return self.name[: -len("." + WEIGHT)]
+        return self.name.rsplit(".", 1)[0]
 
     @property
     def module_name(self) -> str:
@@ -58,6 +58,9 @@ class Mapping:
     te: Optional[str] = None  # Transformer-Engine-spec key template, where it differs
     group: Optional[str] = None  # --trainable-params group that trains it whole ("embed", "norm")
     tied_to: Optional[str] = None  # with tied embeddings: the HF tensor it is (not saved itself)
+    # The LlamaArch feature (a bool property: "qkv_bias", "qk_layernorm") without which the
+    # parameter does not exist; None: every family has it.
+    needs: Optional[str] = None
 
     @property
     def per_layer(self) -> bool:
@@ -67,7 +70,10 @@ class Mapping:
     def module(self) -> str:
         """The megatron module path inside a layer (or the model): "self_attention.linear_qkv"."""
         key = self.megatron[len(MEGATRON_LAYER):] if self.per_layer else self.megatron
-        return key[: -len("." + WEIGHT)]
+        return key.rsplit(".", 1)[0]
+
+    def exists(self, arch) -> bool:
+        return self.needs is None or bool(getattr(arch, self.needs))
 
     @property
     def parts(self) -> Tuple[str, ...]:
@@ -78,13 +84,19 @@ def _linear(name: str, out: str, inp: str, part: str) -> HFTensor:
     return HFTensor(HF_LAYER + name + "." + WEIGHT, (out, inp), part)
 
 
-def _norm(name: str) -> HFTensor:
-    return HFTensor(name + "." + WEIGHT, ("hidden_size",))
+def _norm(name: str, size: str = "hidden_size") -> HFTensor:
+    return HFTensor(name + "." + WEIGHT, (size,))
+
+
+def _bias(name: str, out: str) -> HFTensor:
+    return HFTensor(HF_LAYER + name + ".bias", (out,))
 
 
 _EMBED_TOKENS = HFTensor("model.embed_tokens.weight", ("vocab_size", "hidden_size"))
 
-# The table, in HF's tensor order (exports and random models write tensors in this order).
+# The table, in HF's tensor order (exports and random models write tensors in this order; the
+# q/k/v biases come after the weights). Entries with `needs` exist only in the families that have
+# the feature (config/arch.py FAMILIES): Qwen2's q/k/v biases, Qwen3's per-head q/k RMSNorms.
 LLAMA: Tuple[Mapping, ...] = (
     Mapping("embedding.word_embeddings.weight", VOCAB, (_EMBED_TOKENS,), tp_dim=0,
             stage=FIRST_STAGE, group="embed"),
@@ -92,8 +104,20 @@ LLAMA: Tuple[Mapping, ...] = (
             (_linear("self_attn.q_proj", "q_size", "hidden_size", "q"),
              _linear("self_attn.k_proj", "kv_size", "hidden_size", "k"),
              _linear("self_attn.v_proj", "kv_size", "hidden_size", "v")), tp_dim=0),
+    # Interleaved and TP-split like the weight's rows.
+    Mapping(MEGATRON_LAYER + "self_attention.linear_qkv.bias", QKV,
+            (_bias("self_attn.q_proj", "q_size"), _bias("self_attn.k_proj", "kv_size"),
+             _bias("self_attn.v_proj", "kv_size")), tp_dim=0, needs="qkv_bias"),
     Mapping(MEGATRON_LAYER + "self_attention.linear_proj.weight", ONE_TO_ONE,
             (_linear("self_attn.o_proj", "hidden_size", "q_size", "o"),), tp_dim=1),
+    # Replicated over TP (every rank normalises its own heads with the same weight); megatron's
+    # finalize_model_grads sums their gradients over TP when TransformerConfig.qk_layernorm.
+    Mapping(MEGATRON_LAYER + "self_attention.q_layernorm.weight", ONE_TO_ONE,
+            (_norm(HF_LAYER + "self_attn.q_norm", "head_dim"),), tp_dim=None, group="norm",
+            needs="qk_layernorm"),
+    Mapping(MEGATRON_LAYER + "self_attention.k_layernorm.weight", ONE_TO_ONE,
+            (_norm(HF_LAYER + "self_attn.k_norm", "head_dim"),), tp_dim=None, group="norm",
+            needs="qk_layernorm"),
     Mapping(MEGATRON_LAYER + "mlp.linear_fc1.weight", GATED_MLP,
             (_linear("mlp.gate_proj", "ffn_hidden_size", "hidden_size", "gate"),
              _linear("mlp.up_proj", "ffn_hidden_size", "hidden_size", "up")), tp_dim=0),
@@ -203,6 +227,8 @@ def stage_mappings(arch, *, pre_process: bool = True, post_process: bool = True)
     embeddings the output layer exists only on a last stage without the embedding (megatron-core
     keeps its own copy there)."""
     for mapping in LLAMA:
+        if not mapping.exists(arch):
+            continue
         if mapping.stage == FIRST_STAGE and not pre_process:
             continue
         if mapping.stage == LAST_STAGE and not post_process:
@@ -231,7 +257,8 @@ def hf_names(mapping: Mapping, arch) -> Tuple[str, ...]:
 
 
 def hf_tensor_shapes(arch) -> Iterator[Tuple[str, Tuple[int, ...]]]:
-    """(name, shape) of every tensor of an HF LlamaForCausalLM checkpoint, in HF's order."""
+    """(name, shape) of every tensor of an HF checkpoint of `arch` (its family's class), in the
+    table's order."""
     for mapping, layer in placed(arch, range(arch.num_layers)):
         for tensor in mapping.hf:
             yield at(tensor.name, layer), hf_shape(tensor, arch)
@@ -246,15 +273,17 @@ def _name_pattern(template: str):
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
 
 
-_HF_PATTERNS = tuple((_name_pattern(t.name), t) for m in LLAMA for t in m.hf)
+_HF_PATTERNS = tuple((_name_pattern(t.name), t, m) for m in LLAMA for t in m.hf)
 
 
 def hf_tensor_shape(name: str, arch) -> Optional[Tuple[int, ...]]:
     """The shape of an HF tensor of `arch` by name (lm_head included when tied), or None when
     `arch` has no such tensor."""
-    for pattern, tensor in _HF_PATTERNS:
+    for pattern, tensor, mapping in _HF_PATTERNS:
         match = pattern.match(name)
         if match:
+            if not mapping.exists(arch):
+                return None
             if match.groups() and int(match.group(1)) >= arch.num_layers:
                 return None
             return hf_shape(tensor, arch)

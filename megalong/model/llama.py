@@ -64,7 +64,10 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=arch.qkv_bias,  # Qwen2's q/k/v biases
+        # Qwen3's per-head q/k RMSNorm (spec.py fills the slots); it also makes
+        # finalize_model_grads sum the q/k norm gradients over TP (each rank sees its own heads).
+        qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # On GPUs, megatron's own fused SwiGLU (no TE or apex needed): fewer passes over
@@ -102,6 +105,7 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
 
 def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTModel:
     """This rank's pipeline stage of the model (pre/post-process decided by the PP rank)."""
+    arch.check_sliding_window(opts.seq_length)  # every model built: training, eval, conversion
     config = transformer_config(arch, opts)
     num_layers_here = get_num_layers_to_build(config, vp_stage=vp_stage)
     group_size = opts.group_size or opts.seq_length // 4
@@ -111,6 +115,7 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
         group_size=group_size,
         kernel=opts.attention_kernel,
         num_layers_this_stage=num_layers_here,
+        qk_layernorm=arch.qk_layernorm,
     )
     llama3 = arch.llama3_rope
     if llama3 is not None and (

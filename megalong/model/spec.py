@@ -32,8 +32,10 @@ def core_attention_spec(attention: str, group_size, kernel: str) -> ModuleSpec:
     )
 
 
-def local_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
-    """Megatron-core modules only: runs on CPU and GPU."""
+def local_layer_spec(core_attention: ModuleSpec, qk_layernorm: bool = False) -> ModuleSpec:
+    """Megatron-core modules only: runs on CPU and GPU. With `qk_layernorm` (Qwen3) our RMSNorm
+    normalises each q and k head (megatron builds it with the head dim)."""
+    qk_norm = RMSNorm if qk_layernorm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -45,8 +47,8 @@ def local_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=core_attention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -68,7 +70,7 @@ def _te_missing(err: BaseException) -> MegalongError:
         "--transformer-impl local")
 
 
-def te_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
+def te_layer_spec(core_attention: ModuleSpec, qk_layernorm: bool = False) -> ModuleSpec:
     """Transformer Engine linears (norm fused into qkv and fc1); our core attention. The norm
     type reaches TE's fused layernorm-linear through `config.normalization` (megatron-core
     0.16's spec function takes no normalization argument)."""
@@ -83,15 +85,16 @@ def te_layer_spec(core_attention: ModuleSpec) -> ModuleSpec:
         except PACKAGE_LOAD_ERRORS as import_err:
             err = import_err
         raise _te_missing(err)
-    spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+    spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
 
 
 def llama_block_spec(*, impl: str, attention: str, group_size, kernel: str,
-                     num_layers_this_stage: int) -> TransformerBlockSubmodules:
+                     num_layers_this_stage: int, qk_layernorm: bool = False) -> TransformerBlockSubmodules:
     core = core_attention_spec(attention, group_size, kernel)
-    layer = local_layer_spec(core) if impl == "local" else te_layer_spec(core)
+    spec = local_layer_spec if impl == "local" else te_layer_spec
+    layer = spec(core, qk_layernorm)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * num_layers_this_stage, layer_norm=RMSNorm
     )

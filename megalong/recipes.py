@@ -7,16 +7,20 @@ LongLoRA's setups on 8 x 80 GB nodes, LoRA+ with S²-Attn (G = N/4), bf16, full 
   llama2-7b 100k : TP=8 with sequence parallel (beyond 64k the activations need the whole node)
   llama2-13b 32k : TP=4 with sequence parallel
   llama2-70b 32k : TP=8 with sequence parallel; PP = NNODES across nodes
+  mistral-7b, qwen2.5-7b, qwen3-8b: as llama2-7b, TP capped at the largest size dividing the
+                   heads (Qwen2.5-7B: 28 heads / 4 kv heads, so TP=4 beyond 64k)
   tiny           : CPU demo and tests (gloo), float32, no recompute
 """
 
 from typing import Mapping
 
+from megalong.config.arch import PRESETS, validate_tp
 from megalong.errors import MegalongError
 
 
 
-RECIPE_MODELS = ("llama2-7b", "llama2-13b", "llama2-70b", "tiny")
+SEVEN_B = ("llama2-7b", "mistral-7b", "qwen2.5-7b", "qwen3-8b")  # llama2-7b's recipe
+RECIPE_MODELS = (*SEVEN_B, "llama2-13b", "llama2-70b", "tiny")
 
 # Environment variable -> (what it sets, default), for the launcher's usage text.
 ENVIRONMENT = {
@@ -45,8 +49,8 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
 
 def parallel_flags(model: str, seq_length: int, env: Mapping[str, str]) -> list:
     """TP/PP (and SP, bf16, recompute, distributed optimizer) of a recipe."""
-    if model == "llama2-7b":
-        tp, pp = _int(env, "TP", 8 if seq_length > 65536 else 2), _int(env, "PP", 1)
+    if model in SEVEN_B:
+        tp, pp = _int(env, "TP", _dividing_tp(model, 8 if seq_length > 65536 else 2)), _int(env, "PP", 1)
     elif model == "llama2-13b":
         tp, pp = _int(env, "TP", 4), _int(env, "PP", 1)
     elif model == "llama2-70b":
@@ -61,6 +65,17 @@ def parallel_flags(model: str, seq_length: int, env: Mapping[str, str]) -> list:
         if tp > 1:  # sequence parallel shards activations over the TP ranks
             flags.append("--sequence-parallel")
     return flags
+
+
+def _dividing_tp(model: str, wanted: int) -> int:
+    """The largest TP size <= wanted that splits the model's heads, kv heads and MLP."""
+    for tp in range(wanted, 1, -1):
+        try:
+            validate_tp(PRESETS[model], tp, 1)
+            return tp
+        except MegalongError:
+            continue
+    return 1
 
 
 def recipe_argv(env: Mapping[str, str]) -> list:

@@ -268,3 +268,14 @@ def test_round_trip_tp2_is_bit_exact(family_dirs, tmp_path):
         assert config["architectures"] == [FAMILIES[family].architecture] and config["head_dim"] == 24
         _, model_cls = hf_classes(family)
         assert type(model_cls.from_pretrained(back)) is model_cls
+
+
+def test_recipes_and_planner_know_the_families():
+    from megalong.recipes import RECIPE_MODELS, parallel_flags
+
+    for model, long_tp in (("mistral-7b", "8"), ("qwen2.5-7b", "4"), ("qwen3-8b", "8")):
+        assert model in RECIPE_MODELS
+        assert parallel_flags(model, 32768, {})[1] == "2"
+        assert parallel_flags(model, 131072, {})[1] == long_tp
+        tp = int(long_tp)
+        validate_tp(PRESETS[model], tp, 1)

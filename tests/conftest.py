@@ -31,7 +31,14 @@ def random_hf_llama(*, vocab=1001, layers=2, heads=8, kv_heads=2, hidden=64, ffn
         config.rope_parameters = rope_scaling
     elif rope_scaling:
         config.rope_parameters = {"rope_type": "linear", "factor": rope_scaling, "rope_theta": 10000.0}
-    model = LlamaForCausalLM(config)
+    return randomize_(LlamaForCausalLM(config))
+
+
+def randomize_(model):
+    """Weights (and biases) scaled up from HF's 0.02 init, norms random around 1: logits differ
+    clearly between tokens and layouts, so a bug cannot hide in noise."""
+    import torch
+
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -12,6 +12,7 @@ from megalong.config.arch import FAMILIES, PRESETS, LlamaArch, validate_tp
 from megalong.config.hf_config import arch_from_hf_config, hf_config_from_arch
 from megalong.config.parallel import ParallelConfig
 from megalong.errors import MegalongError
+from conftest import randomize_
 
 # Tiny random configs: GQA, head_dim set explicitly and != hidden/heads, vocab odd.
 TINY = dict(vocab_size=1001, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -32,20 +33,13 @@ def hf_classes(family):
 
 
 def random_hf_model(family, seed=0, **changes):
-    """A random model of `family` with weights scaled up (as conftest.random_hf_llama), biases and
-    norms random too, so a wrong layout cannot hide."""
+    """A random model of `family` (conftest.randomize_: biases and norms random too, so a wrong
+    layout cannot hide)."""
     import torch
 
     config_cls, model_cls = hf_classes(family)
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**TINY, **FAMILY_KWARGS[family], **changes}))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.08)
-    return model
+    return randomize_(model_cls(config_cls(**{**TINY, **FAMILY_KWARGS[family], **changes})))
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ class LlamaArch:
     tie_word_embeddings: bool = False
     # Llama-3.x frequency-dependent RoPE scaling ("llama3" rope type); None for plain RoPE.
     llama3_rope: Optional[dict] = field(default=None, hash=False, compare=False)
+    # YaRN scaling (transformers' "yarn" rope parameters, config/yarn.py); None without it.
+    yarn_rope: Optional[dict] = field(default=None, hash=False)
     head_dim_override: Optional[int] = None
 
     @property

@@ -18,6 +18,7 @@ from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata
 from megalong.config.hf_config import arch_from_hf_config, hf_config_from_arch, read_hf_dir_config
 from megalong.config.lora import LoraOptions, lora_metadata
 from megalong.config.model import default_interpolation_factor
+from megalong.config.yarn import refuse_linear_with_yarn
 from megalong.config.parallel import ParallelConfig
 from megalong.config.peft import peft_config_json
 from megalong.convert.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, copy_tokenizer_files,
@@ -59,7 +60,9 @@ def hf_to_megatron(hf_dir, out, *, parallel: ParallelConfig = ParallelConfig(), 
     lora = None
     if peft_adapter:
         arch, lora = _peft_adapter_onto(arch, peft_adapter)
-    factor = interpolation_factor or default_interpolation_factor(
+    refuse_linear_with_yarn(arch.yarn_rope, interpolation_factor,
+                            "--rotary-seq-len-interpolation-factor")
+    factor = None if arch.yarn_rope else interpolation_factor or default_interpolation_factor(
         seq_length, arch.max_position_embeddings, recorded_factor)
     metadata = CheckpointMetadata(
         arch=arch, padded_vocab_size=arch.padded_vocab(vocab_divisible_by, tp),

@@ -13,6 +13,7 @@ from megalong.config.arch import validate_tp
 from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config
 from megalong.config.model import check_interpolation_factor
 from megalong.config.parallel import ParallelConfig
+from megalong.config.yarn import refuse_linear_with_yarn
 from megalong.errors import MegalongError
 
 
@@ -53,6 +54,8 @@ def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = 
         iteration = select_iteration(load)  # a truncated file is named here
         meta = read_metadata(load, iteration)
         validate_tp(meta.arch, tp, pp)
+        refuse_linear_with_yarn(meta.arch.yarn_rope, interpolation_factor,
+                                "--rotary-seq-len-interpolation-factor")
         if meta.padded_vocab_size % tp:
             raise MegalongError(f"checkpoint {load}: its padded vocabulary "
                                 f"{meta.padded_vocab_size} does not split over "
@@ -65,6 +68,8 @@ def resolve_model_source(*, load: Optional[str] = None, hf_dir: Optional[str] = 
     config, config_path = read_hf_dir_config(hf_dir)
     arch, recorded = arch_from_hf_config(config, config_path)
     validate_tp(arch, tp, pp)
+    refuse_linear_with_yarn(arch.yarn_rope, interpolation_factor,
+                            "--rotary-seq-len-interpolation-factor")
     return ModelSource(kind="hf", path=hf_dir, arch=arch,
                        interpolation_factor=interpolation_factor or recorded, parallel=parallel,
                        padded_vocab_size=arch.padded_vocab(tp=tp),

@@ -136,6 +136,12 @@ def _cases(w) -> dict:
             "not an iteration number"),
         "train: LoRA checkpoint, other adapter shape": Case(TRAIN, _train(
             w, "--lora-rank", "4", load=w["lora_ckpt"]), "the adapters would not fit"),
+        "train: YaRN with linear interpolation": Case(TRAIN, _train(
+            w, "--rope-type", "yarn", "--yarn-rotary-scaling-factor", "2",
+            "--rotary-seq-len-interpolation-factor", "2"),
+            "YaRN cannot be combined with linear interpolation"),
+        "train: a YaRN parameter without --rope-type yarn": Case(TRAIN, _train(
+            w, "--yarn-beta-fast", "16"), "--yarn-beta-fast need --rope-type yarn"),
         "train: LoRA checkpoint with --full-finetune": Case(TRAIN, _train(
             w, "--full-finetune", load=w["lora_ckpt"]), "would drop the adapters"),
         # ---- training: parallel sizes and S²-Attn groups

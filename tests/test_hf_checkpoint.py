@@ -291,7 +291,8 @@ def test_head_dim_override():
     [
         ({"model_type": "gemma"}, "odd/config.json: model_type 'gemma' is not supported"),
         ({"architectures": ["LlamaForSequenceClassification"]}, "do not include LlamaForCausalLM"),
-        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
+        ({"rope_scaling": {"type": "longrope", "factor": 4.0}},
+         "rope type 'longrope' is not supported; megalong supports default, linear, llama3 and yarn"),
         ({"rope_scaling": {"type": "dynamic", "factor": 4.0}}, "rope type 'dynamic' is not supported"),
         ({"rope_scaling": {"type": "linear", "factor": -1}}, "rope scaling factor must be >= 1"),
         ({"num_key_value_heads": 5}, "num_attention_heads 32 is not a multiple of num_key_value_heads 5"),

@@ -19,6 +19,7 @@ from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config
 from megalong.config.parallel import ParallelConfig
 from megalong.config.peft import read_peft_config
 from megalong.data.files import check_writable_dir
+from megalong.config.yarn import refuse_linear_with_yarn
 from megalong.errors import MegalongError, run_cli
 
 
@@ -106,6 +107,7 @@ def validate(args) -> None:
         config, config_path = read_hf_dir_config(args.hf_dir)
         arch, _ = arch_from_hf_config(config, config_path)
         validate_tp(arch, args.tp, args.pp)
+        refuse_linear_with_yarn(arch.yarn_rope, factor, "--rotary-seq-len-interpolation-factor")
         if args.peft_adapter:
             read_peft_config(args.peft_adapter)
     else:

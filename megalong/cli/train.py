@@ -80,6 +80,7 @@ def validate_job(job: JobConfig, world_size: int) -> JobConfig:
     job = job.resolved(world_size, arch)
     if metadata is not None:
         job.lora.check_fits_checkpoint(metadata.lora, load)
+        job.model.rope_for(arch, metadata.interpolation_factor)  # YaRN on linear: refused
     load_checked_tokenizer(job.data.tokenizer, load, arch)
     return job
 

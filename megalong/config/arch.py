@@ -48,6 +48,8 @@ class LlamaArch:
     tie_word_embeddings: bool = False
     # Llama-3.x frequency-dependent RoPE scaling ("llama3" rope type); None for plain RoPE.
     llama3_rope: Optional[dict] = field(default=None, hash=False, compare=False)
+    # YaRN scaling (transformers' "yarn" rope parameters, config/yarn.py); None without it.
+    yarn_rope: Optional[dict] = field(default=None, hash=False)
     head_dim_override: Optional[int] = None
     family: str = "llama"  # a FAMILIES key (config.json's model_type)
     # Sliding-window attention in effect (transformers' decision for the config), or None. Only

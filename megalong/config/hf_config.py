@@ -6,6 +6,7 @@ from typing import Optional
 
 from megalong.config.arch import FAMILIES, LlamaArch
 from megalong.config.model import check_interpolation_factor
+from megalong.config.yarn import hf_yarn_scaling, yarn_from_rope
 from megalong.errors import MegalongError
 from megalong.records import read_json_object
 
@@ -97,8 +98,10 @@ def arch_from_hf_config(cfg: dict, source: str) -> tuple[LlamaArch, Optional[flo
         raise MegalongError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
 
     theta, rope_type, rope = _rope_settings(cfg, source)
-    interpolation, llama3_rope = None, None
-    if rope_type == "linear":
+    interpolation, llama3_rope, yarn_rope = None, None, None
+    if rope_type == "yarn":
+        yarn_rope = yarn_from_rope(rope, cfg, source)
+    elif rope_type == "linear":
         interpolation = check_interpolation_factor(rope.get("factor"), f"{source}: rope scaling factor")
     elif rope_type == "llama3":
         missing = [k for k in _LLAMA3_ROPE_KEYS if k not in rope]
@@ -107,7 +110,7 @@ def arch_from_hf_config(cfg: dict, source: str) -> tuple[LlamaArch, Optional[flo
         llama3_rope = {k: rope[k] for k in _LLAMA3_ROPE_KEYS}
     elif rope_type != "default":
         raise MegalongError(
-            f"{source}: rope type {rope_type!r} is not supported; megalong supports default, linear and llama3 RoPE"
+            f"{source}: rope type {rope_type!r} is not supported; megalong supports default, linear, llama3 and yarn RoPE"
         )
 
     num_layers = positive_int("num_hidden_layers")
@@ -123,6 +126,7 @@ def arch_from_hf_config(cfg: dict, source: str) -> tuple[LlamaArch, Optional[flo
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         llama3_rope=llama3_rope,
+        yarn_rope=yarn_rope,
         head_dim_override=head_dim if head_dim is not None and head_dim * heads != hidden else None,
         family=family.model_type,
         sliding_window=_sliding_window(cfg, family, num_layers, source),
@@ -141,7 +145,11 @@ def _rope_settings(cfg: dict, source: str) -> tuple[float, str, dict]:
     def kind(d):
         return d.get("rope_type") or d.get("type") or "default"
 
-    if params and scaling and (kind(params), params.get("factor")) != (kind(scaling), scaling.get("factor")):
+    shared = (set(params) & set(scaling)) - {"type", "rope_type", "rope_theta"}
+    if params and scaling and (
+        (kind(params), params.get("factor")) != (kind(scaling), scaling.get("factor"))
+        or any(params[key] != scaling[key] for key in shared)
+    ):
         raise MegalongError(
             f"{source}: rope_scaling {scaling} and rope_parameters {params} disagree; remove one of them"
         )
@@ -172,12 +180,20 @@ def hf_config_from_arch(
     """A config.json dict of the arch's family (LlamaForCausalLM, MistralForCausalLM, ...) readable
     by transformers 4.x, 5.x and vLLM.
 
-    max_position_embeddings stays at the original length; linear interpolation is recorded both
+    max_position_embeddings stays at the original length; linear interpolation (or YaRN, or
+    llama3 scaling) is recorded both
     as `rope_scaling` + top-level `rope_theta` (4.x, vLLM) and as `rope_parameters` (5.x).
     Token ids (bos/eos/pad) come from `base_config` when given.
     """
     theta = float(arch.rope_theta)
-    if arch.llama3_rope is not None:
+    if arch.yarn_rope is not None:
+        if interpolation_factor is not None:
+            raise MegalongError(
+                "linear interpolation on top of YaRN cannot be written to config.json; "
+                "train YaRN models without --rotary-seq-len-interpolation-factor"
+            )
+        rope_scaling, rope_parameters = hf_yarn_scaling(arch.yarn_rope, theta)
+    elif arch.llama3_rope is not None:
         if interpolation_factor is not None:
             raise MegalongError(
                 "linear interpolation on top of llama3 RoPE scaling cannot be written to config.json; "

@@ -9,6 +9,7 @@ from typing import Optional
 
 from megalong.config._fields import from_namespace
 from megalong.config.arch import PRESETS, LlamaArch, validate_tp
+from megalong.config.yarn import ROPE_TYPES, yarn_from_flags
 from megalong.device_policy import cuda_possible
 from megalong.errors import MegalongError
 
@@ -37,6 +38,14 @@ class ModelConfig:
     attention_kernel: str = "auto"
     transformer_impl: str = "local"
     rotary_seq_len_interpolation_factor: Optional[float] = None
+    # YaRN instead of linear interpolation (megatron-core's yarn_* names, Megatron-LM's
+    # --rope-type): for a checkpoint whose config.json has no YaRN.
+    rope_type: Optional[str] = None
+    yarn_rotary_scaling_factor: Optional[float] = None
+    yarn_beta_fast: Optional[float] = None
+    yarn_beta_slow: Optional[float] = None
+    yarn_mscale: Optional[float] = None
+    yarn_mscale_all_dim: Optional[float] = None
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +76,24 @@ class ModelConfig:
         group.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None,
                            help="linear RoPE position interpolation factor (default "
                                 "ceil(seq-length / original length), or the checkpoint's)")
+        group.add_argument("--rope-type", choices=list(ROPE_TYPES), default=None,
+                           help="yarn: extend the context with YaRN (megatron-core's "
+                                "YarnRotaryEmbedding) instead of linear interpolation, for a "
+                                "checkpoint without it; rope: plain RoPE with linear "
+                                "interpolation (default: the checkpoint's own scaling, else "
+                                "linear interpolation)")
+        group.add_argument("--yarn-rotary-scaling-factor", type=float, default=None,
+                           help="with --rope-type yarn: YaRN's factor (default ceil(seq-length / "
+                                "original length))")
+        group.add_argument("--yarn-beta-fast", type=float, default=None,
+                           help="with --rope-type yarn: YaRN's beta_fast (default 32)")
+        group.add_argument("--yarn-beta-slow", type=float, default=None,
+                           help="with --rope-type yarn: YaRN's beta_slow (default 1)")
+        group.add_argument("--yarn-mscale", type=float, default=None,
+                           help="with --rope-type yarn: YaRN's mscale (with --yarn-mscale-all-dim; "
+                                "default: attention factor 0.1 ln(factor) + 1)")
+        group.add_argument("--yarn-mscale-all-dim", type=float, default=None,
+                           help="with --rope-type yarn: YaRN's mscale_all_dim")
 
     @classmethod
     def from_args(cls, namespace) -> "ModelConfig":
@@ -94,10 +121,53 @@ class ModelConfig:
                                   self.group_size_for(seq_length), tp=tp,
                                   sequence_parallel=parallel.sequence_parallel)
         check_interpolation_factor(self.rotary_seq_len_interpolation_factor)
+        self.rope_for(arch)
         if self.transformer_impl == "transformer_engine" and not importable("transformer_engine"):
             raise MegalongError("--transformer-impl transformer_engine needs Transformer Engine, "
                                 "which is not installed (pip install 'megalong[gpu]', GPU only); "
                                 "use --transformer-impl local")
+
+
+    def rope_for(self, arch: LlamaArch, recorded_factor: Optional[float] = None):
+        """(arch with the YaRN the flags choose, linear interpolation factor or None) for a
+        model whose checkpoint recorded `recorded_factor`; YaRN and linear interpolation
+        together, or YaRN flags that change nothing, are refused."""
+        yarn_flags = {name: getattr(self, name) for name in YARN_FLAGS
+                      if getattr(self, name) is not None}
+        given = ", ".join("--" + name.replace("_", "-") for name in yarn_flags)
+        if self.rope_type == "yarn" and arch.llama3_rope is not None:
+            raise MegalongError("--rope-type yarn: the model already scales RoPE by Llama-3's "
+                                "llama3 rope type; YaRN on top of it is not supported")
+        if self.rope_type == "rope" and arch.yarn_rope is not None:
+            raise MegalongError("--rope-type rope: the model's config uses YaRN "
+                                f"({arch.yarn_rope}); keep it (leave out --rope-type)")
+        if self.rope_type != "yarn" and yarn_flags:
+            raise MegalongError(f"{given} need --rope-type yarn")
+        if self.rope_type == "yarn" and arch.yarn_rope is not None and yarn_flags:
+            raise MegalongError(f"{given}: the model's config already sets YaRN "
+                                f"({arch.yarn_rope}); its parameters cannot be changed")
+        if self.rope_type == "yarn" and arch.yarn_rope is None:
+            arch = arch.with_(yarn_rope=yarn_from_flags(
+                factor=self.yarn_rotary_scaling_factor, original=arch.max_position_embeddings,
+                seq_length=self.seq_length_for(arch), beta_fast=self.yarn_beta_fast,
+                beta_slow=self.yarn_beta_slow, mscale=self.yarn_mscale,
+                mscale_all_dim=self.yarn_mscale_all_dim))
+        if arch.yarn_rope is not None:
+            flag = self.rotary_seq_len_interpolation_factor
+            if flag is not None or recorded_factor is not None:
+                where = ("--rotary-seq-len-interpolation-factor" if flag is not None
+                         else "the checkpoint's")
+                raise MegalongError(f"YaRN cannot be combined with linear interpolation "
+                                    f"({where} factor {flag or recorded_factor:g}); use one "
+                                    "of them")
+            return arch, None
+        factor = self.rotary_seq_len_interpolation_factor or default_interpolation_factor(
+            self.seq_length_for(arch), arch.max_position_embeddings, recorded_factor)
+        return arch, factor
+
+
+YARN_FLAGS = ("yarn_rotary_scaling_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale",
+              "yarn_mscale_all_dim")
 
 
 class GroupSizeError(MegalongError, ValueError):

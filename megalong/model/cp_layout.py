@@ -6,10 +6,11 @@ contiguous slices are balanced already and need only a half-group halo (attentio
 context_parallel.py). The two places, replaced here:
 - batch slicing (megatron-LM's `get_batch_on_this_cp_rank`, not called by megalong):
   `slice_batch_for_cp_rank`, used by model/forward.py on every micro-batch;
-- RoPE slicing (`get_pos_emb_on_this_cp_rank`, called inside megatron's RotaryEmbedding):
-  `contiguous_rotary_embedding(model, ...)` builds the model's rotary embedding again as
-  `ContiguousRotaryEmbedding`, whose forward slices contiguously; build_llama puts it in the
-  model. megatron's function stays as it is for other models in the process.
+- RoPE slicing (`get_pos_emb_on_this_cp_rank`, called inside megatron's RotaryEmbedding and
+  YarnRotaryEmbedding): `contiguous_rotary_embedding(model, ...)` builds the model's rotary
+  embedding again as `ContiguousRotaryEmbedding` (or `ContiguousYarnRotaryEmbedding`, whose
+  forward returns megatron's `(emb, mscale)`), whose forward slices contiguously; build_llama
+  puts it in the model. megatron's function stays as it is for other models in the process.
 Labels are shifted before slicing (datasets give labels[i] = tokens[i+1]), so no token pair
 crosses a slice boundary.
 """
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 
 from megalong.errors import MegalongError
 
@@ -83,21 +85,65 @@ class ContiguousRotaryEmbedding(RotaryEmbedding):
         return emb[local_span(max_seq_len, group.rank(), group.size())]
 
 
-def contiguous_rotary_embedding(model: torch.nn.Module, **rope_args) -> ContiguousRotaryEmbedding:
-    """`model.rotary_pos_emb` (a GPTModel's RotaryEmbedding) as a ContiguousRotaryEmbedding:
-    built with the arguments GPTModel.__init__ gave it (its rotary_* and rope_* arguments are
-    `rope_args`), so the same state (inv_freq, cp_group, interpolation); only forward differs."""
+class ContiguousYarnRotaryEmbedding(YarnRotaryEmbedding):
+    """megatron's YarnRotaryEmbedding whose CP slice is rank r's contiguous [rL, (r+1)L);
+    its forward returns megatron's (emb, mscale) (GPTModel keeps emb; attention takes the
+    mscale from the config)."""
+
+    @lru_cache(maxsize=32)
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
+                cp_group=None):
+        emb, mscale = self.get_emb(max_seq_len, offset)
+        group = self.cp_group if cp_group is None else cp_group
+        if group is None or group.size() == 1 or packed_seq:
+            return emb, mscale
+        return emb[local_span(max_seq_len, group.rank(), group.size())], mscale
+
+    def _set_cos_sin_cache(self, seq_len, offset, dtype, packed_seq=False):
+        """megatron's cos/sin cache (for its inference paths), over every position: built at
+        __init__ for the original length, which need not split into CP slices."""
+        self.max_seq_len_cached, self.offset_cached = seq_len, offset
+        self.dtype_cached, self.packed_seq_cached = dtype, packed_seq
+        emb, mscale = self.get_emb(seq_len, offset)
+        self.register_buffer("cos_cached", (emb.cos() * mscale).to(dtype).contiguous(),
+                             persistent=False)
+        self.register_buffer("sin_cached", (emb.sin() * mscale).to(dtype).contiguous(),
+                             persistent=False)
+
+
+def contiguous_rotary_embedding(model: torch.nn.Module, **rope_args) -> RotaryEmbedding:
+    """`model.rotary_pos_emb` (a GPTModel's RotaryEmbedding or YarnRotaryEmbedding) as a
+    ContiguousRotaryEmbedding (ContiguousYarnRotaryEmbedding): built with the arguments
+    GPTModel.__init__ gave it (its rotary_* and rope_* arguments are `rope_args`; YaRN's come
+    from the config's yarn_* attributes, as GPTModel reads them), so the same state (inv_freq,
+    cp_group, interpolation); only forward differs."""
     rope = model.rotary_pos_emb
-    if type(rope) is not RotaryEmbedding:
-        raise MegalongError(f"context parallel S²-Attn supports megatron's RotaryEmbedding, not "
-                            f"{type(rope).__name__}")
     config = model.config
-    contiguous = ContiguousRotaryEmbedding(
-        kv_channels=config.kv_channels, rotary_interleaved=config.rotary_interleaved,
-        use_cpu_initialization=config.use_cpu_initialization, cp_group=model.pg_collection.cp,
-        **rope_args)
-    if not (torch.equal(contiguous.inv_freq, rope.inv_freq) and contiguous.cp_group is rope.cp_group
+    common = dict(kv_channels=config.kv_channels, rotary_interleaved=config.rotary_interleaved,
+                  use_cpu_initialization=config.use_cpu_initialization,
+                  cp_group=model.pg_collection.cp)
+    if type(rope) is RotaryEmbedding:
+        contiguous = ContiguousRotaryEmbedding(**common, **rope_args)
+        same = torch.equal(contiguous.inv_freq, rope.inv_freq)
+    elif type(rope) is YarnRotaryEmbedding:
+        contiguous = ContiguousYarnRotaryEmbedding(
+            **common, **rope_args,
+            scaling_factor=config.yarn_rotary_scaling_factor,
+            original_max_position_embeddings=config.yarn_original_max_position_embeddings,
+            beta_fast=config.yarn_beta_fast, beta_slow=config.yarn_beta_slow,
+            mscale=config.yarn_mscale, mscale_all_dim=config.yarn_mscale_all_dim,
+            correction_range_round_to_int=config.yarn_correction_range_round_to_int)
+        same = all(torch.equal(getattr(contiguous, name), getattr(rope, name))
+                   for name in ("inv_freq", "inv_freq_extra", "inv_freq_inter")) and all(
+            getattr(contiguous, name) == getattr(rope, name)
+            for name in ("scaling_factor", "original_max_position_embeddings", "beta_fast",
+                         "beta_slow", "mscale", "mscale_all_dim",
+                         "correction_range_round_to_int"))
+    else:
+        raise MegalongError(f"context parallel S²-Attn supports megatron's RotaryEmbedding and "
+                            f"YarnRotaryEmbedding, not {type(rope).__name__}")
+    if not (same and contiguous.cp_group is rope.cp_group
             and contiguous.__dict__.keys() == rope.__dict__.keys()):
-        raise MegalongError("ContiguousRotaryEmbedding differs from the RotaryEmbedding megatron "
-                            "built (model/cp_layout.py: GPTModel's arguments changed?)")
+        raise MegalongError(f"{type(contiguous).__name__} differs from the {type(rope).__name__} "
+                            "megatron built (model/cp_layout.py: GPTModel's arguments changed?)")
     return contiguous

@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megalong import runtime
 from megalong.config.arch import LlamaArch
 from megalong.config.model import LOSS_CHUNK_TOKENS
+from megalong.config.yarn import megatron_concentration, megatron_yarn_attributes
 from megalong.errors import MegalongError
 from megalong.model.chunked_loss import chunked_cross_entropy
 from megalong.model.cp_layout import contiguous_rotary_embedding
@@ -47,12 +48,34 @@ class ModelOptions:
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
 
 
+@dataclass
+class YarnTransformerConfig(TransformerConfig):
+    """TransformerConfig with the yarn_* attributes megatron-core 0.16's GPTModel (building its
+    YarnRotaryEmbedding) and attention (its mscale) read with getattr, declared so a copy of
+    the config (dataclasses.replace) keeps them. config/yarn.py fills them from transformers'
+    parameters."""
+
+    yarn_rotary_scaling_factor: float = 1.0
+    yarn_original_max_position_embeddings: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: Optional[float] = None
+    yarn_mscale_all_dim: Optional[float] = None
+    yarn_correction_range_round_to_int: bool = True
+
+
 def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig:
     on_gpu = runtime.use_cuda()  # MEGALONG_DEVICE=cpu on a GPU host builds the CPU model
     runtime.apply_patches()  # idempotent: done by init_distributed, unless the caller skipped it
     # megalong's RoPE kernel in megatron's fused slot unless TE's is there (TE's needs CUDA).
     rope_kernel = runtime.fill_fused_rope_slot(rotate_half_rope) or on_gpu
-    return TransformerConfig(
+    yarn = megatron_yarn_attributes(arch.yarn_rope) if arch.yarn_rope is not None else {}
+    # megatron applies YaRN's attention factor (mscale) in its unfused RoPE only: a fused kernel
+    # (megalong's or TE's) is bypassed with a warning at every call, so none is asked for.
+    fused_rope = (opts.transformer_impl == "transformer_engine" or rope_kernel) and (
+        not yarn or megatron_concentration(yarn) == 1.0)
+    return (YarnTransformerConfig if yarn else TransformerConfig)(
+        **yarn,
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_attention_heads,
@@ -80,7 +103,8 @@ def transformer_config(arch: LlamaArch, opts: ModelOptions) -> TransformerConfig
         # TE's fused RoPE kernel (megatron-LM's default) when TE is in use, checked against the
         # local spec in test_lora's TE test; otherwise megalong's (rope.py): megatron's unfused
         # path concatenates twice per q/k.
-        apply_rope_fusion=opts.transformer_impl == "transformer_engine" or rope_kernel,
+        # With YaRN's attention factor != 1, megatron's unfused path (it scales cos and sin).
+        apply_rope_fusion=fused_rope,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
@@ -127,13 +151,17 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
             f"llama3 rope scaling {llama3} is not supported: megatron-core implements only "
             "low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192"
         )
+    if arch.yarn_rope is not None and opts.interpolation_factor is not None:
+        raise MegalongError("YaRN cannot be combined with linear interpolation (factor "
+                            f"{opts.interpolation_factor:g}); use one of them")
     rope = dict(
         rotary_percent=1.0,
         rotary_base=int(arch.rope_theta),
-        rope_scaling=llama3 is not None,
-        rope_scaling_factor=float(llama3["factor"]) if llama3 else 8.0,
         seq_len_interpolation_factor=opts.interpolation_factor,
     )
+    if arch.yarn_rope is None:  # YaRN's parameters are the config's yarn_* attributes
+        rope.update(rope_scaling=llama3 is not None,
+                    rope_scaling_factor=float(llama3["factor"]) if llama3 else 8.0)
     model = LlamaModel(
         config=config,
         transformer_layer_spec=block_spec,
@@ -142,7 +170,7 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="rope" if arch.yarn_rope is None else "yarn",
         **rope,
     )
     model.loss_chunk_tokens = opts.loss_chunk_tokens

@@ -18,7 +18,9 @@ def _is_cuda_device(value) -> bool:
 class CudaToCpu(torch.overrides.TorchFunctionMode):
     """Rewrites CUDA placements to CPU: device= kwargs, Tensor.cuda(), Tensor.to('cuda').
     `Tensor.type()` names CPU tensors as CUDA ones: megatron's optimizers assert/branch on
-    'torch.cuda.FloatTensor' to mean "a float32 tensor on the training device"."""
+    'torch.cuda.FloatTensor' to mean "a float32 tensor on the training device". pin_memory=True
+    (page-locked host buffers for CUDA copies: megatron's CP RoPE slicing, which YaRN's
+    embedding runs while it is built) is dropped: CPU-only torch has no pinned allocator."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -27,6 +29,8 @@ class CudaToCpu(torch.overrides.TorchFunctionMode):
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

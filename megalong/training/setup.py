@@ -20,7 +20,7 @@ from megalong.checkpoint import load_checkpoint
 from megalong.config.arch import PRESETS, LlamaArch
 from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata, read_metadata
 from megalong.config.job import JobConfig
-from megalong.config.model import default_interpolation_factor, resolve_group_size
+from megalong.config.model import resolve_group_size
 from megalong.data.pretrain import build_pretrain_datasets
 from megalong.data.sft import SftDataset
 from megalong.errors import MegalongError
@@ -91,8 +91,7 @@ def resolve_architecture(job: JobConfig):
         raise MegalongError(f"the checkpoint's padded vocabulary {padded} does not split over "
                             f"tensor-model-parallel-size {tp}")
     seq_length = job.model.seq_length_for(arch)
-    factor = job.model.rotary_seq_len_interpolation_factor or default_interpolation_factor(
-        seq_length, arch.max_position_embeddings, recorded_factor)
+    arch, factor = job.model.rope_for(arch, recorded_factor)  # YaRN by flag, or linear
     layout = dict(arch=arch, padded_vocab_size=padded, interpolation_factor=factor,
                   seq_length=seq_length, tensor_model_parallel_size=tp,
                   pipeline_model_parallel_size=job.parallel.pipeline_model_parallel_size,

@@ -142,8 +142,8 @@ def megatron_to_hf(load, out, *, overwrite=False, max_shard_bytes=None, dtype="f
 def _export_peft_adapter(model, arch, metadata, directory, torch_dtype, overwrite):
     lora = metadata.lora
     extras = lora.get("trainable_params", [])
-    config = peft_config_json(LoraOptions.from_metadata(lora), extras,
-                              base_model=metadata.source, tied=arch.tie_word_embeddings)
+    config = peft_config_json(LoraOptions.from_metadata(lora), extras, arch,
+                              base_model=metadata.source)
     tensors = iter_peft_tensors(model, arch, metadata.padded_vocab_size, extras)
     write_peft_adapter(directory, tensors, config, overwrite=overwrite, dtype=torch_dtype)
 

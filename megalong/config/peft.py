@@ -70,9 +70,12 @@ def ordered_parts(parts) -> tuple:
     return tuple(p for p in LORA_PARTS if p in chosen)
 
 
-def peft_config_json(options, extras, *, base_model: str | None, tied: bool) -> dict:
-    """adapter_config.json for an export; `extras` are the trainable groups saved whole."""
-    modules_to_save = [m for group in extras for m in EXTRA_MODULES[group]]
+def peft_config_json(options, extras, arch, *, base_model: str | None) -> dict:
+    """adapter_config.json for an export of `arch`; `extras` are the trainable groups saved
+    whole (the modules `arch` has)."""
+    groups = weight_map.group_modules(arch)
+    modules_to_save = [m for group in extras for m in groups.get(group, ())]
+    tied = arch.tie_word_embeddings
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,

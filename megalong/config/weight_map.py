@@ -150,16 +150,18 @@ PART_TO_HF_MODULE: Dict[str, str] = {p: t.module_name for p, (_, t) in _PARTS.it
 HF_MODULE_TO_PART: Dict[str, str] = {module: p for p, module in PART_TO_HF_MODULE.items()}
 
 
-def _groups():
+def group_modules(arch=None) -> Dict[str, Tuple[str, ...]]:
+    """--trainable-params group -> the HF module names it trains whole (PEFT modules_to_save):
+    those `arch` has, or those of any family without it."""
     groups: Dict[str, Tuple[str, ...]] = {}
     for m in LLAMA:
-        if m.group:
+        if m.group and (arch is None or m.exists(arch)):
             groups[m.group] = groups.get(m.group, ()) + tuple(t.module_name for t in m.hf)
     return groups
 
 
-# --trainable-params group -> the HF module names it trains whole (PEFT modules_to_save).
-GROUP_MODULES: Dict[str, Tuple[str, ...]] = _groups()
+# Every family's: what a PEFT adapter's modules_to_save may name.
+GROUP_MODULES: Dict[str, Tuple[str, ...]] = group_modules()
 
 
 # The vocabulary-sized tensors, by name (the tie, the grown vocabulary and the trainable embedding

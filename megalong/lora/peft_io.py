@@ -221,7 +221,8 @@ def iter_peft_tensors(model, arch, padded_vocab: int, extras):
         for part, factors in lora.factors():
             yield factor_key(layer, part, "A"), factors.A.detach()
             yield factor_key(layer, part, "B"), factors.B.detach()
-    modules = {m for group in extras for m in EXTRA_MODULES[group]}
+    groups = weight_map.group_modules(arch)
+    modules = {m for group in extras for m in groups.get(group, ())}
     if modules:
         for name, tensor in iter_hf_tensors(model, arch, padded_vocab):
             if name.rsplit(".", 2)[-2] in modules:

@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from megalong.errors import MegalongError
 
 
-
-
 def check_out_dir(out: str, overwrite: bool = False, what: str = "output directory") -> None:
     """`out` may be written: absent, an empty directory, or a directory `overwrite` replaces."""
     if not os.path.exists(out):

@@ -21,8 +21,6 @@ from megalong.model.llama import ModelOptions, build_llama
 from megalong.source import ModelSource
 
 
-
-
 def model_options(job: JobConfig, metadata: CheckpointMetadata) -> ModelOptions:
     """What the training job asks of the model (S²-Attn, kernel, precision, recompute)."""
     model, training = job.model, job.training

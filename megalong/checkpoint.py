@@ -35,12 +35,6 @@ from megalong.log import log
 from megalong.lora.apply import is_adapter_param
 
 
-
-
-
-
-
-
 def _chunk_keys(model_chunks):
     # Megatron-LM's names: "model", or "model0", "model1", ... with virtual pipeline stages.
     return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]

@@ -21,12 +21,6 @@ from megalong.config.checkpoint import iteration_dir, latest_iteration
 from megalong.errors import MegalongError
 
 
-
-
-
-
-
-
 MANIFEST = "manifest.json"
 _CHUNK = 16 << 20
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")

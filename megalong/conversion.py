@@ -32,12 +32,6 @@ from megalong.source import ModelSource, resolve_model_source
 from megalong.spawn import run_on_ranks
 
 
-
-
-
-
-
-
 def _convert_rank(source: ModelSource, staging, metadata: CheckpointMetadata, peft_adapter=None):
     """One rank of hf-to-megatron: build this rank's shard with the HF weights (and a PEFT adapter
     over them), save collectively."""

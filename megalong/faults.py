@@ -29,8 +29,6 @@ import time
 from megalong.log import log
 
 
-
-
 def _iterations(variable: str) -> set[int]:
     value = os.environ.get(variable, "")
     return {int(item) for item in value.split(",") if item.strip()}

@@ -18,7 +18,6 @@ from megalong.config.arch import PRESETS, validate_tp
 from megalong.errors import MegalongError
 
 
-
 SEVEN_B = ("llama2-7b", "mistral-7b", "qwen2.5-7b", "qwen3-8b")  # llama2-7b's recipe
 RECIPE_MODELS = (*SEVEN_B, "llama2-13b", "llama2-70b", "tiny")
 

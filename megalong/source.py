@@ -17,9 +17,6 @@ from megalong.config.yarn import refuse_linear_with_yarn
 from megalong.errors import MegalongError
 
 
-
-
-
 @dataclass(frozen=True, kw_only=True)
 class ModelSource:
     kind: str  # "checkpoint" or "hf"

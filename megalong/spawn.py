@@ -16,7 +16,6 @@ from megalong.errors import MegalongError
 from megalong.runtime.distributed import free_port
 
 
-
 def _rank_main(fn, rank, world_size, port, results, args, kwargs, env):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),

@@ -7,8 +7,6 @@ from megalong.attention.kernels import KernelUnavailableError, available_kernels
 from megalong.attention.s2 import dense_causal_attention, s2_attention
 
 
-
-
 __all__ = [
     "GroupSizeError",
     "KernelUnavailableError",

@@ -32,8 +32,6 @@ from megalong.attention.s2 import dense_causal_attention, s2_attention
 from megalong.errors import MegalongError
 
 
-
-
 # ------------------------------------------------------------------ plan (pure)
 
 

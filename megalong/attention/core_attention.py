@@ -23,8 +23,6 @@ from megalong.attention.s2 import dense_causal_attention, s2_attention
 from megalong.errors import MegalongError
 
 
-
-
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.causal_bottom_right, AttnMaskType.padding_causal)
 
 

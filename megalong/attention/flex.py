@@ -20,8 +20,6 @@ from megalong.attention.groups import (cache_device,
                                        first_shifted_head as _first_shifted)
 
 
-
-
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError as _err:  # pragma: no cover - depends on the installed torch

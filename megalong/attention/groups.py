@@ -18,9 +18,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 
-
-
-
 def group_bounds(seq_len: int, group_size: int, shifted: bool) -> List[int]:
     """Token boundaries of the groups: [0, G, ..., N] or [0, G/2, 3G/2, ..., N - G/2, N]."""
     N, G = seq_len, group_size

@@ -23,8 +23,6 @@ from megalong.attention.flex import FlexKernel
 from megalong.errors import MegalongError
 
 
-
-
 KERNELS = ("auto", "sdpa", "torch-varlen", "flex", "flash", "te")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Kernels that take fp16/bf16 only.

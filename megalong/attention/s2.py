@@ -13,8 +13,6 @@ from megalong.attention.kernels import resolve_kernel
 from megalong.config.model import check_group_size
 
 
-
-
 def _check_qkv(q, k, v):
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(

@@ -23,10 +23,6 @@ from megalong.config.yarn import refuse_linear_with_yarn
 from megalong.errors import MegalongError, run_cli
 
 
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

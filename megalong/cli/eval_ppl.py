@@ -20,10 +20,6 @@ from megalong.eval.data import check_windows_fit, open_eval_tokens
 from megalong.eval.report import plot_ppl, ppl_markdown, write_json
 
 
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args.add_model_args(parser)

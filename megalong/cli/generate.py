@@ -19,10 +19,6 @@ from megalong.eval.generate import Sampling, read_prompts
 from megalong.eval.report import generation_markdown, write_json
 
 
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args.add_model_args(parser)

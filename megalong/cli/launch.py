@@ -13,10 +13,6 @@ from megalong.errors import run_cli
 from megalong.recipes import recipe_argv, usage
 
 
-
-
-
-
 def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
 

@@ -12,10 +12,6 @@ from megalong.errors import MegalongError
 from megalong.source import ModelSource, resolve_model_source
 
 
-
-
-
-
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     which = group.add_mutually_exclusive_group(required=True)

@@ -19,10 +19,6 @@ from megalong.eval.passkey import fit_passkey_prompt
 from megalong.eval.report import passkey_markdown, plot_passkey, write_json
 
 
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_args.add_model_args(parser)

@@ -26,11 +26,6 @@ from megalong.errors import MegalongError, run_cli
 from megalong.plan import GIB, RECOMPUTE, PlanConfig, memory_breakdown, recompute_flags, step_flops
 
 
-
-
-
-
-
 TABLE_MODELS = ("llama2-7b", "llama2-13b", "llama2-70b")
 TABLE_LENGTHS = (8192, 32768, 100000)
 

@@ -15,10 +15,6 @@ from megalong.data.preprocess import preprocess_to_indexed, validate_preprocess
 from megalong.errors import run_cli
 
 
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE",

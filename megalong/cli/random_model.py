@@ -10,10 +10,6 @@ from megalong.data.files import check_writable_dir
 from megalong.errors import MegalongError, run_cli
 
 
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", choices=sorted(PRESETS), required=True, help="architecture preset")

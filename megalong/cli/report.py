@@ -11,10 +11,6 @@ from megalong.errors import MegalongError, run_cli
 from megalong.eval.report import plot_ppl, ppl_comparison_markdown, read_json
 
 
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -17,10 +17,6 @@ from megalong.data.tokenizer import load_tokenizer, train_sentencepiece
 from megalong.errors import MegalongError, run_cli
 
 
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", default=[], metavar="FILE", help="input files or globs")

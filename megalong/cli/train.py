@@ -18,14 +18,6 @@ from megalong.recipes import RECIPE_MODELS, recipe_argv
 from megalong.training.tokenizer_check import load_checked_tokenizer
 
 
-
-
-
-
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = JobConfig.parser(
         description="LongLoRA context extension on megatron-core. Launch with torchrun "

@@ -6,8 +6,6 @@ import dataclasses
 from megalong.errors import MegalongError
 
 
-
-
 def from_namespace(cls, namespace, **converted):
     """cls(**flags): every field that is a flag, `converted` overriding (lists to tuples...)."""
     values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)

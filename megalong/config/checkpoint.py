@@ -16,12 +16,6 @@ from megalong.errors import MegalongError
 from megalong.records import read_json
 
 
-
-
-
-
-
-
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "megalong.json"
 TOKENIZER_SUBDIR = "tokenizer"  # ROOT/tokenizer/: the tokenizer files travel with checkpoints

@@ -10,8 +10,6 @@ from megalong.errors import MegalongError
 from megalong.records import check_records_head
 
 
-
-
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     data_path: Optional[tuple] = None  # 'W1 P1 W2 P2' or 'P1 P2'

@@ -11,11 +11,6 @@ from megalong.errors import MegalongError
 from megalong.records import read_json_object
 
 
-
-
-
-
-
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 

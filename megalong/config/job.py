@@ -18,8 +18,6 @@ from megalong.config.training import CheckpointConfig, TrainingConfig
 from megalong.errors import MegalongError
 
 
-
-
 _CONCERNS = (("model", ModelConfig), ("parallel", ParallelConfig),
              ("checkpoint", CheckpointConfig), ("data", DataConfig),
              ("training", TrainingConfig), ("lora", LoraConfig))

@@ -10,8 +10,6 @@ from megalong.config.weight_map import LINEARS, LORA_PARTS
 from megalong.errors import MegalongError
 
 
-
-
 # --lora-targets names -> the HF linears (LoRA parts) they adapt: attention's one by one, each
 # MLP linear whole (the weight map says which HF linears each megatron linear holds).
 TARGET_PARTS = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",),

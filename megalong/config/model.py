@@ -14,8 +14,6 @@ from megalong.device_policy import cuda_possible
 from megalong.errors import MegalongError
 
 
-
-
 # megatron-core's selective-recompute submodules that a Llama layer has (its others are MoE/MLA).
 RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
 

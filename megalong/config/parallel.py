@@ -7,8 +7,6 @@ from megalong.config._fields import from_namespace
 from megalong.errors import MegalongError
 
 
-
-
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     tensor_model_parallel_size: int = 1

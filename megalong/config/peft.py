@@ -9,8 +9,6 @@ from megalong.errors import MegalongError
 from megalong.records import read_json
 
 
-
-
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 LONGLORA_TRAINABLE_FILE = "trainable_params.bin"

@@ -13,8 +13,6 @@ from megalong.device_policy import cuda_possible
 from megalong.errors import MegalongError
 
 
-
-
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     load: Optional[str] = None

@@ -3,8 +3,6 @@
 from megalong.convert.hf_checkpoint import HFCheckpointReader
 
 
-
-
 def compare_hf_checkpoints(dir_a, dir_b):
     """Returns (rows, identical): rows of (name, shape, max abs diff) for every tensor in either."""
     rows, identical = [], True

@@ -16,8 +16,6 @@ from megalong.log import ProgressPrinter
 from megalong.records import read_json_object
 
 
-
-
 # Weight layouts in the order we look for them: (index file, single file).
 _LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),

@@ -15,8 +15,6 @@ from megalong.config.weight_map import at
 from megalong.errors import MegalongError
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Fused qkv: megatron keeps, per kv group g, the rows [q heads of g | k head g | v head g].
 

@@ -10,8 +10,6 @@ from megalong.convert.layouts import (hf_to_megatron, local_to_te_key, megatron_
 from megalong.errors import MegalongError
 
 
-
-
 def _uses_te(model) -> bool:
     return any(key.endswith("layer_norm_weight") for key in model.state_dict())
 

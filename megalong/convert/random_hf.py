@@ -9,8 +9,6 @@ from megalong.config.weight_map import hf_tensor_shapes
 from megalong.convert.hf_checkpoint import write_hf_checkpoint
 
 
-
-
 def write_random_hf_model(out_dir, arch: LlamaArch, *, seed: int = 0, std: float = 0.02,
                           overwrite: bool = False) -> None:
     generator = torch.Generator().manual_seed(seed)

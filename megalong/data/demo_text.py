@@ -25,12 +25,6 @@ from megalong.data.files import check_writable_dir, make_dirs
 from megalong.errors import MegalongError
 
 
-
-
-
-
-
-
 SOURCES = ("topics", "docstrings", "stdlib")
 # Not prose or not representative: rot13 text, an easter egg, frozen-module test stubs.
 _SKIP_MODULES = {"this.py", "antigravity.py", "__phello__.foo.py"}

@@ -7,8 +7,6 @@ import os
 from megalong.errors import MegalongError
 
 
-
-
 def expand_inputs(patterns: list[str], what: str = "input") -> list[str]:
     """Files named by paths or globs, in the order given (each glob sorted). A pattern that
     matches nothing, a directory, or an unreadable file is an error naming it."""

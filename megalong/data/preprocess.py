@@ -28,12 +28,6 @@ from megalong.log import ProgressPrinter
 from megalong.records import iter_records
 
 
-
-
-
-
-
-
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 

@@ -27,8 +27,6 @@ from megalong.data.tokenizer import Tokenizer, load_tokenizer
 from megalong.errors import MegalongError
 
 
-
-
 SPLIT_NAMES = ("train", "valid", "test")
 
 

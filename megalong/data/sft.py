@@ -26,8 +26,6 @@ from megalong.errors import MegalongError
 from megalong.records import iter_records
 
 
-
-
 # Llama-2 chat's default system prompt, as LongLoRA's SFT prompt embeds it (the double space
 # after "safe." is in the original).
 LLAMA2_SYSTEM_PROMPT = (

@@ -18,8 +18,6 @@ from megalong.errors import MegalongError
 from megalong.records import read_json
 
 
-
-
 # Names tried when a HF tokenizer directory does not say which token ends a document.
 _EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|eot_id|>")
 _BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")

@@ -14,9 +14,6 @@ from megalong.data.preprocess import load_token_file, read_index_summary, token_
 from megalong.errors import MegalongError
 
 
-
-
-
 @dataclass(frozen=True)
 class EvalTokens:
     path: str

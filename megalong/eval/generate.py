@@ -20,9 +20,6 @@ from megalong.errors import MegalongError
 from megalong.records import iter_records
 
 
-
-
-
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0  # 0: greedy (argmax)

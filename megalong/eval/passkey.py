@@ -18,13 +18,6 @@ from typing import Callable, Optional
 from megalong.errors import MegalongError
 
 
-
-
-
-
-
-
-
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
         "them. I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."

@@ -19,13 +19,6 @@ from megalong.log import ProgressPrinter
 from megalong.model.forward import run_microbatches
 
 
-
-
-
-
-
-
-
 def _window_batch(tokens: np.ndarray, starts: list[int], seq_length: int, device):
     import torch
 

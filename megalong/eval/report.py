@@ -11,13 +11,6 @@ from megalong.data.files import make_dirs
 from megalong.records import read_json as _read_json
 
 
-
-
-
-
-
-
-
 def write_json(path: str, report: dict) -> None:
     """Atomically (a temp sibling renamed into place)."""
     from megalong.data.files import make_dirs

@@ -21,9 +21,6 @@ from megalong.source import ModelSource
 from megalong.spawn import run_on_ranks
 
 
-
-
-
 def init_eval_runtime(source: ModelSource, seed: int = 1234) -> None:
     runtime.apply_patches("eval")  # megatron-core's notices that say nothing about an eval run
     runtime.init_distributed(source.parallel, seed=seed)

@@ -43,8 +43,6 @@ from megalong.errors import MegalongError
 from megalong.lora.merge import fuse_parts, lora_scale
 
 
-
-
 COLUMN_LINEARS = tuple(linear for linear, m in weight_map.LINEARS.items() if m.tp_dim == 0)
 ADAPTER_SUFFIX = "_lora"
 

@@ -21,8 +21,6 @@ from megalong.lora.merge import add_in_place, column_delta, kaiming_uniform_a, r
 from megalong.runtime import device
 
 
-
-
 # The adapted linears' parent modules and how their parts' rows interleave (merge.py's names for
 # the weight map's kinds).
 LINEAR_PARENT = {linear: weight_map.linear_parent(linear) for linear in weight_map.LINEARS}

@@ -17,8 +17,6 @@ from megalong.convert.layouts import qkv_hf_to_megatron
 from megalong.errors import MegalongError
 
 
-
-
 FUSED_PARTS = {"qkv": ("q", "k", "v"), "fc1": ("gate", "up")}
 
 

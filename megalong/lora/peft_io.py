@@ -26,9 +26,6 @@ from megalong.errors import MegalongError
 from megalong.lora.apply import iter_adapters
 
 
-
-
-
 _PREFIX = "base_model.model."
 # A factor of any module under the adapted linears' parents (self_attn, mlp); unknown modules are
 # reported by name.

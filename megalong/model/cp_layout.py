@@ -26,7 +26,6 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import Yar
 from megalong.errors import MegalongError
 
 
-
 # Per-token fields of a micro-batch, [b, s] each.
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 

@@ -11,7 +11,6 @@ from megalong import runtime
 from megalong.model.cp_layout import gather_sequence_over_cp, slice_batch_for_cp_rank
 
 
-
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 

@@ -21,7 +21,6 @@ from megalong.model.rope import rotate_half_rope
 from megalong.model.spec import llama_block_spec
 
 
-
 @dataclass(frozen=True)
 class ModelOptions:
     """What, besides the architecture, decides the model that gets built."""

@@ -9,7 +9,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megalong import runtime
 
 
-
 class RMSNorm(MegatronModule):
     """Llama's RMSNorm, computed in float32 as HF does. Under sequence parallel each rank sees
     different tokens, so the weight's gradient is partial: the `sequence_parallel` tag makes

@@ -19,7 +19,6 @@ from megalong.model.norm import RMSNorm
 from megalong.model.swiglu import SwiGLUMLP
 
 
-
 # Checkpoints written with the local spec load into the TE spec and back: the local norm keys are
 # stored under the TE names (megatron's own local spec does the same; the weight map's TE aliases).
 NORM_KEYS_TO_TE = te_module_prefixes()

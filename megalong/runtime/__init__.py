@@ -19,7 +19,6 @@ from megalong.runtime.patches import (PATCHES, WRITTEN_FOR, adapt_megatron_to_cp
 from megalong.runtime.rng import seed_everything
 
 
-
 __all__ = [
     "KEEP_FREED_GLIBC_TUNABLES", "PATCHES", "WRITTEN_FOR",
     "adapt_megatron_to_cpu", "apply_patches", "check_ranks_agree", "device", "device_type",

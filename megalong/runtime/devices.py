@@ -6,7 +6,6 @@ from megalong import runtime
 from megalong.device_policy import cpu_forced
 
 
-
 def use_cuda() -> bool:
     """CUDA when torch sees a GPU, unless MEGALONG_DEVICE=cpu."""
     import torch

@@ -11,7 +11,6 @@ from megalong.config.parallel import ParallelConfig
 from megalong.errors import MegalongError
 
 
-
 def init_distributed(
     parallel: ParallelConfig = ParallelConfig(), *, seed: int = 1234, timeout_s: float = 600.0
 ) -> None:

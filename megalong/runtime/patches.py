@@ -29,7 +29,6 @@ from megalong.child_processes import exit_with_parent
 from megalong.errors import MegalongError
 
 
-
 WRITTEN_FOR = "0.16"  # the megatron-core series every patch below was read against
 GROUPS = ("import", "bring-up", "cpu", "eval", "model")
 

@@ -3,7 +3,6 @@
 from megalong import runtime
 
 
-
 def seed_everything(seed: int) -> None:
     """As megatron's model_parallel_cuda_manual_seed: the default and data-parallel streams
     share `seed`; the tensor-parallel stream differs per TP rank."""

@@ -6,7 +6,6 @@ import torch
 from megalong.errors import MegalongError
 
 
-
 def rank_sample_indices(iteration: int, global_batch_size: int, num_samples: int,
                         dp_rank: int, dp_size: int) -> list[int]:
     """Dataset indices of this data-parallel rank's share of global batch `iteration`:

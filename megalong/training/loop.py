@@ -21,7 +21,6 @@ from megalong.training.progress import Progress
 from megalong.training.setup import Trainer, build_trainer, data_parallel_rank_and_size
 
 
-
 def _reduced_loss(outputs) -> tuple[float, int]:
     """Token-weighted mean loss of the global batch, known on every rank. Losses live on the last
     pipeline stage; they are summed over data (and context) parallel ranks, then broadcast."""

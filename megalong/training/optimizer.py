@@ -7,7 +7,6 @@ from megalong.config.training import TrainingConfig
 from megalong.lora.apply import optimizer_overrides
 
 
-
 def build_optimizer(model_chunks, training: TrainingConfig, lora_b_lr_ratio=None):
     config = OptimizerConfig(
         optimizer="adam",  # decoupled weight decay: AdamW

@@ -9,7 +9,6 @@ from megalong import runtime
 from megalong.log import ProgressPrinter
 
 
-
 def peak_memory_gib() -> float:
     if runtime.use_cuda():
         return torch.cuda.max_memory_allocated() / 2**30

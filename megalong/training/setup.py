@@ -30,7 +30,6 @@ from megalong.log import log
 from megalong.training.tokenizer_check import load_checked_tokenizer
 
 
-
 @dataclass
 class Trainer:
     job: JobConfig

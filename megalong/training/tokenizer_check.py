@@ -5,7 +5,6 @@ from megalong.errors import MegalongError
 from megalong.source import find_tokenizer
 
 
-
 def load_checked_tokenizer(tokenizer, load, arch):
     """--tokenizer, else the tokenizer that came with --load; its ids must fit the model."""
     path = tokenizer or find_tokenizer(load)

@@ -273,3 +273,141 @@ def test_recipes_and_planner_know_the_families():
         assert parallel_flags(model, 131072, {})[1] == long_tp
         tp = int(long_tp)
         validate_tp(PRESETS[model], tp, 1)
+
+
+# ------------------------------------------------------------------------------ training step
+
+
+STEP_SEQ = 64
+
+
+def _step_batches():
+    import torch
+
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(2):
+        ids = torch.randint(0, 1001, (2, STEP_SEQ + 1), generator=gen)
+        loss_mask = (torch.rand(2, STEP_SEQ, generator=gen) > 0.2).float()
+        out.append({"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": loss_mask})
+    return out
+
+
+def family_train_steps(ckpts, layouts):
+    """On every rank, per (tp, sp, cp, families): the trainer (build_trainer: S²-Attn, LoRA+ with
+    embedding and every norm trainable) of each family's checkpoint, adapters re-initialised
+    with B random (so A gets gradients too), one forward/backward of the same micro-batches
+    (every data-parallel replica sees them all), through megatron DDP and finalize_model_grads.
+    Returns (layout, family, loss, {trainable name: gradient gathered over TP}) on each rank."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megalong.config.checkpoint import read_metadata
+    from megalong.config.job import JobConfig
+    from megalong.lora.apply import init_lora
+    from megalong.model.forward import run_microbatches
+    from megalong.training.setup import build_trainer
+    from test_lora import _gathered
+
+    out = []
+    for tp, sp, cp, families in layouts:
+        for family in families:
+            job = JobConfig().with_flags(
+                load=ckpts[family], seq_length=STEP_SEQ, attention="s2", train_iters=1,
+                tensor_model_parallel_size=tp, sequence_parallel=sp, context_parallel_size=cp,
+                micro_batch_size=2, lora_b_lr_ratio=16.0)
+            job = job.resolved(int(os.environ["WORLD_SIZE"]), read_metadata(ckpts[family]).arch,
+                               with_data=False)
+            trainer = build_trainer(job, datasets=(None, None))
+            model = trainer.models[0]
+            init_lora(model, seed=11, b_std=0.3)
+            for ddp in trainer.ddp_models:
+                ddp.zero_grad_buffer()
+            outputs = run_microbatches(trainer.ddp_models, _step_batches(), forward_only=False)
+            total = torch.tensor([sum(float(o["loss_sum"]) for o in outputs),
+                                  sum(float(o["num_tokens"]) for o in outputs)], dtype=torch.float64)
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+            params = dict(model.named_parameters())
+            grads = {n: _gathered(p.main_grad, p) for n, p in sorted(params.items()) if p.requires_grad}
+            out.append(((tp, sp, cp), family, (total[0] / total[1]).item(), grads))
+    return out
+
+
+@pytest.mark.slow
+def test_training_step_is_the_same_at_tp2_sp_and_cp2(family_dirs, tmp_path):
+    """Qwen2 (q/k/v biases, tied embedding) and Qwen3 (q/k norms, trainable in LoRA+'s "norm"
+    group): the loss and every trainable gradient of an S²-Attn + LoRA+ step at TP=2, TP=2 + SP
+    and (Qwen3) CP=2 equal TP=1's (DP=2 of identical replicas) within 1e-5 — the q/k norms'
+    gradients, partial per TP rank (each holds its heads), summed over TP by
+    finalize_model_grads."""
+    from megalong.conversion import hf_to_megatron
+    from megalong.spawn import run_on_ranks
+
+    families = ("qwen2", "qwen3")
+    ckpts = {}
+    for family in families:
+        ckpts[family] = str(tmp_path / family)
+        hf_to_megatron(family_dirs[family], ckpts[family], seq_length=STEP_SEQ)
+    layouts = [(1, False, 1, families), (2, False, 1, families), (2, True, 1, families),
+               (1, False, 2, ("qwen3",))]
+    per_rank = run_on_ranks(family_train_steps, 2, ckpts, layouts, timeout_s=300)
+    reference = {family: (loss, grads) for layout, family, loss, grads in per_rank[0]
+                 if layout == (1, False, 1)}
+    assert any("q_layernorm" in n for n in reference["qwen3"][1])
+    assert any("embedding" in n for n in reference["qwen2"][1])
+    checked = 0
+    for results in per_rank:
+        for layout, family, loss, grads in results:
+            want_loss, want = reference[family]
+            assert abs(loss - want_loss) <= 1e-5 * abs(want_loss), (layout, family, loss, want_loss)
+            assert grads.keys() == want.keys(), (layout, family)
+            for name, grad in want.items():
+                assert grad.abs().max() > 0, (family, name)
+                err = ((grads[name] - grad).norm() / grad.norm()).item()
+                assert err <= 1e-5, (layout, family, name, err)
+            checked += 1
+    assert checked == 2 * 7
+
+
+# ------------------------------------------------------------------------------ PEFT export
+
+
+def convert_all(argv_list):
+    """On one rank: `checkpoint_convert.py` (megalong.cli.convert) once per argv."""
+    from megalong.cli.convert import main
+
+    for argv in argv_list:
+        main(argv)
+
+
+@pytest.mark.slow
+def test_peft_adapter_export_loads_on_the_family_base(family_dirs, tmp_path):
+    """Qwen2 (biases, tied embedding) and Qwen3 (q/k norms among the trained extras): a TP=2
+    checkpoint with adapters on every linear and perturbed embedding and norms, exported with
+    `megatron-to-hf --peft-adapter`, loads with peft.PeftModel.from_pretrained on the family's HF
+    base and gives megalong's logits."""
+    import torch
+    from peft import PeftModel
+
+    from megalong.spawn import run_on_ranks
+    from test_lora_export import make_lora_checkpoints
+
+    families = ("qwen2", "qwen3")
+    tokens = torch.randint(0, 1001, (2, 32), generator=torch.Generator().manual_seed(4))
+    jobs = [(family_dirs[f], str(tmp_path / f)) for f in families]
+    references = run_on_ranks(make_lora_checkpoints, 2, jobs, tokens)[0]
+    run_on_ranks(convert_all, 1, [["megatron-to-hf", "--load", str(tmp_path / f), "--peft-adapter",
+                                   str(tmp_path / f"{f}-adapter")] for f in families])
+    for family, reference in zip(families, references):
+        _, model_cls = hf_classes(family)
+        base = model_cls.from_pretrained(family_dirs[family], dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert (base(tokens).logits - reference).abs().max() > 1e-2, family
+        model = PeftModel.from_pretrained(base, str(tmp_path / f"{family}-adapter")).eval()
+        with torch.no_grad():
+            assert (model(tokens).logits - reference).abs().max() <= 1e-4, family
+        config = json.load(open(tmp_path / f"{family}-adapter" / "adapter_config.json"))
+        norms = ["q_norm", "k_norm"] if family == "qwen3" else []
+        assert set(config["modules_to_save"]) == {"embed_tokens", "input_layernorm",
+                                                  "post_attention_layernorm", "norm", *norms}

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random HF Llama checkpoints written to temp dirs (no downloads)."""
 
+import json
 import os
 import sys
 
@@ -108,3 +109,25 @@ def tiny_megatron_ckpt(tmp_path_factory, tiny_hf_dir):
     out = str(tmp_path_factory.mktemp("mc") / "tiny")
     hf_to_megatron(tiny_hf_dir, out, seq_length=64)
     return out
+
+
+@pytest.fixture(scope="session")
+def no_bos_tokenizer(tmp_path_factory):
+    """A Qwen-style HF tokenizer directory: byte-level BPE (trained on the demo text, 400 tokens,
+    so it fits the tiny model's vocabulary), `"bos_token": null`, EOS and pad <|endoftext|> —
+    and a "<s>" in its vocabulary that must not be taken for a BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megalong.data.demo_text import demo_documents
+
+    directory = tmp_path_factory.mktemp("qwen_tok")
+    rust = Tokenizer(models.BPE())
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rust.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_end|>", "<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    rust.train_from_iterator(demo_documents("topics"), trainer)
+    rust.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    return str(directory)

@@ -387,3 +387,34 @@ def test_pretrain_datasets_two_ranks_agree(tmp_path, corpus, sp_model):
     two = run_on_ranks(first_items, 2, corpus, sp_model, str(tmp_path / "cache2"), timeout_s=120)
     (one,) = run_on_ranks(first_items, 1, corpus, sp_model, str(tmp_path / "cache1"), timeout_s=120)
     assert two[0] == two[1] == one
+
+
+def test_a_tokenizer_without_bos_feeds_every_data_path(no_bos_tokenizer, demo_jsonl, tmp_path):
+    """Qwen's tokenizers have no BOS ("bos_token": null, even with a "<s>" in the vocabulary):
+    pretraining documents, SFT samples and passkey prompts are built without one."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megalong.data.preprocess import preprocess_to_indexed
+    from megalong.data.sft import SftDataset
+    from megalong.eval.passkey import fit_passkey_prompt
+
+    tok = load_tokenizer(no_bos_tokenizer)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, 0, 0) and tok.vocab_size == 400
+    assert tok.describe()["bos_id"] is None
+    texts = documents_of(demo_jsonl)[:5]
+    prefix = str(tmp_path / "docs")
+    records = [{"text": t} for t in texts]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    preprocess_to_indexed([str(tmp_path / "docs.jsonl")], prefix, no_bos_tokenizer, progress=None)
+    dataset = IndexedDataset(prefix)
+    assert [dataset[i].tolist() for i in range(5)] == [tok.encode(t) + [0] for t in texts]
+    sft = SftDataset([{"instruction": "Say hi.", "output": "hi there"}], tok, seq_length=512,
+                     group_size=64)
+    sample = sft.encode(0)
+    prompt = tok.encode(llama2_chat_prompt("Say hi.", ""))
+    answer = tok.encode("hi there")
+    used = len(prompt) + len(answer) + 1
+    assert sample["tokens"][:used].tolist() == prompt + answer + [0]
+    assert sample["loss_mask"].sum() == len(answer) + 1  # the answer and its EOS, from label 0 on
+    fitted = fit_passkey_prompt(tok.encode, 300, 0.5, "48213", extra_tokens=0)
+    assert 250 < len(tok.encode(fitted.text)) <= 300

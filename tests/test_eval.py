@@ -363,3 +363,25 @@ def test_bad_inputs_give_one_line_errors(tiny_hf_dir, sp_model, tmp_path):
         assert done.returncode == 2 and len(lines) == 1, (tool, args, done.stderr)
         assert lines[0].startswith("error: ") and re.search(message, lines[0]), (message, lines)
     assert not any(p.suffix == ".json" for p in tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_passkey_and_generate_with_a_tokenizer_without_bos(tiny_megatron_ckpt, no_bos_tokenizer,
+                                                          tmp_path):
+    """Qwen-style tokenizer (no BOS): prompts are the text's tokens alone, filling the length."""
+    passkey_json, generated = tmp_path / "passkey.json", tmp_path / "g.json"
+    done = run_tool("passkey.py", "--load", tiny_megatron_ckpt, "--tokenizer", no_bos_tokenizer,
+                    "--lengths", "150", "--depths", "0.5", "--trials", "1", "--json", passkey_json,
+                    "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]
+    (case,) = json.loads(passkey_json.read_text())["cases"]
+    assert 140 < case["prompt_tokens"] <= 150
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The grass is green."}\n')
+    done = run_tool("generate.py", "--load", tiny_megatron_ckpt, "--tokenizer", no_bos_tokenizer,
+                    "--prompt-file", prompts, "--max-new-tokens", "3", "--json", generated)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (output,) = json.loads(generated.read_text())["outputs"]
+    from megalong.data.tokenizer import load_tokenizer
+
+    assert output["prompt_tokens"] == len(load_tokenizer(no_bos_tokenizer).encode("The grass is green."))

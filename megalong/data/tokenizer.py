@@ -84,7 +84,8 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def _special_token_names(directory: str) -> dict:
-    """bos/eos/pad token strings from tokenizer_config.json or special_tokens_map.json."""
+    """bos/eos/pad token strings from tokenizer_config.json or special_tokens_map.json; None for
+    a role set to null there (Qwen's `"bos_token": null`: the tokenizer has no BOS)."""
     names = {}
     for filename in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
         path = os.path.join(directory, filename)
@@ -95,7 +96,7 @@ def _special_token_names(directory: str) -> dict:
             value = config.get(f"{role}_token")
             if isinstance(value, dict):
                 value = value.get("content")
-            if isinstance(value, str):
+            if isinstance(value, str) or (value is None and f"{role}_token" in config):
                 names[role] = value
     return names
 
@@ -116,6 +117,10 @@ class HFTokenizersTokenizer(Tokenizer):
         names = _special_token_names(directory)
 
         def token_id(role, candidates):
+            if role in names and names[role] is None:
+                # Declared absent: no guessing from the vocabulary, which may still hold a
+                # "<s>" that the model never saw as a document start.
+                return None
             for name in ([names[role]] if role in names else []) + list(candidates):
                 found = self._tok.token_to_id(name)
                 if found is not None:

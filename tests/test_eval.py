@@ -171,9 +171,9 @@ def test_reports_write_json_markdown_and_plots(tmp_path):
 
 def hf_reference_ppl(hf_dir, tokens, seq_length, stride):
     """LongLoRA's eval with HF transformers: per window, HF's own loss (labels = inputs)."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     losses = []
     with torch.no_grad():
         for start in window_starts(len(tokens), seq_length, stride):
@@ -183,9 +183,9 @@ def hf_reference_ppl(hf_dir, tokens, seq_length, stride):
 
 
 def hf_greedy(hf_dir, prompt, max_new_tokens):
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
                          pad_token_id=0)
     return out[0, len(prompt):].tolist(), model.generation_config.eos_token_id
@@ -254,19 +254,44 @@ def assert_matches_hf(result, hf_dir, tokens, prompt, name):
     assert result["cached"] == result["recomputed"] == greedy, name
 
 
+@pytest.fixture(scope="module")
+def yarn_hf_dir(tmp_path_factory):
+    from conftest import make_hf_llama
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+            "rope_theta": 10000.0}
+    return str(make_hf_llama(tmp_path_factory.mktemp("hf") / "yarn4", rope_scaling=yarn, seed=4))
+
+
+@pytest.fixture(scope="module")
+def family_hf_dirs(tmp_path_factory):
+    """One tiny random model per family beyond Llama (test_families' configs)."""
+    from test_families import FAMILY_KWARGS, random_hf_model
+
+    dirs = {}
+    for family in FAMILY_KWARGS:
+        dirs[family] = str(tmp_path_factory.mktemp("hf") / family)
+        random_hf_model(family, seed=5).save_pretrained(dirs[family], safe_serialization=True)
+    return dirs
+
+
 @pytest.mark.slow
-def test_tp1_perplexity_and_generation_match_hf(tiny_hf_dir, interpolated_hf_dir, eval_tokens):
+def test_tp1_perplexity_and_generation_match_hf(tiny_hf_dir, interpolated_hf_dir, yarn_hf_dir,
+                                                family_hf_dirs, eval_tokens):
+    """Perplexity (LongLoRA's definition) and greedy generation equal transformers' for Llama
+    with plain RoPE, linear interpolation and YaRN, and for Mistral, Qwen2 and Qwen3."""
     from megalong.source import resolve_model_source
 
     prompt = random.Random(1).sample(range(VOCAB), 10)
     _, eos_id = hf_greedy(tiny_hf_dir, prompt, 1)
-    sources = [resolve_model_source(hf_dir=tiny_hf_dir), resolve_model_source(hf_dir=interpolated_hf_dir)]
-    assert sources[1].interpolation_factor == 4.0
-    (plain, interpolated), = run_on_ranks(eval_checks, 1, sources, eval_tokens, prompt, 20, eos_id)
-    assert_matches_hf(plain, tiny_hf_dir, eval_tokens, prompt, "tp1")
-    assert_matches_hf(interpolated, interpolated_hf_dir, eval_tokens, prompt, "tp1, factor 4")
-    for result in (plain, interpolated):
-        assert result["step_error"] <= 1e-4
+    dirs = {"tp1": tiny_hf_dir, "tp1, factor 4": interpolated_hf_dir, "tp1, yarn": yarn_hf_dir,
+            **{f"tp1, {family}": path for family, path in family_hf_dirs.items()}}
+    sources = [resolve_model_source(hf_dir=path) for path in dirs.values()]
+    assert sources[1].interpolation_factor == 4.0 and sources[2].arch.yarn_rope
+    results, = run_on_ranks(eval_checks, 1, sources, eval_tokens, prompt, 20, eos_id)
+    for (name, path), result in zip(dirs.items(), results):
+        assert_matches_hf(result, path, eval_tokens, prompt, name)
+        assert result["step_error"] <= 1e-4, name
         assert len(result["cached"]) == 20 or result["cached"][-1] == eos_id
 
 

@@ -52,6 +52,26 @@ def family_dirs(tmp_path_factory):
     return dirs
 
 
+# Position scaling on other families: linear interpolation (LongLoRA's) and YaRN.
+ROPE_VARIANTS = {
+    ("mistral", "linear"): {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+    ("qwen3", "yarn"): {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                        "rope_theta": 10000.0},
+}
+
+
+@pytest.fixture(scope="module")
+def rope_variant_dirs(tmp_path_factory):
+    """"family/variant" -> an HF directory of that family with that rope scaling."""
+    dirs = {}
+    for (family, variant), rope in ROPE_VARIANTS.items():
+        path = tmp_path_factory.mktemp("hf") / f"{family}-{variant}"
+        random_hf_model(family, seed=7, rope_parameters=rope).save_pretrained(
+            path, safe_serialization=True)
+        dirs[f"{family}/{variant}"] = str(path)
+    return dirs
+
+
 # ------------------------------------------------------------------------------ config.json
 
 
@@ -211,18 +231,24 @@ def _hf_logits(family, hf_dir, tokens):
 
 
 @pytest.mark.slow
-def test_logits_equal_transformers_at_tp1_and_tp2_sp(family_dirs):
+def test_logits_equal_transformers_at_tp1_and_tp2_sp(family_dirs, rope_variant_dirs):
+    """Each family, and two of them with linear interpolation and YaRN ("family/variant")."""
     import torch
 
     from megalong.spawn import run_on_ranks
 
-    tokens = torch.randint(0, 1001, (2, 32), generator=torch.Generator().manual_seed(3))
-    reference = {f: _hf_logits(f, d, tokens) for f, d in family_dirs.items()}
-    results = run_on_ranks(family_logits, 1, family_dirs, tokens, [(1, False)])[0]
-    results += run_on_ranks(family_logits, 2, family_dirs, tokens, [(2, False), (2, True)])[0]
-    assert len(results) == 9
-    for tp, sp, family, logits in results:
-        assert (logits - reference[family]).abs().max() <= 1e-4, (tp, sp, family)
+    from megalong.source import resolve_model_source
+
+    assert resolve_model_source(hf_dir=rope_variant_dirs["mistral/linear"]).interpolation_factor == 4
+    assert resolve_model_source(hf_dir=rope_variant_dirs["qwen3/yarn"]).arch.yarn_rope["factor"] == 4
+    dirs = {**family_dirs, **rope_variant_dirs}
+    tokens = torch.randint(0, 1001, (2, 64), generator=torch.Generator().manual_seed(3))
+    reference = {name: _hf_logits(name.split("/")[0], d, tokens) for name, d in dirs.items()}
+    results = run_on_ranks(family_logits, 1, dirs, tokens, [(1, False)])[0]
+    results += run_on_ranks(family_logits, 2, dirs, tokens, [(2, False), (2, True)])[0]
+    assert len(results) == 3 * len(dirs)
+    for tp, sp, name, logits in results:
+        assert (logits - reference[name]).abs().max() <= 1e-4, (tp, sp, name)
 
 
 # ------------------------------------------------------------------------------ round trip

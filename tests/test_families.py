@@ -409,27 +409,32 @@ def convert_all(argv_list):
 
 @pytest.mark.slow
 def test_peft_adapter_export_loads_on_the_family_base(family_dirs, tmp_path):
-    """Qwen2 (biases, tied embedding) and Qwen3 (q/k norms among the trained extras): a TP=2
-    checkpoint with adapters on every linear and perturbed embedding and norms, exported with
-    `megatron-to-hf --peft-adapter`, loads with peft.PeftModel.from_pretrained on the family's HF
-    base and gives megalong's logits."""
+    """Mistral (head_dim), Qwen2 (biases, tied embedding) and Qwen3 (q/k norms among the trained
+    extras): a TP=2 checkpoint with adapters on every linear and perturbed embedding and norms, exported with
+    `megatron-to-hf --peft-adapter` (loaded with peft.PeftModel.from_pretrained on the family's HF
+    base) and merged (`--out --merge-lora`, loaded as the family's class), gives megalong's
+    logits both ways."""
     import torch
     from peft import PeftModel
 
     from megalong.spawn import run_on_ranks
     from test_lora_export import make_lora_checkpoints
 
-    families = ("qwen2", "qwen3")
+    families = ("mistral", "qwen2", "qwen3")
     tokens = torch.randint(0, 1001, (2, 32), generator=torch.Generator().manual_seed(4))
     jobs = [(family_dirs[f], str(tmp_path / f)) for f in families]
     references = run_on_ranks(make_lora_checkpoints, 2, jobs, tokens)[0]
     run_on_ranks(convert_all, 1, [["megatron-to-hf", "--load", str(tmp_path / f), "--peft-adapter",
-                                   str(tmp_path / f"{f}-adapter")] for f in families])
+                                   str(tmp_path / f"{f}-adapter"), "--out", str(tmp_path / f"{f}-merged"),
+                                   "--merge-lora"] for f in families])
     for family, reference in zip(families, references):
         _, model_cls = hf_classes(family)
         base = model_cls.from_pretrained(family_dirs[family], dtype=torch.float32).eval()
         with torch.no_grad():
             assert (base(tokens).logits - reference).abs().max() > 1e-2, family
+        merged = model_cls.from_pretrained(tmp_path / f"{family}-merged", dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert (merged(tokens).logits - reference).abs().max() <= 1e-4, family
         model = PeftModel.from_pretrained(base, str(tmp_path / f"{family}-adapter")).eval()
         with torch.no_grad():
             assert (model(tokens).logits - reference).abs().max() <= 1e-4, family

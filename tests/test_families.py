@@ -410,10 +410,10 @@ def convert_all(argv_list):
 @pytest.mark.slow
 def test_peft_adapter_export_loads_on_the_family_base(family_dirs, tmp_path):
     """Mistral (head_dim), Qwen2 (biases, tied embedding) and Qwen3 (q/k norms among the trained
-    extras): a TP=2 checkpoint with adapters on every linear and perturbed embedding and norms, exported with
-    `megatron-to-hf --peft-adapter` (loaded with peft.PeftModel.from_pretrained on the family's HF
-    base) and merged (`--out --merge-lora`, loaded as the family's class), gives megalong's
-    logits both ways."""
+    extras): a TP=2 checkpoint with adapters on every linear and perturbed embedding and norms,
+    exported with `megatron-to-hf --peft-adapter` (loaded with peft.PeftModel.from_pretrained on
+    the family's HF base) and merged (`--out --merge-lora`, loaded as the family's class), gives
+    megalong's logits both ways."""
     import torch
     from peft import PeftModel
 
@@ -425,8 +425,8 @@ def test_peft_adapter_export_loads_on_the_family_base(family_dirs, tmp_path):
     jobs = [(family_dirs[f], str(tmp_path / f)) for f in families]
     references = run_on_ranks(make_lora_checkpoints, 2, jobs, tokens)[0]
     run_on_ranks(convert_all, 1, [["megatron-to-hf", "--load", str(tmp_path / f), "--peft-adapter",
-                                   str(tmp_path / f"{f}-adapter"), "--out", str(tmp_path / f"{f}-merged"),
-                                   "--merge-lora"] for f in families])
+                                   str(tmp_path / f"{f}-adapter"), "--merge-lora",
+                                   "--out", str(tmp_path / f"{f}-merged")] for f in families])
     for family, reference in zip(families, references):
         _, model_cls = hf_classes(family)
         base = model_cls.from_pretrained(family_dirs[family], dtype=torch.float32).eval()

@@ -202,7 +202,7 @@ def test_weight_map_is_the_family_class_parameters(family):
 
 
 def family_logits(dirs, tokens, layouts):
-    """On every rank, per (tp, sequence_parallel) and family: the model loaded from the HF
+    """On every rank, per (tp, sequence_parallel[, pp]) and family: the model loaded from the HF
     directory, its logits (None on ranks without the output)."""
     from megalong import runtime
     from megalong.build import load_model
@@ -210,14 +210,16 @@ def family_logits(dirs, tokens, layouts):
     from model_logits import full_logits
 
     out = []
-    for tp, sp in layouts:
-        parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp)
+    for tp, sp, *pp in layouts:
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp,
+                                  pipeline_model_parallel_size=pp[0] if pp else 1)
         runtime.init_distributed(parallel)
         for family, hf_dir in dirs.items():
             source = resolve_model_source(hf_dir=hf_dir, parallel=parallel)
             model = load_model(source, seq_length=tokens.shape[1], sequence_parallel=sp)
             logits = full_logits(model, tokens)
-            out.append((tp, sp, family, None if logits is None else logits[..., :source.arch.vocab_size]))
+            out.append((tp, sp, *pp, family,
+                        None if logits is None else logits[..., :source.arch.vocab_size]))
     return out
 
 
@@ -231,7 +233,7 @@ def _hf_logits(family, hf_dir, tokens):
 
 
 @pytest.mark.slow
-def test_logits_equal_transformers_at_tp1_and_tp2_sp(family_dirs, rope_variant_dirs):
+def test_logits_equal_transformers_at_tp1_tp2_sp_and_pp2(family_dirs, rope_variant_dirs):
     """Each family, and two of them with linear interpolation and YaRN ("family/variant")."""
     import torch
 
@@ -245,8 +247,11 @@ def test_logits_equal_transformers_at_tp1_and_tp2_sp(family_dirs, rope_variant_d
     tokens = torch.randint(0, 1001, (2, 64), generator=torch.Generator().manual_seed(3))
     reference = {name: _hf_logits(name.split("/")[0], d, tokens) for name, d in dirs.items()}
     results = run_on_ranks(family_logits, 1, dirs, tokens, [(1, False)])[0]
-    results += run_on_ranks(family_logits, 2, dirs, tokens, [(2, False), (2, True)])[0]
-    assert len(results) == 3 * len(dirs)
+    # TP=2 (+SP), then PP=2, whose logits are on the last stage (rank 1).
+    per_rank = run_on_ranks(family_logits, 2, dirs, tokens, [(2, False), (2, True), (1, False, 2)])
+    results += [r for r in per_rank[0] if len(r) == 4]
+    results += [r[:2] + r[3:] for r in per_rank[1] if len(r) == 5]
+    assert len(results) == 4 * len(dirs)
     for tp, sp, name, logits in results:
         assert (logits - reference[name]).abs().max() <= 1e-4, (tp, sp, name)
 

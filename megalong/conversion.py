@@ -18,9 +18,9 @@ from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata
 from megalong.config.hf_config import arch_from_hf_config, hf_config_from_arch, read_hf_dir_config
 from megalong.config.lora import LoraOptions, lora_metadata
 from megalong.config.model import default_interpolation_factor
-from megalong.config.yarn import refuse_linear_with_yarn
 from megalong.config.parallel import ParallelConfig
 from megalong.config.peft import peft_config_json
+from megalong.config.yarn import refuse_linear_with_yarn
 from megalong.convert.hf_checkpoint import (DEFAULT_MAX_SHARD_BYTES, copy_tokenizer_files,
                                             print_progress, write_hf_checkpoint)
 from megalong.convert.model_io import iter_hf_tensors

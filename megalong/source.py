@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megalong.checkpoint_manifest import select_iteration
-from megalong.config.arch import LlamaArch
+from megalong.config.arch import LlamaArch, validate_tp
 from megalong.config.checkpoint import TOKENIZER_SUBDIR, CheckpointMetadata, read_metadata
-from megalong.config.arch import validate_tp
 from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config
 from megalong.config.model import check_interpolation_factor
 from megalong.config.parallel import ParallelConfig

@@ -2,9 +2,9 @@
 context parallel (context_parallel.py) and the megatron-core core-attention module
 (core_attention.py)."""
 
-from megalong.config.model import GroupSizeError, check_group_size
 from megalong.attention.kernels import KernelUnavailableError, available_kernels
 from megalong.attention.s2 import dense_causal_attention, s2_attention
+from megalong.config.model import GroupSizeError, check_group_size
 
 
 __all__ = [

@@ -15,9 +15,8 @@ from typing import Dict, Optional
 
 import torch
 
+from megalong.attention.groups import cache_device, first_shifted_head as _first_shifted
 from megalong.config.model import check_group_size
-from megalong.attention.groups import (cache_device,
-                                       first_shifted_head as _first_shifted)
 
 
 try:  # torch >= 2.5

@@ -6,9 +6,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megalong.attention.groups import (cu_seqlens, cu_seqlens_both_halves,
-                                       fold_spans, head_halves, kv_head_index, pieces_per_span,
-                                       unfold_spans, varlen_tokens)
+from megalong.attention.groups import (cu_seqlens, cu_seqlens_both_halves, fold_spans, head_halves,
+                                       kv_head_index, pieces_per_span, unfold_spans, varlen_tokens)
 from megalong.attention.kernels import resolve_kernel
 from megalong.config.model import check_group_size
 

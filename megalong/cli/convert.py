@@ -13,13 +13,13 @@ import sys
 
 from megalong.atomic import check_out_dir
 from megalong.checkpoint_manifest import select_iteration
-from megalong.config.checkpoint import read_metadata
 from megalong.config.arch import validate_tp
+from megalong.config.checkpoint import read_metadata
 from megalong.config.hf_config import arch_from_hf_config, read_hf_dir_config
 from megalong.config.parallel import ParallelConfig
 from megalong.config.peft import read_peft_config
-from megalong.data.files import check_writable_dir
 from megalong.config.yarn import refuse_linear_with_yarn
+from megalong.data.files import check_writable_dir
 from megalong.errors import MegalongError, run_cli
 
 

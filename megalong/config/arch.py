@@ -6,6 +6,7 @@ from typing import Optional
 
 from megalong.errors import MegalongError
 
+
 VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 
 

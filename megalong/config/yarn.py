@@ -19,6 +19,7 @@ from typing import Optional
 
 from megalong.errors import MegalongError
 
+
 # transformers' yarn parameters (besides rope_type and rope_theta), in the order written.
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
              "mscale_all_dim", "truncate", "attention_factor")

@@ -13,10 +13,10 @@ from megalong.attention.context_parallel import HALO_COUNTER
 from megalong.config.job import JobConfig
 from megalong.config.training import TrainingConfig
 from megalong.errors import MegalongError
+from megalong.log import log
 from megalong.model.forward import run_microbatches
 from megalong.training.batches import microbatches
 from megalong.training.numerics import guarded_step
-from megalong.log import log
 from megalong.training.progress import Progress
 from megalong.training.setup import Trainer, build_trainer, data_parallel_rank_and_size
 

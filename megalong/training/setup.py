@@ -24,9 +24,9 @@ from megalong.config.model import resolve_group_size
 from megalong.data.pretrain import build_pretrain_datasets
 from megalong.data.sft import SftDataset
 from megalong.errors import MegalongError
+from megalong.log import log
 from megalong.lora.apply import setup_lora
 from megalong.training.optimizer import build_optimizer, build_scheduler
-from megalong.log import log
 from megalong.training.tokenizer_check import load_checked_tokenizer
 
 

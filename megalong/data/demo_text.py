@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from megalong.atomic import atomic_file
 from megalong.data.files import check_writable_dir, make_dirs
-from megalong.errors import MegalongError
+from megalong.errors import MegalongError, run_cli
 
 
 SOURCES = ("topics", "docstrings", "stdlib")
@@ -112,6 +112,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from megalong.errors import run_cli
-
     sys.exit(run_cli(main))

@@ -13,7 +13,6 @@ from megalong.records import read_json as _read_json
 
 def write_json(path: str, report: dict) -> None:
     """Atomically (a temp sibling renamed into place)."""
-    from megalong.data.files import make_dirs
     make_dirs(os.path.dirname(os.path.abspath(path)))
     with atomic_file(path) as staging, open(staging, "w") as handle:
         json.dump(report, handle, indent=2)

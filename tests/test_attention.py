@@ -39,11 +39,17 @@ def masked_attention(q, k, v, masks, heads_per_kv):
     return torch.stack(heads, dim=2)
 
 
-def reference_s2(q, k, v, group_size):
-    """All heads of the full model: global head h is shifted iff h >= nh // 2."""
-    seq_len, heads = q.shape[0], q.shape[2]
-    masks = [s2_mask(seq_len, group_size, h >= heads // 2) for h in range(heads)]
-    return masked_attention(q, k, v, masks, heads // k.shape[2])
+def pattern_masks(seq_len, group_size, heads, pattern="s2"):
+    """Per-head masks of the full model. s2: global head h is shifted iff h >= nh // 2; short
+    (the paper's ablation): every head in the unshifted groups."""
+    return [s2_mask(seq_len, group_size, pattern == "s2" and h >= heads // 2)
+            for h in range(heads)]
+
+
+def reference_s2(q, k, v, group_size, pattern="s2"):
+    """All heads of the full model, S²-Attn or the short pattern."""
+    masks = pattern_masks(q.shape[0], group_size, q.shape[2], pattern)
+    return masked_attention(q, k, v, masks, q.shape[2] // k.shape[2])
 
 
 def random_qkv(seq_len, batch, heads, kv_heads, dim=8, dtype=torch.float64, seed=0,
@@ -90,6 +96,30 @@ def test_s2_matches_mask_formula(seq_len, group_size, heads, kv_heads, batch, dt
         assert (out.double() - ref).abs().max() <= 1e-5
         for g, w in zip(got, want):
             assert (g.double() - w).abs().max() <= 1e-4 * w.abs().max()
+
+
+@pytest.mark.parametrize("seq_len,group_size,heads,kv_heads,batch", CASES)
+def test_short_pattern_matches_its_mask_formula(seq_len, group_size, heads, kv_heads, batch):
+    """shift=False: every head in the unshifted groups (the paper's "short" ablation), forward
+    and gradients, on the whole model's heads and on each tensor-parallel shard's."""
+    qkv = random_qkv(seq_len, batch, heads, kv_heads)
+    weight = torch.randn(seq_len, batch, heads, 8, dtype=torch.float64)
+    short = lambda q, k, v: s2_attention(q, k, v, group_size, kernel="sdpa", shift=False)  # noqa: E731
+    out, got = grads(short, qkv, weight)
+    ref, want = grads(lambda q, k, v: reference_s2(q, k, v, group_size, "short"), qkv, weight)
+    assert (out - ref).abs().max() <= 1e-10
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() <= 1e-8
+    # It is a different function from S²-Attn wherever a group boundary matters.
+    assert (out - reference_s2(*qkv, group_size)).abs().max() > 1e-3 or group_size == seq_len
+    if kv_heads % 2 == 0:  # TP=2 shards: the shard's heads, none shifted
+        q, k, v = qkv
+        h, g = heads // 2, kv_heads // 2
+        for rank in range(2):
+            part = s2_attention(q[:, :, rank * h:(rank + 1) * h], k[:, :, rank * g:(rank + 1) * g],
+                                v[:, :, rank * g:(rank + 1) * g], group_size, shift=False,
+                                kv_group_offset=rank * g, num_kv_groups=kv_heads)
+            assert (part - ref[:, :, rank * h:(rank + 1) * h]).abs().max() <= 1e-10
 
 
 @pytest.mark.parametrize("heads,kv_heads,tp", [(6, 3, 3), (8, 2, 2), (8, 4, 2), (12, 4, 4)])
@@ -166,8 +196,10 @@ def test_varlen_folding(monkeypatch):
     monkeypatch.setattr(s2_module, "resolve_kernel", lambda *a: LoopVarlen())
     for seq_len, group_size, heads, kv_heads, batch in CASES:
         q, k, v = random_qkv(seq_len, batch, heads, kv_heads)
-        torch.testing.assert_close(s2_attention(q, k, v, group_size),
-                                   reference_s2(q, k, v, group_size), rtol=0, atol=1e-10)
+        for pattern in ("s2", "short"):
+            torch.testing.assert_close(s2_attention(q, k, v, group_size, shift=pattern == "s2"),
+                                       reference_s2(q, k, v, group_size, pattern), rtol=0,
+                                       atol=1e-10)
 
 
 def test_varlen_packs_both_halves_into_one_call(monkeypatch):
@@ -451,7 +483,8 @@ def model_parallel(tmp_path_factory):
         dist.destroy_process_group()
 
 
-def make_core_attention(attention="s2", group_size=4, pg_collection=None, heads=4, kv_heads=2):
+def make_core_attention(attention="s2", group_size=4, pg_collection=None, heads=4, kv_heads=2,
+                        **patterns):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -463,7 +496,35 @@ def make_core_attention(attention="s2", group_size=4, pg_collection=None, heads=
     return S2CoreAttention(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal,
                            attention_type="self", cp_comm_type=None, softmax_scale=None,
                            pg_collection=pg_collection, attention=attention,
-                           group_size=group_size, kernel="auto")
+                           group_size=group_size, kernel="auto", **patterns)
+
+
+def test_core_attention_eval_and_ablation_patterns(model_parallel):
+    """attention "short" trains with unshifted groups; eval_attention s2/short evaluates with the
+    training patterns, G fixed or a ratio of each length; a decode step stays dense."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    q, k, v = random_qkv(16, 2, 4, 2, dtype=torch.float32)
+    want = {p: reference_s2(q, k, v, 4, p).flatten(2).float() for p in ("s2", "short")}
+    short = make_core_attention(attention="short").train()
+    torch.testing.assert_close(short(q, k, v, None), want["short"], rtol=0, atol=1e-5)
+    dense = dense_causal_attention(q, k, v).flatten(2)
+    torch.testing.assert_close(short.eval()(q, k, v, None), dense, rtol=0, atol=0)
+    for pattern in ("s2", "short"):
+        fixed = make_core_attention(attention="full", eval_attention=pattern).eval()
+        torch.testing.assert_close(fixed(q, k, v, None), want[pattern], rtol=0, atol=1e-5)
+        ratio = make_core_attention(attention="full", group_size=None, eval_attention=pattern,
+                                    group_size_ratio=0.25).eval()
+        torch.testing.assert_close(ratio(q, k, v, None), want[pattern], rtol=0, atol=1e-5)
+        half = reference_s2(q[:8], k[:8], v[:8], 2, pattern).flatten(2).float()  # G = 8 / 4
+        torch.testing.assert_close(ratio(q[:8], k[:8], v[:8], None), half, rtol=0, atol=1e-5)
+        step = ratio(q[-1:], k, v, None, attn_mask_type=AttnMaskType.no_mask)
+        torch.testing.assert_close(step, dense[-1:], rtol=0, atol=1e-6)
+        assert (fixed.train()(q, k, v, None) - dense).abs().max() == 0  # trains dense
+    with pytest.raises(MegalongError, match="eval_attention 'short' needs a group size"):
+        make_core_attention(attention="full", group_size=None, eval_attention="short")
+    with pytest.raises(MegalongError, match="attention must be one of"):
+        make_core_attention(attention="sliding")
 
 
 def test_core_attention_module_modes(model_parallel):

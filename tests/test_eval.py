@@ -318,6 +318,83 @@ def test_tp2_pp2_and_a_converted_checkpoint_match_hf(tiny_hf_dir, tiny_megatron_
     assert rank0[2]["step_error"] is None  # the first pipeline stage holds no logits
 
 
+# ---------------------------------------------------------------- --eval-attention s2 / short
+
+
+def hf_pattern_window_losses(hf_dir, tokens, seq_length, stride, pattern, group_size):
+    """Each window's loss from HF transformers' Llama whose attention is the float64 mask
+    formula of the pattern (test_attention.pattern_masks), per head."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+
+    from test_attention import pattern_masks
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        b, heads, n, d = query.shape
+        per_kv = heads // key.shape[1]
+        masks = pattern_masks(n, group_size, heads, pattern)
+        outs = []
+        for h in range(heads):
+            scores = query[:, h].double() @ key[:, h // per_kv].double().transpose(-1, -2)
+            scores = (scores * scaling).masked_fill(~masks[h], float("-inf"))
+            outs.append(scores.softmax(-1) @ value[:, h // per_kv].double())
+        return torch.stack(outs, dim=2).to(query.dtype), None  # [b, n, heads, d]
+
+    name = f"megalong_test_{pattern}_{group_size}"
+    AttentionInterface.register(name, attend)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32,
+                                                 attn_implementation=name).eval()
+    losses = []
+    with torch.no_grad():
+        for start in window_starts(len(tokens), seq_length, stride):
+            x = torch.from_numpy(tokens[start:start + seq_length].astype(np.int64))[None]
+            losses.append(model(input_ids=x, labels=x).loss.item())
+    return losses
+
+
+def pattern_evals(sources, token_file, attentions):
+    """eval_ppl's rank function for each (source, eval attention), micro-batches of 2 windows."""
+    from megalong.eval.runs import eval_ppl_on_ranks
+
+    return [[eval_ppl_on_ranks(source, token_file, SEQ_LENGTHS, STRIDE, None, 2, None, False,
+                               attention) for attention in attentions] for source in sources]
+
+
+@pytest.mark.slow
+def test_eval_attention_patterns_match_the_mask_formula(tiny_hf_dir, eval_tokens, tmp_path):
+    """--eval-attention s2 and short equal HF's Llama with the float64 mask formula as its
+    attention, window by window: G a ratio of each length or fixed; at TP=1 with two
+    data-parallel ranks sharing the windows, and at TP=2 (each rank its heads' slice)."""
+    from megalong.config.model import EvalAttention
+    from megalong.source import resolve_model_source
+
+    token_file = str(tmp_path / "tokens.bin")
+    eval_tokens.tofile(token_file)
+    attentions = [EvalAttention(pattern="s2"), EvalAttention(pattern="short"),
+                  EvalAttention(pattern="s2", group_size=16), EvalAttention()]
+    sources = [resolve_model_source(hf_dir=tiny_hf_dir),
+               resolve_model_source(hf_dir=tiny_hf_dir,
+                                    parallel=ParallelConfig(tensor_model_parallel_size=2))]
+    rank0, rank1 = run_on_ranks(pattern_evals, 2, sources, token_file, attentions)
+    for a, b in zip(sum(rank0, []), sum(rank1, [])):  # every rank returns the same numbers
+        assert [r["window_losses"] for r in a["results"]] == \
+            [r["window_losses"] for r in b["results"]]
+    for name, reports in zip(("tp1 dp2", "tp2"), rank0):
+        for attention, report in zip(attentions[:3], reports):
+            assert report["eval_attention"] == attention.pattern
+            for row, dense in zip(report["results"], reports[3]["results"]):
+                group = attention.group_size or row["seq_length"] // 4
+                assert row["group_size"] == group
+                want = hf_pattern_window_losses(tiny_hf_dir, eval_tokens, row["seq_length"],
+                                                STRIDE, attention.pattern, group)
+                got = row["window_losses"]
+                assert len(got) == len(want) == row["windows"], name
+                assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4, (name, attention)
+                reference = math.exp(sum(want) / len(want))
+                assert abs(row["ppl"] - reference) <= 1e-4 * reference, (name, attention)
+                # and not dense attention's numbers
+                assert abs(row["ppl"] - dense["ppl"]) > 1e-2 * dense["ppl"], (name, attention)
+
+
 # ---------------------------------------------------------------- CLIs
 
 

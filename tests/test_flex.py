@@ -143,6 +143,8 @@ def test_forward_matches_mask_formula(seq_len, group_size, heads, kv_heads, batc
     ref = reference_s2(q, k, v, group_size)
     assert out.dtype == torch.float64 and out.shape == ref.shape
     assert (out - ref).abs().max() <= 1e-10
+    short = FlexKernel().attend_whole(q, k, v, group_size, block_size=16, shift=False)
+    assert (short - reference_s2(q, k, v, group_size, "short")).abs().max() <= 1e-10
 
 
 def test_forward_float32_and_scale():

@@ -1,9 +1,13 @@
 """S2CoreAttention: the `core_attention` slot of megatron-core's SelfAttention.
 
 A drop-in for megatron's DotProductAttention (same constructor and forward), built from a
-ModuleSpec with params {"attention": "s2" | "full", "group_size": int | None, "kernel": ...}.
-S²-Attn runs only while training with attention "s2" on a full sequence (sq == sk); eval()
-or attention "full" gives dense attention that honours megatron's attn_mask_type.
+ModuleSpec with params {"attention": "s2" | "short" | "full", "group_size": int | None,
+"kernel": ..., "eval_attention": "full" | "s2" | "short", "group_size_ratio": float | None}.
+`attention` is the pattern while training, `eval_attention` the one in eval() (dense unless an
+evaluation asks for the training patterns, tools/eval_ppl.py --eval-attention). A grouped pattern
+runs on a full sequence (sq == sk) with G = group_size, or group_size_ratio of the sequence
+length when given (one eval model serves several lengths); anything else, a KV-cache decode step
+included, gets dense attention that honours megatron's attn_mask_type.
 Under context parallel each rank holds a contiguous slice of the sequence: S²-Attn receives a
 half-group halo of K/V from the previous rank, dense attention all-gathers K/V
 (context_parallel.py).
@@ -20,6 +24,8 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from megalong.attention.context_parallel import cp_dense_attention, cp_s2_attention
 from megalong.attention.kernels import KERNELS
 from megalong.attention.s2 import dense_causal_attention, s2_attention
+from megalong.config.model import (ATTENTION_PATTERNS, GROUPED_PATTERNS, check_short_under_cp,
+                                   resolve_group_size)
 from megalong.errors import MegalongError
 
 
@@ -34,14 +40,17 @@ class S2CoreAttention(MegatronModule):
                  attention_type: str = "self", attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection=None, *, attention: str = "s2", group_size: Optional[int] = None,
-                 kernel: str = "auto"):
+                 kernel: str = "auto", eval_attention: str = "full",
+                 group_size_ratio: Optional[float] = None):
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if attention not in ("s2", "full"):
-            raise MegalongError(f"attention must be 's2' or 'full', got {attention!r}")
-        if attention == "s2" and not group_size:
-            raise MegalongError("attention 's2' needs a group size (--group-size or "
-                                "--group-size-ratio); use attention 'full' for dense attention")
+        for name, pattern in (("attention", attention), ("eval_attention", eval_attention)):
+            if pattern not in ATTENTION_PATTERNS:
+                raise MegalongError(f"{name} must be one of {ATTENTION_PATTERNS}, got {pattern!r}")
+            if pattern in GROUPED_PATTERNS and not (group_size or group_size_ratio):
+                raise MegalongError(f"{name} {pattern!r} needs a group size (--group-size or "
+                                    "--group-size-ratio); use 'full' for dense attention")
+            check_short_under_cp(pattern, config.context_parallel_size, name)
         if kernel not in KERNELS:
             raise MegalongError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
         if dropout:
@@ -50,7 +59,8 @@ class S2CoreAttention(MegatronModule):
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
-        self.attention, self.group_size, self.kernel = attention, group_size, kernel
+        self.attention, self.eval_attention, self.kernel = attention, eval_attention, kernel
+        self.group_size, self.group_size_ratio = group_size, group_size_ratio
         self.softmax_scale = softmax_scale
         if pg_collection is None:
             self.tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
@@ -80,24 +90,26 @@ class S2CoreAttention(MegatronModule):
     def _attention(self, len_q: int, len_k: int, dim: int, attention_mask, mask_type):
         """The attention this call runs, as a function of (q, k, v)."""
         scale = 1.0 / math.sqrt(dim) if self.softmax_scale is None else self.softmax_scale
-        if self.training and self.attention == "s2" and len_q == len_k:
+        pattern = self.attention if self.training else self.eval_attention
+        if pattern in GROUPED_PATTERNS and len_q == len_k:
             # The group mask is causal by construction, so a causal attention_mask adds nothing
             # (SFT padding sits at the end of a sample and is masked out of the loss instead).
             if mask_type not in _CAUSAL:
                 raise MegalongError(f"S²-Attn is causal; it cannot apply attn_mask_type "
                                     f"{mask_type.name} (use a causal layer spec)")
+            group_size = self._group_size(len_q)
 
-            def s2(q, k, v):
+            def grouped(q, k, v):
                 kv_heads = k.shape[2]
                 heads_of_shard = dict(kv_group_offset=self.tp_rank * kv_heads,
                                       num_kv_groups=kv_heads * self.tp_size,
                                       kernel=self.kernel, softmax_scale=scale)
-                if self.cp_group is not None:
-                    return cp_s2_attention(q, k, v, self.group_size, self.cp_group,
+                if self.cp_group is not None:  # s2 only: "short" is refused under CP
+                    return cp_s2_attention(q, k, v, group_size, self.cp_group,
                                            layer=self.layer_number, **heads_of_shard)
-                return s2_attention(q, k, v, self.group_size, **heads_of_shard)
+                return s2_attention(q, k, v, group_size, shift=pattern == "s2", **heads_of_shard)
 
-            return s2
+            return grouped
         if self.cp_group is not None:
             if len_q != len_k or mask_type not in (AttnMaskType.causal,
                                                    AttnMaskType.causal_bottom_right):
@@ -111,6 +123,14 @@ class S2CoreAttention(MegatronModule):
             else attention_mask
         return lambda q, k, v: dense_causal_attention(q, k, v, causal=causal, attention_mask=mask,
                                                       softmax_scale=scale)
+
+    def _group_size(self, local_len: int) -> int:
+        """G for a sequence whose slice on this rank is local_len tokens: the fixed group size,
+        else the ratio of the whole length."""
+        seq_len = local_len * (get_pg_size(self.cp_group) if self.cp_group is not None else 1)
+        if self.group_size_ratio is None:
+            return self.group_size
+        return resolve_group_size(seq_len, None, self.group_size_ratio)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """No parameters, nothing to checkpoint."""

@@ -144,10 +144,10 @@ class FlexKernel:
 
     def attend_whole(self, q, k, v, group_size: int, *, kv_group_offset: int = 0,
                      num_kv_groups: Optional[int] = None, scale: Optional[float] = None,
-                     block_size: int = 128) -> torch.Tensor:
+                     block_size: int = 128, shift: bool = True) -> torch.Tensor:
         """q [N, b, h, d], k/v [N, b, h_kv, d] -> [N, b, h, d], contiguous (flex lays its output
         out like q, which megatron hands over as a strided view of the qkv output); heads are
-        this shard's, kv_group_offset/num_kv_groups as in s2_attention."""
+        this shard's, kv_group_offset/num_kv_groups/shift as in s2_attention."""
         seq_len, _, heads, dim = q.shape
         kv_heads = k.shape[2]
         if q.device.type == "cpu" and any(x.requires_grad for x in (q, k, v)):
@@ -161,6 +161,8 @@ class FlexKernel:
         # Canonical key: local head offset 0 with the local first shifted head, so shards and
         # models with the same local split share one BlockMask.
         first_local = _first_shifted(heads, kv_heads, kv_group_offset, num_kv_groups)
+        if not shift:
+            first_local = heads  # no head is shifted
         block_mask = s2_block_mask(seq_len, group_size, num_heads=heads, head_offset=0,
                                    first_shifted_head=first_local, block_size=block_size,
                                    device=q.device)

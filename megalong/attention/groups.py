@@ -73,9 +73,12 @@ class HeadHalf:
 
 
 def head_halves(num_heads: int, num_kv_heads: int, kv_group_offset: int = 0,
-                num_kv_groups: Optional[int] = None) -> List[HeadHalf]:
-    """The non-empty halves (unshifted first) of this shard's query heads."""
+                num_kv_groups: Optional[int] = None, shift: bool = True) -> List[HeadHalf]:
+    """The non-empty halves (unshifted first) of this shard's query heads. shift=False is the
+    "short" ablation pattern: every head unshifted, so one half holds them all."""
     split = first_shifted_head(num_heads, num_kv_heads, kv_group_offset, num_kv_groups)
+    if not shift:
+        split = num_heads
     heads_per_kv = num_heads // num_kv_heads
     halves = []
     for shifted, q_start, q_end in ((False, 0, split), (True, split, num_heads)):

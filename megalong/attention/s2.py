@@ -27,11 +27,13 @@ def _check_qkv(q, k, v):
 
 def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, *,
                  kv_group_offset: int = 0, num_kv_groups: Optional[int] = None,
-                 kernel: str = "auto", softmax_scale: Optional[float] = None) -> torch.Tensor:
+                 kernel: str = "auto", softmax_scale: Optional[float] = None,
+                 shift: bool = True) -> torch.Tensor:
     """Shifted sparse attention. q [N, b, h, d], k/v [N, b, h_kv, d] (RoPE applied) ->
     [N, b, h, d]. kv_group_offset / num_kv_groups: global index of local kv group 0 and the
     global kv-group count, so a tensor-parallel shard computes its slice of the full function.
-    Cost grows as N * G; no N x N mask exists."""
+    shift=False gives the paper's "short" ablation pattern: every head attends within the
+    unshifted groups. Cost grows as N * G; no N x N mask exists."""
     _check_qkv(q, k, v)
     seq_len, batch, heads, dim = q.shape
     if k.shape[0] != seq_len:
@@ -41,8 +43,8 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: 
     scale = 1.0 / math.sqrt(dim) if softmax_scale is None else softmax_scale
     if impl.layout == "whole":  # one masked call on the unfolded sequence (flex)
         return impl.attend_whole(q, k, v, group_size, kv_group_offset=kv_group_offset,
-                                 num_kv_groups=num_kv_groups, scale=scale)
-    halves = head_halves(heads, k.shape[2], kv_group_offset, num_kv_groups)
+                                 num_kv_groups=num_kv_groups, scale=scale, shift=shift)
+    halves = head_halves(heads, k.shape[2], kv_group_offset, num_kv_groups, shift)
     if impl.layout == "varlen":
         return _s2_varlen(impl, q, k, v, halves, group_size, scale)
     q_spans = [(h.q_start, h.q_end, h.shifted) for h in halves]

@@ -1,10 +1,11 @@
-"""Long-context perplexity with dense attention, as LongLoRA's eval defines it: windows of
-seq-length tokens every --stride tokens, PPL = exp(mean over windows of each window's mean token
-loss). Any TP/PP: under torchrun the launched ranks are used, otherwise TP x PP local ranks are
-spawned.
+"""Long-context perplexity, as LongLoRA's eval defines it: windows of seq-length tokens every
+--stride tokens, PPL = exp(mean over windows of each window's mean token loss). Dense attention
+unless --eval-attention asks for a training pattern. Any TP/PP: under torchrun the launched
+ranks are used, otherwise TP x PP local ranks are spawned.
 
   eval_ppl.py --load CKPT | --hf-dir DIR  --data PREFIX|tokens.bin  --seq-lengths 2048,4096
-              [--stride 256] [--max-windows K] [--json OUT] [--plot OUT.png]
+              [--stride 256] [--max-windows K] [--eval-attention full|s2|short]
+              [--json OUT] [--plot OUT.png]
 
 --data: a megatron IndexedDataset prefix (documents concatenated) or a flat token file (uint16,
 uint32 for vocabularies over 65536; LongLoRA's PG19/proof-pile format). Prints a Markdown table.
@@ -15,6 +16,7 @@ import os
 import sys
 
 from megalong.cli import model_args
+from megalong.config.model import EvalAttention
 from megalong.errors import MegalongError, run_cli
 from megalong.eval.data import check_windows_fit, open_eval_tokens
 from megalong.eval.report import plot_ppl, ppl_markdown, write_json
@@ -34,12 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-windows", type=int, default=None,
                       help="evaluate at most K windows per length, spread evenly over the data")
     data.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward pass")
+    attention = parser.add_argument_group("attention")
+    attention.add_argument("--eval-attention", choices=["full", "s2", "short"], default="full",
+                           help="full: dense causal attention, as the model is deployed "
+                                "(default); s2: S²-Attn, as in training, the paper's 'tested with "
+                                "S²-Attn'; short: groups without the shift (ablation only)")
+    attention.add_argument("--group-size-ratio", type=float, default=None,
+                           help="with --eval-attention s2/short: group size as a fraction of each "
+                                "evaluated length (default 0.25)")
+    attention.add_argument("--group-size", type=int, default=None,
+                           help="with --eval-attention s2/short: group size in tokens for every "
+                                "length (overrides --group-size-ratio)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
     out.add_argument("--plot", default=None, metavar="OUT.png", help="plot perplexity vs length")
     out.add_argument("--label", default=None, help="name of the model in the plot legend")
     out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
+
+
+def eval_attention(args) -> EvalAttention:
+    ratio = 0.25 if args.group_size_ratio is None else args.group_size_ratio
+    return EvalAttention(pattern=args.eval_attention, group_size=args.group_size,
+                         group_size_ratio=ratio)
 
 
 def validate(args):
@@ -51,6 +70,10 @@ def validate(args):
     bad = [n for n in args.seq_lengths if n < 2]
     if bad:
         raise MegalongError(f"--seq-lengths must be >= 2, got {bad}")
+    if args.eval_attention == "full" and (args.group_size, args.group_size_ratio) != (None, None):
+        raise MegalongError("--group-size/--group-size-ratio apply to --eval-attention s2 or "
+                            "short only")
+    eval_attention(args).validate(args.seq_lengths)
     source = model_args.source_from_args(args)
     data = open_eval_tokens(args.data, vocab_size=source.arch.vocab_size, dtype=args.data_dtype)
     check_windows_fit(len(data), args.seq_lengths, args.stride)
@@ -66,7 +89,8 @@ def main(argv=None) -> None:
 
     report = run_on_model_ranks(
         source, eval_ppl_on_ranks, source, args.data, args.seq_lengths, args.stride,
-        args.max_windows, args.micro_batch_size, args.data_dtype, not args.quiet)
+        args.max_windows, args.micro_batch_size, args.data_dtype, not args.quiet,
+        eval_attention(args))
     if int(os.environ.get("RANK", "0")) != 0:
         return
     print(ppl_markdown(report))

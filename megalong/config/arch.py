@@ -152,4 +152,7 @@ PRESETS = {
     # Tiny presets for tests and the CPU demo: GQA, vocab not divisible by 2.
     "tiny": LlamaArch(128, 4, 8, 4, 256, 1001, max_position_embeddings=256),
     "tiny-mha": LlamaArch(64, 2, 4, 4, 160, 999, max_position_embeddings=128),
+    # The attention-pattern ablation's base model (examples/ablation_patterns.sh): 3.4 M
+    # parameters, 256 tokens of context.
+    "mini": LlamaArch(256, 4, 8, 4, 704, 1001, max_position_embeddings=256),
 }

@@ -23,6 +23,12 @@ LOSS_CHUNK_TOKENS = 2048
 
 ATTENTION_KERNELS = ("auto", "sdpa", "torch-varlen", "flex", "flash", "te")
 
+# Attention patterns (DESIGN.md §5): S²-Attn; "short", the paper's ablation of S²-Attn without the
+# shift (groups only: no token ever sees another group; not for production, refused under CP);
+# dense causal attention.
+ATTENTION_PATTERNS = ("s2", "short", "full")
+GROUPED_PATTERNS = ("s2", "short")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -52,9 +58,12 @@ class ModelConfig:
                            help="architecture preset (when no --hf-dir or --load gives one)")
         group.add_argument("--seq-length", type=int, default=None,
                            help="training sequence length N (S²-Attn groups are derived from it)")
-        group.add_argument("--attention", choices=["s2", "full"], default="s2",
+        group.add_argument("--attention", choices=list(ATTENTION_PATTERNS), default="s2",
                            help="s2: shifted sparse attention while training (dense in eval); "
-                                "full: dense causal attention always (default s2)")
+                                "full: dense causal attention always; short: groups without the "
+                                "shift while training, the paper's ablation pattern (not for "
+                                "production: no information crosses a group; refused under "
+                                "context parallel) (default s2)")
         group.add_argument("--group-size-ratio", type=float, default=0.25,
                            help="S²-Attn group size as a fraction of --seq-length (default 0.25)")
         group.add_argument("--group-size", type=int, default=None,
@@ -102,7 +111,7 @@ class ModelConfig:
 
     def group_size_for(self, seq_length: int) -> Optional[int]:
         """G while training (None with dense attention)."""
-        if self.attention != "s2":
+        if self.attention not in GROUPED_PATTERNS:
             return None
         return resolve_group_size(seq_length, self.group_size, self.group_size_ratio)
 
@@ -115,6 +124,7 @@ class ModelConfig:
         if parallel.sequence_parallel and seq_length % tp:
             raise MegalongError(f"--sequence-parallel: seq-length {seq_length} must be divisible "
                                 f"by tensor-model-parallel-size {tp}")
+        check_short_under_cp(self.attention, parallel.context_parallel_size, "--attention")
         validate_context_parallel(seq_length, parallel.context_parallel_size,
                                   self.group_size_for(seq_length), tp=tp,
                                   sequence_parallel=parallel.sequence_parallel)
@@ -200,6 +210,13 @@ def resolve_group_size(seq_length: int, group_size=None, ratio: float = 0.25) ->
     return group_size
 
 
+def check_short_under_cp(pattern: str, cp: int, flag: str) -> None:
+    """The "short" pattern is an ablation; its context-parallel halo is not worth having."""
+    if pattern == "short" and cp > 1:
+        raise MegalongError(f"{flag} short is an ablation pattern and is not supported under "
+                            f"context parallel (--context-parallel-size {cp}); use s2 or full")
+
+
 def validate_context_parallel(seq_length: int, cp: int, group_size=None, *, tp: int = 1,
                               sequence_parallel: bool = False) -> None:
     """CP rank r holds tokens [rL, (r+1)L), L = N/c. With S²-Attn (group size G) L must be a
@@ -283,3 +300,41 @@ def default_interpolation_factor(seq_length, original_length, recorded=None):
 
 def importable(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalAttention:
+    """The attention an evaluation runs (tools/eval_ppl.py --eval-attention): dense ("full", the
+    default and what users deploy), or a training pattern ("s2", "short") with G = group_size,
+    or group_size_ratio of each evaluated length."""
+
+    pattern: str = "full"
+    group_size: Optional[int] = None
+    group_size_ratio: float = 0.25
+
+    def group_size_at(self, seq_length: int) -> Optional[int]:
+        if self.pattern not in GROUPED_PATTERNS:
+            return None
+        return resolve_group_size(seq_length, self.group_size, self.group_size_ratio)
+
+    def validate(self, seq_lengths) -> None:
+        """Every evaluated length fits the groups (GroupSizeError names the length)."""
+        if self.pattern not in ATTENTION_PATTERNS:
+            raise MegalongError(f"eval attention must be one of {ATTENTION_PATTERNS}, "
+                                f"got {self.pattern!r}")
+        for seq_length in seq_lengths:
+            self.group_size_at(seq_length)
+
+    def model_options(self) -> dict:
+        """ModelOptions fields of the eval model (build.load_model's keywords)."""
+        if self.pattern not in GROUPED_PATTERNS:
+            return {}
+        ratio = None if self.group_size else self.group_size_ratio
+        return {"eval_attention": self.pattern, "group_size": self.group_size,
+                "group_size_ratio": ratio}
+
+    def describe(self) -> str:
+        if self.pattern not in GROUPED_PATTERNS:
+            return "dense"
+        groups = f"G={self.group_size}" if self.group_size else f"G={self.group_size_ratio:g}N"
+        return f"{'S2-Attn' if self.pattern == 's2' else 'short (unshifted groups)'}, {groups}"

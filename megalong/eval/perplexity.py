@@ -5,7 +5,9 @@ num_tokens − seq_length, without the last one (LongLoRA's get_as_batch drops i
 compare with theirs). Each window is one sequence; its loss is the mean over its seq_length − 1
 next-token predictions, and PPL = exp(mean over windows of the window losses). Every window has
 the same number of predictions, so that mean is also Σ loss / Σ tokens, which is what the ranks
-add up. Attention is dense (the model is built with attention "full", in eval mode).
+add up. Attention is dense (the model is built with attention "full", in eval mode) unless the
+evaluation asks for a training pattern (config.model.EvalAttention). Each row also keeps every
+window's loss, in window order, for intervals over the windows (eval/bootstrap.py).
 """
 
 import time
@@ -14,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from megalong import runtime
+from megalong.config.model import EvalAttention
 from megalong.eval.data import perplexity, window_starts
 from megalong.log import ProgressPrinter
 from megalong.model.forward import run_microbatches
@@ -50,16 +53,18 @@ class _Progress:
 
 
 def mean_window_loss(model, tokens: np.ndarray, seq_length: int, starts: list[int], *,
-                     micro_batch_size: int = 1, progress: bool = True) -> tuple[float, int]:
-    """(mean over the windows of each window's mean token loss, predictions counted) on the
-    model's ranks (any TP/PP; data-parallel ranks share the windows). Every rank gets the result."""
+                     micro_batch_size: int = 1, progress: bool = True):
+    """(mean over the windows of each window's mean token loss, predictions counted, each
+    window's mean loss in `starts` order) on the model's ranks (any TP/PP; data-parallel ranks
+    share the windows). Every rank gets the result."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    batches = [starts[i:i + micro_batch_size] for i in range(0, len(starts), micro_batch_size)]
+    batches = [list(range(i, min(i + micro_batch_size, len(starts))))
+               for i in range(0, len(starts), micro_batch_size)]  # window indices
     mine = batches[dp_rank::dp_size]
     holds_loss = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                   and parallel_state.get_tensor_model_parallel_rank() == 0)
@@ -69,39 +74,49 @@ def mean_window_loss(model, tokens: np.ndarray, seq_length: int, starts: list[in
     per_call = 2 * parallel_state.get_pipeline_model_parallel_world_size()
     loss_sum, num_tokens, done = 0.0, 0, 0
     device = runtime.device()
+    window_sums = torch.zeros(len(starts), dtype=torch.float64, device=device)
     with torch.no_grad():
         for first in range(0, len(mine), per_call):
             group = mine[first:first + per_call]
             outputs = run_microbatches(
-                model, [_window_batch(tokens, b, seq_length, device) for b in group],
+                model, [_window_batch(tokens, [starts[i] for i in b], seq_length, device)
+                        for b in group],
                 forward_only=True)
-            for out in outputs:
+            for indices, out in zip(group, outputs):
                 loss_sum += float(out["loss_sum"].double())
                 num_tokens += int(out["num_tokens"])
+                window_sums[indices] = out["sample_loss_sums"].double()
             done += sum(len(b) for b in group)
             meter.update(done, done * seq_length, loss_sum / max(num_tokens, 1))
     meter.update(done, done * seq_length, loss_sum / max(num_tokens, 1), final=True)
     totals = torch.tensor([loss_sum, num_tokens] if holds_loss else [0.0, 0.0],
                           dtype=torch.float64, device=device)
+    if not holds_loss:
+        window_sums.zero_()
+    totals = torch.cat([totals, window_sums])
     dist.all_reduce(totals)  # one TP rank of the last stage per data-parallel rank contributes
-    loss_sum, num_tokens = totals.tolist()
+    loss_sum, num_tokens = totals[:2].tolist()
     expected = len(starts) * (seq_length - 1)
     if int(num_tokens) != expected:
         raise RuntimeError(f"counted {int(num_tokens)} predictions, expected {expected}")
-    return loss_sum / num_tokens, int(num_tokens)
+    return loss_sum / num_tokens, int(num_tokens), (totals[2:] / (seq_length - 1)).tolist()
 
 
 def evaluate_perplexity(model, tokens: np.ndarray, seq_lengths, *, stride: int = 256,
                         max_windows: Optional[int] = None, micro_batch_size: int = 1,
-                        progress: bool = True) -> list[dict]:
-    """One row per seq_length: windows, predictions, mean loss, perplexity."""
+                        progress: bool = True, attention: EvalAttention = EvalAttention()) -> list[dict]:
+    """One row per seq_length: windows, predictions, mean loss, perplexity, the group size of a
+    grouped eval attention (the model was built with `attention`), each window's loss."""
     rows = []
     for seq_length in seq_lengths:
         starts = window_starts(len(tokens), seq_length, stride, max_windows)
         start_time = time.monotonic()
-        loss, count = mean_window_loss(model, tokens, seq_length, starts,
-                                       micro_batch_size=micro_batch_size, progress=progress)
+        loss, count, window_losses = mean_window_loss(
+            model, tokens, seq_length, starts, micro_batch_size=micro_batch_size,
+            progress=progress)
         rows.append({"seq_length": seq_length, "windows": len(starts), "predictions": count,
                      "loss": loss, "ppl": perplexity(loss),
-                     "seconds": round(time.monotonic() - start_time, 3)})
+                     "group_size": attention.group_size_at(seq_length),
+                     "seconds": round(time.monotonic() - start_time, 3),
+                     "window_losses": [round(x, 6) for x in window_losses]})
     return rows

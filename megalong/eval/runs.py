@@ -11,6 +11,7 @@ from megatron.core import parallel_state
 
 from megalong import runtime
 from megalong.build import load_model
+from megalong.config.model import EvalAttention
 from megalong.data.tokenizer import load_tokenizer
 from megalong.eval.data import open_eval_tokens
 from megalong.eval.generate import Sampling, generate_one
@@ -26,10 +27,11 @@ def init_eval_runtime(source: ModelSource, seed: int = 1234) -> None:
     runtime.init_distributed(source.parallel, seed=seed)
 
 
-def build_eval_model(source: ModelSource, seq_length: int):
-    """This rank's stage of the model, weights loaded (LoRA adapters merged), dense attention,
-    eval mode."""
-    return load_model(source, seq_length=seq_length, merge_lora=True)
+def build_eval_model(source: ModelSource, seq_length: int,
+                     attention: EvalAttention = EvalAttention()):
+    """This rank's stage of the model, weights loaded (LoRA adapters merged), eval mode, dense
+    attention unless `attention` asks for a training pattern."""
+    return load_model(source, seq_length=seq_length, merge_lora=True, **attention.model_options())
 
 
 def run_on_model_ranks(source: ModelSource, fn, *args, timeout_s: float = 7 * 24 * 3600.0):
@@ -48,16 +50,18 @@ def run_on_model_ranks(source: ModelSource, fn, *args, timeout_s: float = 7 * 24
 
 
 def eval_ppl_on_ranks(source, data_path: str, seq_lengths, stride: int, max_windows,
-                      micro_batch_size: int, data_dtype=None, progress: bool = True) -> dict:
+                      micro_batch_size: int, data_dtype=None, progress: bool = True,
+                      attention: EvalAttention = EvalAttention()) -> dict:
     """One rank of tools/eval_ppl.py: build the model, read the data, evaluate every length."""
     init_eval_runtime(source)
     data = open_eval_tokens(data_path, vocab_size=source.arch.vocab_size, dtype=data_dtype)
-    model = build_eval_model(source, max(seq_lengths))
+    model = build_eval_model(source, max(seq_lengths), attention)
     rows = evaluate_perplexity(model, data.tokens, seq_lengths, stride=stride,
                                max_windows=max_windows, micro_batch_size=micro_batch_size,
-                               progress=progress)
+                               progress=progress, attention=attention)
     return {"kind": "perplexity", "model": source.describe(), "data": data.describe(),
-            "stride": stride, "max_windows": max_windows, "attention": "dense", "results": rows}
+            "stride": stride, "max_windows": max_windows, "attention": attention.describe(),
+            "eval_attention": attention.pattern, "results": rows}
 
 
 def passkey_on_ranks(source, tokenizer_path: str, lengths, depths, trials: int, seed: int,

@@ -17,9 +17,11 @@ def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
 
 def _loss_sum(loss_mask, per_token_loss):
     loss_mask = loss_mask.to(per_token_loss.dtype)
-    loss_sum = (per_token_loss * loss_mask).sum()
+    sample_sums = (per_token_loss * loss_mask).sum(dim=-1)  # [b]: evaluations report each window
+    loss_sum = sample_sums.sum()
     num_tokens = loss_mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens}
+    return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens,
+                                  "sample_loss_sums": sample_sums.detach()}
 
 
 def _gathered_logits(logits):

@@ -27,8 +27,12 @@ class ModelOptions:
 
     seq_length: int
     padded_vocab_size: int
-    attention: str = "s2"  # "s2" while training, or "full"
+    attention: str = "s2"  # the pattern while training: "s2", "short" (ablation) or "full"
     group_size: Optional[int] = None  # S²-Attn group size G (None: seq_length // 4)
+    # The pattern in eval mode: dense, or a grouped one for evaluations that ask for it, with G
+    # = group_size, or group_size_ratio of each evaluated length when given.
+    eval_attention: str = "full"
+    group_size_ratio: Optional[float] = None
     attention_kernel: str = "auto"
     interpolation_factor: Optional[float] = None  # linear RoPE position interpolation
     transformer_impl: str = "local"  # or "transformer_engine"
@@ -137,6 +141,8 @@ def build_llama(arch: LlamaArch, opts: ModelOptions, *, vp_stage=None) -> GPTMod
         attention=opts.attention,
         group_size=group_size,
         kernel=opts.attention_kernel,
+        eval_attention=opts.eval_attention,
+        group_size_ratio=opts.group_size_ratio,
         num_layers_this_stage=num_layers_here,
         qk_layernorm=arch.qk_layernorm,
     )

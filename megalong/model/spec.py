@@ -24,10 +24,12 @@ from megalong.model.swiglu import SwiGLUMLP
 NORM_KEYS_TO_TE = te_module_prefixes()
 
 
-def core_attention_spec(attention: str, group_size, kernel: str) -> ModuleSpec:
+def core_attention_spec(attention: str, group_size, kernel: str, eval_attention: str = "full",
+                        group_size_ratio=None) -> ModuleSpec:
     return ModuleSpec(
         module=S2CoreAttention,
-        params={"attention": attention, "group_size": group_size, "kernel": kernel},
+        params={"attention": attention, "group_size": group_size, "kernel": kernel,
+                "eval_attention": eval_attention, "group_size_ratio": group_size_ratio},
     )
 
 
@@ -90,8 +92,9 @@ def te_layer_spec(core_attention: ModuleSpec, qk_layernorm: bool = False) -> Mod
 
 
 def llama_block_spec(*, impl: str, attention: str, group_size, kernel: str,
-                     num_layers_this_stage: int, qk_layernorm: bool = False) -> TransformerBlockSubmodules:
-    core = core_attention_spec(attention, group_size, kernel)
+                     num_layers_this_stage: int, qk_layernorm: bool = False,
+                     eval_attention: str = "full", group_size_ratio=None) -> TransformerBlockSubmodules:
+    core = core_attention_spec(attention, group_size, kernel, eval_attention, group_size_ratio)
     spec = local_layer_spec if impl == "local" else te_layer_spec
     layer = spec(core, qk_layernorm)
     return TransformerBlockSubmodules(

@@ -1,0 +1,174 @@
+"""The attention-pattern table of examples/ablation_patterns.sh (the LongLoRA paper's Table 6 in
+miniature), from its perplexity reports and training logs (torch-free):
+
+  python -m megalong.eval.pattern_ablation WORK --base-length 256 --targets 512,1024,2048
+
+reads WORK/eval/N{N}_{arm}_{dense|own}.json (arm: full, short, s2, base_pi; "own" is the arm's
+training pattern at evaluation) and WORK/logs/N{N}_{arm}.log, and writes WORK/table.md (printed
+too), WORK/summary.json and WORK/ablation_patterns.png. Intervals are 95% bootstrap intervals
+over the evaluation windows (eval/bootstrap.py); differences are paired on the same windows.
+"""
+
+import argparse
+import os
+import re
+import statistics
+import sys
+
+from megalong.errors import MegalongError, run_cli
+from megalong.eval.bootstrap import paired_ppl_difference, ppl_interval
+from megalong.eval.report import _pyplot, read_json, write_json
+
+ARMS = {"full": "full attention", "short": "short attention (groups, no shift)",
+        "s2": "S²-Attn"}
+BASELINE = "base_pi"
+
+
+def _row(report: dict, seq_length: int) -> dict:
+    for row in report["results"]:
+        if row["seq_length"] == seq_length:
+            return row
+    raise MegalongError(f"report {report.get('model', {}).get('path')} has no row for "
+                        f"seq-length {seq_length}")
+
+
+def load_results(work: str, targets) -> dict:
+    """{(N, arm, eval): row} for every report that exists ("own" only for grouped arms)."""
+    results = {}
+    for seq_length in targets:
+        for arm in (*ARMS, BASELINE):
+            for evaluated in ("dense", "own"):
+                path = os.path.join(work, "eval", f"N{seq_length}_{arm}_{evaluated}.json")
+                if os.path.exists(path):
+                    results[(seq_length, arm, evaluated)] = _row(read_json(path), seq_length)
+    return results
+
+
+def training_stats(log_path: str) -> dict:
+    """Median logged tokens/s and the last logged loss of a training log."""
+    if not os.path.exists(log_path):
+        return {}
+    with open(log_path, errors="replace") as handle:
+        text = handle.read()
+    rates = [float(x.replace(",", "")) for x in re.findall(r"\| ([\d,]+) tok/s", text)]
+    losses = re.findall(r"\| loss ([\d.]+)", text)
+    trainable = re.findall(r"trainable parameters: ([\d,]+) of ([\d,]+)", text)
+    return {"tokens_per_s": statistics.median(rates) if rates else None,
+            "final_loss": float(losses[-1]) if losses else None,
+            "trainable": f"{trainable[-1][0]} of {trainable[-1][1]}" if trainable else None}
+
+
+def _cell(row: dict) -> str:
+    low, high = ppl_interval(row["window_losses"])
+    return f"{row['ppl']:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _diff(row: dict, reference: dict) -> str:
+    delta, low, high = paired_ppl_difference(row["window_losses"], reference["window_losses"])
+    return f"{delta:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def summarize(work: str, base_length: int, targets) -> tuple[str, dict]:
+    results = load_results(work, targets)
+    heading = " | ".join(f"N={n} ({n // base_length}x), G={n // 4} = {n / 4 / base_length:g}x base"
+                         for n in targets)
+    lines = ["Perplexity on held-out text at the target length N, 95% bootstrap interval over the "
+             "windows:", "",
+             f"| trained with | evaluated with | {heading} |",
+             "|---|---|" + "---:|" * len(targets)]
+    summary = {"base_length": base_length, "targets": list(targets), "cells": {}}
+    rows = [(BASELINE, "dense", "base + PI (no training)")]
+    rows += [(arm, evaluated, label) for arm, label in ARMS.items()
+             for evaluated in (("dense",) if arm == "full" else ("dense", "own"))]
+    for arm, evaluated, label in rows:
+        cells = []
+        for n in targets:
+            row = results.get((n, arm, evaluated))
+            cells.append(_cell(row) if row else "-")
+            if row:
+                low, high = ppl_interval(row["window_losses"])
+                summary["cells"][f"N{n}_{arm}_{evaluated}"] = {
+                    "ppl": row["ppl"], "interval": [low, high], "group_size": row.get("group_size"),
+                    "windows": row["windows"]}
+        shown = "dense" if evaluated == "dense" else ARMS[arm].split(" (")[0]
+        lines.append(f"| {label} | {shown} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences against full-attention training evaluated dense (same "
+              "windows; an interval that excludes 0 is a gap the windows cannot explain):", "",
+              f"| trained with | evaluated with | {heading} |",
+              "|---|---|" + "---:|" * len(targets)]
+    for arm in ("short", "s2"):
+        for evaluated in ("dense", "own"):
+            cells = []
+            for n in targets:
+                row, ref = results.get((n, arm, evaluated)), results.get((n, "full", "dense"))
+                cells.append(_diff(row, ref) if row and ref else "-")
+            shown = "dense" if evaluated == "dense" else ARMS[arm].split(" (")[0]
+            lines.append(f"| {ARMS[arm]} | {shown} | " + " | ".join(cells) + " |")
+    lines += ["", "Training (each arm's own attention; tokens/s is the median of the logged "
+              "intervals, on a shared machine):", "",
+              "| N | trained with | trainable parameters | tokens/s | final training loss |",
+              "|---:|---|---:|---:|---:|"]
+    for n in targets:
+        for arm, label in ARMS.items():
+            stats = training_stats(os.path.join(work, "logs", f"N{n}_{arm}.log"))
+            summary.setdefault("training", {})[f"N{n}_{arm}"] = stats
+            rate = stats.get("tokens_per_s")
+            loss = stats.get("final_loss")
+            lines.append(f"| {n} | {label} | {stats.get('trainable') or '-'} | "
+                         f"{f'{rate:,.0f}' if rate else '-'} | "
+                         f"{f'{loss:.3f}' if loss is not None else '-'} |")
+    return "\n".join(lines), {**summary, "results": {f"N{k[0]}_{k[1]}_{k[2]}": v["ppl"]
+                                                    for k, v in results.items()}}
+
+
+def plot(work: str, base_length: int, targets, path: str) -> None:
+    results = load_results(work, targets)
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    styles = [(BASELINE, "dense", "base + PI, no training", "grey", ":"),
+              ("full", "dense", "full attn, eval dense", "C0", "-"),
+              ("short", "dense", "short, eval dense", "C1", "-"),
+              ("short", "own", "short, eval short", "C1", "--"),
+              ("s2", "dense", "S²-Attn, eval dense", "C2", "-"),
+              ("s2", "own", "S²-Attn, eval S²-Attn", "C2", "--")]
+    for arm, evaluated, label, color, line in styles:
+        points = [(n, results[(n, arm, evaluated)]) for n in targets
+                  if (n, arm, evaluated) in results]
+        if not points:
+            continue
+        xs = [n for n, _ in points]
+        ys = [row["ppl"] for _, row in points]
+        bounds = [ppl_interval(row["window_losses"]) for _, row in points]
+        errors = [[y - lo for y, (lo, _) in zip(ys, bounds)], [hi - y for y, (_, hi) in zip(ys, bounds)]]
+        axes.errorbar(xs, ys, yerr=errors, label=label, color=color, linestyle=line, marker="o",
+                      capsize=3)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(list(targets), [f"{n}\n({n // base_length}x)" for n in targets])
+    axes.set_yscale("log")
+    axes.set_xlabel("target length N (G = N/4)")
+    axes.set_ylabel("held-out perplexity at N")
+    axes.set_title(f"attention pattern while training, base context {base_length}")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("work", help="the ablation's working directory (eval/ and logs/ inside)")
+    parser.add_argument("--base-length", type=int, required=True, help="the base model's context")
+    parser.add_argument("--targets", required=True, help="comma-separated target lengths")
+    args = parser.parse_args(argv)
+    targets = [int(x) for x in args.targets.split(",")]
+    table, summary = summarize(args.work, args.base_length, targets)
+    with open(os.path.join(args.work, "table.md"), "w") as handle:
+        handle.write(table + "\n")
+    write_json(os.path.join(args.work, "summary.json"), summary)
+    plot(args.work, args.base_length, targets, os.path.join(args.work, "ablation_patterns.png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -77,50 +77,8 @@ fi
 
 # Torch-free: LOAD is a checkpoint and every record is well formed; the steps for EPOCHS; the
 # shuffled copy (the trainer takes consecutive records for each global batch).
-plan=$("$PYTHON" - "$load" "$SFT_DATA" "$SAVE/sft_data.json" "${EPOCHS:-5}" "${GLOBAL_BATCH:-64}" \
-    "${TRAIN_ITERS:-}" "${SHUFFLE:-1}" "$SEED" <<'PY'
-import json, math, os, random, sys
-
-from megalong.config.checkpoint import read_metadata
-from megalong.data.sft import load_sft_records
-from megalong.errors import MegalongError, run_cli
-
-
-def number(name, text, kind):
-    try:
-        return kind(text)
-    except ValueError:
-        raise MegalongError(f"{name}={text} is not a number") from None
-
-
-def plan(argv):
-    load, data, copy, epochs, batch, iters, shuffle, seed = argv
-    epochs, batch = number("EPOCHS", epochs, float), number("GLOBAL_BATCH", batch, int)
-    iters, seed = number("TRAIN_ITERS", iters or "0", int), number("SEED", seed, int)
-    if epochs <= 0 or batch <= 0:
-        raise MegalongError(f"EPOCHS={epochs:g} and GLOBAL_BATCH={batch} must be positive")
-    try:
-        read_metadata(load)
-    except MegalongError as err:
-        raise MegalongError(f"{err} (an HF model converts with tools/checkpoint_convert.py "
-                            "hf-to-megatron --seq-length N)") from None
-    records = load_sft_records(data)
-    if shuffle == "1":
-        random.Random(seed).shuffle(records)
-        os.makedirs(os.path.dirname(copy) or ".", exist_ok=True)
-        with open(f"{copy}.{os.getpid()}.tmp", "w", encoding="utf-8") as handle:
-            json.dump(records, handle, ensure_ascii=False)
-        os.replace(handle.name, copy)  # every node writes the same bytes; none reads half a file
-        data = copy
-    steps = math.ceil(len(records) * epochs / batch)
-    print(f"[sft] {len(records)} records x {epochs:g} epochs / global batch {batch} = {steps} "
-          f"steps" + (f"; TRAIN_ITERS={iters}" if iters else ""), file=sys.stderr)
-    print(iters or steps, math.ceil(len(records) / batch), data)
-
-
-sys.exit(run_cli(plan, sys.argv[1:]))
-PY
-)
+plan=$("$PYTHON" -m megalong.cli.sft_plan "$load" "$SFT_DATA" "$SAVE/sft_data.json" \
+    "${EPOCHS:-5}" "${GLOBAL_BATCH:-64}" "${TRAIN_ITERS:-}" "${SHUFFLE:-1}" "$SEED")
 read -r iters per_epoch data <<< "$plan"  # the path last: it may hold spaces
 
 DATA_PATH="" LOAD="$load" SAVE="$SAVE" MODEL="$MODEL" SEQ_LEN="$SEQ_LEN" TRAIN_ITERS="$iters" \

@@ -153,6 +153,9 @@ def _cases(w) -> dict:
             w, "--context-parallel-size", "3"), "use --context-parallel-size in {2, 4, 8}"),
         "train: odd S²-Attn group": Case(TRAIN, _train(w, "--group-size-ratio", "0.3"),
             "must be even"),
+        "train: the short pattern under CP": Case(TRAIN, _train(
+            w, "--attention", "short", "--context-parallel-size", "2"),
+            "--attention short is an ablation pattern and is not supported under context parallel"),
         "train: sequence parallel without TP": Case(TRAIN, _train(w, "--sequence-parallel"),
             "--sequence-parallel needs --tensor-model-parallel-size > 1"),
         "train: Transformer Engine absent": Case(TRAIN, _train(
@@ -237,6 +240,12 @@ def _cases(w) -> dict:
         "eval: --json under a file": Case(EVAL, [
             "--load", w["ckpt"], "--data", w["corpus"], "--seq-lengths", "32", "--json",
             str(d / "a_file" / "ppl.json")], "is a file, not a directory"),
+        "eval: S²-Attn groups that do not fit a length": Case(EVAL, [
+            "--load", w["ckpt"], "--data", w["corpus"], "--seq-lengths", "32,48",
+            "--eval-attention", "s2", "--group-size", "32"], "seq-length 48 is not a multiple"),
+        "eval: a group size with dense attention": Case(EVAL, [
+            "--load", w["ckpt"], "--data", w["corpus"], "--seq-lengths", "32",
+            "--group-size", "8"], "apply to --eval-attention s2 or short only"),
         "eval: truncated checkpoint": Case(EVAL, [
             "--load", w["truncated"], "--data", w["corpus"], "--seq-lengths", "32"],
             "__0_0.distcp is truncated"),

@@ -69,3 +69,26 @@ def test_train_recipe_comes_first_and_the_command_line_wins(monkeypatch):
     short = JobConfig.from_args(build_parser().parse_args(
         with_recipe(["--recipe", "llama2-7b", "--seq-length", "32768"])))
     assert short.parallel.tensor_model_parallel_size == 2
+
+
+def test_sft_plan_counts_steps_and_checks_inputs(tmp_path, tiny_megatron_ckpt):
+    """examples/sft_longalpaca.sh's torch-free step: steps rounded up, a seeded shuffle written
+    whole, one-line errors for bad numbers and for a LOAD that is no checkpoint."""
+    import json
+
+    from megalong.cli.sft_plan import main, sft_steps
+    from megalong.errors import MegalongError
+
+    assert sft_steps(130, 5, 64) == (11, 3) and sft_steps(6, 1, 2) == (3, 3)
+    data = tmp_path / "alpaca.json"
+    records = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(7)]
+    data.write_text(json.dumps(records))
+    copy = tmp_path / "save" / "sft_data.json"
+    main([tiny_megatron_ckpt, str(data), str(copy), "2", "4", "", "1", "3"])
+    shuffled = json.loads(copy.read_text())
+    assert sorted(r["instruction"] for r in shuffled) == sorted(r["instruction"] for r in records)
+    assert shuffled != records and not [p for p in copy.parent.iterdir() if ".tmp" in p.name]
+    with pytest.raises(MegalongError, match="EPOCHS=two is not a number"):
+        main([tiny_megatron_ckpt, str(data), str(copy), "two", "4", "", "1", "3"])
+    with pytest.raises(MegalongError, match="hf-to-megatron --seq-length N"):
+        main([str(tmp_path), str(data), str(copy), "1", "4", "", "1", "3"])

@@ -166,6 +166,58 @@ def test_reports_write_json_markdown_and_plots(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
+def test_bootstrap_intervals_cover_and_pair():
+    """Percentile intervals: they hold the point estimate, shrink with more windows, and a paired
+    difference of two models that differ by a constant loss is that constant, whatever the
+    windows' own spread (the text's difficulty cancels)."""
+    from megalong.eval.bootstrap import paired_ppl_difference, ppl_interval
+
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(2.5, 0.4, 12), rng.normal(2.5, 0.4, 400)
+    for losses in (few, many):
+        low, high = ppl_interval(losses)
+        assert low < math.exp(losses.mean()) < high
+    width = lambda losses: np.subtract(*ppl_interval(losses)[::-1])  # noqa: E731
+    assert width(many) < width(few) / 3
+    delta, low, high = paired_ppl_difference(many + 0.01, many)
+    assert low > 0 and high - low < 0.2 * delta and low <= delta <= high
+    unpaired_low, unpaired_high = ppl_interval(many)
+    assert high - low < (unpaired_high - unpaired_low) / 5
+    with pytest.raises(ValueError, match="differ in number"):
+        paired_ppl_difference(few, many)
+
+
+def test_pattern_ablation_table(tmp_path):
+    """The ablation's table reads the reports it names and pairs the windows."""
+    from megalong.eval.pattern_ablation import main
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "logs").mkdir()
+    rng = np.random.default_rng(1)
+    windows = rng.normal(2.5, 0.3, 20)
+    shifts = {"base_pi_dense": 1.0, "full_dense": 0.0, "short_dense": 0.3, "short_own": 0.1,
+              "s2_dense": 0.2, "s2_own": 0.05}
+    for n in (64, 128):
+        for name, shift in shifts.items():
+            losses = (windows + shift).tolist()
+            row = {"seq_length": n, "windows": 20, "ppl": math.exp(np.mean(losses)),
+                   "group_size": n // 4, "window_losses": losses}
+            (tmp_path / "eval" / f"N{n}_{name}.json").write_text(json.dumps(
+                {"kind": "perplexity", "results": [row]}))
+    (tmp_path / "logs" / "N64_s2.log").write_text(
+        "trainable parameters: 1,000 of 9,000\niter 10/20 | loss 2.500000 | 900 tok/s |\n"
+        "iter 20/20 | loss 2.250000 | 1,100 tok/s |\n")
+    main([str(tmp_path), "--base-length", "32", "--targets", "64,128"])
+    table = (tmp_path / "table.md").read_text()
+    assert "N=64 (2x), G=16 = 0.5x base" in table and "N=128 (4x), G=32 = 1x base" in table
+    paired = math.exp(np.mean(windows) + 0.2) - math.exp(np.mean(windows))
+    assert f"| S²-Attn | dense | {paired:+.2f} [" in table
+    assert "| 64 | S²-Attn | 1,000 of 9,000 | 1,000 | 2.250 |" in table
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["results"]["N128_s2_own"] == pytest.approx(math.exp(np.mean(windows) + 0.05))
+    assert (tmp_path / "ablation_patterns.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # ---------------------------------------------------------------- the model on ranks
 
 

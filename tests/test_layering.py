@@ -41,7 +41,8 @@ TORCH_FREE = (
     "megalong.cli.convert", "megalong.cli.model_args", "megalong.cli.preprocess",
     "megalong.cli.tokenizer", "megalong.cli.plan", "megalong.cli.eval_ppl",
     "megalong.cli.passkey", "megalong.cli.generate", "megalong.cli.random_model",
-    "megalong.cli.report", "megalong.cli.launch",
+    "megalong.cli.report", "megalong.cli.launch", "megalong.cli.sft_plan",
+    "megalong.eval.bootstrap", "megalong.eval.pattern_ablation",
 )
 
 

@@ -7,7 +7,9 @@
 #   short  groups of G without the shift                (trained short, the paper's ablation)
 #   s2     S2-Attn: half the heads shifted by G/2       (trained short)
 # and each is evaluated at N with dense attention and (short, s2) with its own pattern
-# (tools/eval_ppl.py --eval-attention). LoRA+ (LoRA r=8 on q,k,v,o plus embedding and norms)
+# (tools/eval_ppl.py --eval-attention), and by the repeat probe (--repeat-probe: windows whose
+# second half repeats the first, scored on the copy: can dense attention reach N/2 = 2G tokens
+# back after training that never attended past G?). LoRA+ (LoRA r=8 on q,k,v,o plus embedding and norms)
 # stands in for the paper's full fine-tuning: examples/ablation_tiny.sh found the two within
 # 0.3 ppl of each other at 8x, and LoRA+ is what users of S2-Attn train.
 #
@@ -61,29 +63,30 @@ common=(--data-path "$work/data/train" --tokenizer "$tok" --split 100,0,0 --seed
     --train-iters "$BASE_ITERS" --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 30 \
     --lr-decay-style cosine --save "$work/base" "${common[@]}" 2> >(tee "$work/logs/base.log" >&2)
 
-evaluate() {  # N name checkpoint eval-pattern [extra flags]
-    local n="$1" name="$2" ckpt="$3" pattern="$4" kind=dense
+evaluate() {  # N name checkpoint kind [eval_ppl flags]; kind: dense (with the probe), own
+    local n="$1" name="$2" ckpt="$3" kind="$4"
     shift 4
-    [[ "$pattern" != full ]] && kind=own
     "$PY" tools/eval_ppl.py --load "$ckpt" "$@" --data "$work/data/heldout" --seq-lengths "$n" \
-        --eval-attention "$pattern" --max-windows "$EVAL_WINDOWS" \
-        --json "$work/eval/N${n}_${name}_${kind}.json" --quiet > /dev/null
+        --max-windows "$EVAL_WINDOWS" --json "$work/eval/N${n}_${name}_${kind}.json" --quiet \
+        > /dev/null
 }
+log "evaluation: the base model at its own context $BASE, ordinary windows and the repeat probe"
+evaluate "$BASE" base "$work/base" dense --repeat-probe
 for n in "${targets[@]}"; do
     factor=$((n / BASE))
     batch=$((TOKENS_PER_STEP / n > 0 ? TOKENS_PER_STEP / n : 1))
     micro=$((batch < 4 ? batch : 4))
-    evaluate "$n" base_pi "$work/base" full --rotary-seq-len-interpolation-factor "$factor"
+    pi=(--rotary-seq-len-interpolation-factor "$factor")
+    evaluate "$n" base_pi "$work/base" dense "${pi[@]}" --repeat-probe
     for arm in full short s2; do
         log "N=$n (${factor}x, G=$((n / 4))): $arm attention, LoRA+, batch $batch x $n tokens"
         "$PY" examples/pretrain_longlora.py --load "$work/base" --finetune --attention "$arm" \
-            --trainable-params embed,norm --seq-length "$n" --group-size-ratio 0.25 \
-            --rotary-seq-len-interpolation-factor "$factor" --micro-batch-size "$micro" \
-            --global-batch-size "$batch" --train-iters "$EXT_ITERS" --lr "$EXT_LR" \
-            --lr-warmup-iters 10 --lr-decay-style constant --save "$work/N${n}_$arm" \
-            "${common[@]}" 2> >(tee "$work/logs/N${n}_$arm.log" >&2)
-        evaluate "$n" "$arm" "$work/N${n}_$arm" full
-        [[ "$arm" != full ]] && evaluate "$n" "$arm" "$work/N${n}_$arm" "$arm"
+            --trainable-params embed,norm --seq-length "$n" --group-size-ratio 0.25 "${pi[@]}" \
+            --micro-batch-size "$micro" --global-batch-size "$batch" --train-iters "$EXT_ITERS" \
+            --lr "$EXT_LR" --lr-warmup-iters 10 --lr-decay-style constant \
+            --save "$work/N${n}_$arm" "${common[@]}" 2> >(tee "$work/logs/N${n}_$arm.log" >&2)
+        evaluate "$n" "$arm" "$work/N${n}_$arm" dense --repeat-probe
+        [[ "$arm" != full ]] && evaluate "$n" "$arm" "$work/N${n}_$arm" own --eval-attention "$arm"
         rm -rf "$work/N${n}_$arm"  # the numbers are in eval/; checkpoints are 10s of MB each
     done
 done

@@ -1,6 +1,7 @@
 """S²-Attn against the mask formulas of DESIGN.md §5 in float64; TP slicing; causality; dense
 attention; errors; the megatron core-attention module."""
 
+import itertools
 import math
 
 import pytest
@@ -448,12 +449,13 @@ def test_gpu_kernels_match_mask_formula(kernel, dtype):
     if kernel in ("flash", "torch-varlen") and dtype == torch.float32:
         pytest.skip(f"{kernel} is fp16/bf16 only")
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
-    for seq_len, group_size, heads, kv_heads, batch in CASES:
+    for (seq_len, group_size, heads, kv_heads, batch), pattern in itertools.product(
+            CASES, ("s2", "short")):
         qkv = random_qkv(seq_len, batch, heads, kv_heads, dim=64, dtype=dtype, device="cuda")
         weight = torch.randn(seq_len, batch, heads, 64, dtype=torch.float64, device="cuda")
-        out, got = grads(lambda q, k, v: s2_attention(q, k, v, group_size, kernel=kernel), qkv,
-                         weight)
-        ref, want = grads(lambda q, k, v: reference_s2(q, k, v, group_size),
+        out, got = grads(lambda q, k, v: s2_attention(q, k, v, group_size, kernel=kernel,
+                                                      shift=pattern == "s2"), qkv, weight)
+        ref, want = grads(lambda q, k, v: reference_s2(q, k, v, group_size, pattern),
                           [x.double() for x in qkv], weight)
         assert (out.double() - ref).abs().max() <= tolerance * ref.abs().max()
         for g, w in zip(got, want):

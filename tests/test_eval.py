@@ -197,13 +197,18 @@ def test_pattern_ablation_table(tmp_path):
     windows = rng.normal(2.5, 0.3, 20)
     shifts = {"base_pi_dense": 1.0, "full_dense": 0.0, "short_dense": 0.3, "short_own": 0.1,
               "s2_dense": 0.2, "s2_own": 0.05}
-    for n in (64, 128):
-        for name, shift in shifts.items():
-            losses = (windows + shift).tolist()
-            row = {"seq_length": n, "windows": 20, "ppl": math.exp(np.mean(losses)),
-                   "group_size": n // 4, "window_losses": losses}
-            (tmp_path / "eval" / f"N{n}_{name}.json").write_text(json.dumps(
-                {"kind": "perplexity", "results": [row]}))
+    probes = {"full_dense": -2.0, "s2_dense": -1.0, "base_dense": -1.5}  # in the dense reports
+
+    def row(n, shift, probe=None):
+        losses = (windows + shift).tolist()
+        return {"seq_length": n, "probe": probe, "windows": 20, "ppl": math.exp(np.mean(losses)),
+                "group_size": n // 4, "window_losses": losses}
+
+    for n, name, shift in [(n, name, shift) for n in (64, 128) for name, shift in shifts.items()] \
+            + [(32, "base_dense", 0.0)]:
+        rows = [row(n, shift)] + ([row(n, probes[name], "repeat")] if name in probes else [])
+        (tmp_path / "eval" / f"N{n}_{name}.json").write_text(json.dumps(
+            {"kind": "perplexity", "results": rows}))
     (tmp_path / "logs" / "N64_s2.log").write_text(
         "trainable parameters: 1,000 of 9,000\niter 10/20 | loss 2.500000 | 900 tok/s |\n"
         "iter 20/20 | loss 2.250000 | 1,100 tok/s |\n")
@@ -215,6 +220,9 @@ def test_pattern_ablation_table(tmp_path):
     assert "| 64 | S²-Attn | 1,000 of 9,000 | 1,000 | 2.250 |" in table
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["results"]["N128_s2_own"] == pytest.approx(math.exp(np.mean(windows) + 0.05))
+    probe = math.exp(np.mean(windows) - 1.0)
+    assert f"| S²-Attn | {probe:.2f} [" in table and "| short attention (groups, no shift) | - |" in table
+    assert "The base model at its own context (32 tokens): ordinary windows " in table
     assert (tmp_path / "ablation_patterns.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -404,18 +412,39 @@ def hf_pattern_window_losses(hf_dir, tokens, seq_length, stride, pattern, group_
 
 
 def pattern_evals(sources, token_file, attentions):
-    """eval_ppl's rank function for each (source, eval attention), micro-batches of 2 windows."""
+    """eval_ppl's rank function for each (source, eval attention), micro-batches of 2 windows;
+    last, the repeat probe with dense attention."""
+    from megalong.config.model import EvalAttention
     from megalong.eval.runs import eval_ppl_on_ranks
 
     return [[eval_ppl_on_ranks(source, token_file, SEQ_LENGTHS, STRIDE, None, 2, None, False,
-                               attention) for attention in attentions] for source in sources]
+                               attention) for attention in attentions]
+            + [eval_ppl_on_ranks(source, token_file, SEQ_LENGTHS, STRIDE, None, 2, None, False,
+                                 EvalAttention(), True)] for source in sources]
+
+
+def hf_repeat_probe_losses(hf_dir, tokens, seq_length, stride):
+    """Each probe window's loss from HF transformers: the window's first half twice, the mean
+    token loss over the second copy's tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    half, losses = seq_length // 2, []
+    with torch.no_grad():
+        for start in window_starts(len(tokens), seq_length, stride):
+            chunk = torch.from_numpy(tokens[start:start + half].astype(np.int64))
+            x = torch.cat([chunk, chunk])[None]
+            logits = model(input_ids=x).logits[0, half - 1:-1]
+            losses.append(torch.nn.functional.cross_entropy(logits, x[0, half:]).item())
+    return losses
 
 
 @pytest.mark.slow
 def test_eval_attention_patterns_match_the_mask_formula(tiny_hf_dir, eval_tokens, tmp_path):
     """--eval-attention s2 and short equal HF's Llama with the float64 mask formula as its
     attention, window by window: G a ratio of each length or fixed; at TP=1 with two
-    data-parallel ranks sharing the windows, and at TP=2 (each rank its heads' slice)."""
+    data-parallel ranks sharing the windows, and at TP=2 (each rank its heads' slice). The
+    repeat probe (--repeat-probe) equals HF's loss on the second copy."""
     from megalong.config.model import EvalAttention
     from megalong.source import resolve_model_source
 
@@ -431,6 +460,18 @@ def test_eval_attention_patterns_match_the_mask_formula(tiny_hf_dir, eval_tokens
         assert [r["window_losses"] for r in a["results"]] == \
             [r["window_losses"] for r in b["results"]]
     for name, reports in zip(("tp1 dp2", "tp2"), rank0):
+        ordinary, probes = reports[4]["results"][::2], reports[4]["results"][1::2]
+        assert [r["probe"] for r in probes] == ["repeat"] * len(SEQ_LENGTHS)
+        assert [r["window_losses"] for r in ordinary] == \
+            [r["window_losses"] for r in reports[3]["results"]]
+        for row, dense in zip(probes, reports[3]["results"]):
+            want = hf_repeat_probe_losses(tiny_hf_dir, eval_tokens, row["seq_length"], STRIDE)
+            assert max(abs(a - b) for a, b in zip(row["window_losses"], want)) <= 1e-4, name
+            assert row["predictions"] == len(want) * row["seq_length"] // 2
+            # other tokens than the ordinary windows' (a random model cannot copy, so the
+            # perplexities themselves stay close)
+            assert max(abs(a - b) for a, b in zip(row["window_losses"],
+                                                  dense["window_losses"])) > 1e-2, name
         for attention, report in zip(attentions[:3], reports):
             assert report["eval_attention"] == attention.pattern
             for row, dense in zip(report["results"], reports[3]["results"]):

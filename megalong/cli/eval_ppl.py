@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-windows", type=int, default=None,
                       help="evaluate at most K windows per length, spread evenly over the data")
     data.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward pass")
+    data.add_argument("--repeat-probe", action="store_true",
+                      help="also a copy test of the long context at each length: each window's "
+                           "first half followed by itself, perplexity of the second copy only "
+                           "(predicting it well takes attention seq-length/2 tokens back); "
+                           "lengths must be even")
     attention = parser.add_argument_group("attention")
     attention.add_argument("--eval-attention", choices=["full", "s2", "short"], default="full",
                            help="full: dense causal attention, as the model is deployed "
@@ -74,6 +79,9 @@ def validate(args):
         raise MegalongError("--group-size/--group-size-ratio apply to --eval-attention s2 or "
                             "short only")
     eval_attention(args).validate(args.seq_lengths)
+    odd = [n for n in args.seq_lengths if n % 2]
+    if args.repeat_probe and odd:
+        raise MegalongError(f"--repeat-probe needs even --seq-lengths, got {odd}")
     source = model_args.source_from_args(args)
     data = open_eval_tokens(args.data, vocab_size=source.arch.vocab_size, dtype=args.data_dtype)
     check_windows_fit(len(data), args.seq_lengths, args.stride)
@@ -90,7 +98,7 @@ def main(argv=None) -> None:
     report = run_on_model_ranks(
         source, eval_ppl_on_ranks, source, args.data, args.seq_lengths, args.stride,
         args.max_windows, args.micro_batch_size, args.data_dtype, not args.quiet,
-        eval_attention(args))
+        eval_attention(args), args.repeat_probe)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     print(ppl_markdown(report))

@@ -74,6 +74,19 @@ def window_starts(num_tokens: int, seq_length: int, stride: int,
     return starts
 
 
+def repeated_windows(tokens: np.ndarray, seq_length: int, stride: int,
+                     max_windows: Optional[int] = None) -> tuple[np.ndarray, list[int]]:
+    """The repeat probe's windows, laid end to end, and their starts: the first seq_length/2
+    tokens of each ordinary window (window_starts), then the same tokens again. Predicting the
+    second copy well takes attention seq_length/2 tokens back."""
+    if seq_length % 2:
+        raise MegalongError(f"the repeat probe needs even lengths, got {seq_length}")
+    half = seq_length // 2
+    starts = window_starts(len(tokens), seq_length, stride, max_windows)
+    stream = np.concatenate([np.tile(tokens[s:s + half], 2) for s in starts])
+    return stream, [i * seq_length for i in range(len(starts))]
+
+
 def perplexity(mean_loss: float) -> float:
     return math.exp(mean_loss) if mean_loss < 700 else float("inf")
 

@@ -4,7 +4,8 @@ miniature), from its perplexity reports and training logs (torch-free):
   python -m megalong.eval.pattern_ablation WORK --base-length 256 --targets 512,1024,2048
 
 reads WORK/eval/N{N}_{arm}_{dense|own}.json (arm: full, short, s2, base_pi; "own" is the arm's
-training pattern at evaluation) and WORK/logs/N{N}_{arm}.log, and writes WORK/table.md (printed
+training pattern at evaluation; the dense reports also hold the repeat probe's row; also
+N{base}_base_dense.json, the base model at its own context) and WORK/logs/N{N}_{arm}.log, and writes WORK/table.md (printed
 too), WORK/summary.json and WORK/ablation_patterns.png. Intervals are 95% bootstrap intervals
 over the evaluation windows (eval/bootstrap.py); differences are paired on the same windows.
 """
@@ -14,6 +15,7 @@ import os
 import re
 import statistics
 import sys
+from typing import Optional
 
 from megalong.errors import MegalongError, run_cli
 from megalong.eval.bootstrap import paired_ppl_difference, ppl_interval
@@ -24,23 +26,31 @@ ARMS = {"full": "full attention", "short": "short attention (groups, no shift)",
 BASELINE = "base_pi"
 
 
-def _row(report: dict, seq_length: int) -> dict:
+def _row(report: dict, seq_length: int, probe=None) -> Optional[dict]:
     for row in report["results"]:
-        if row["seq_length"] == seq_length:
+        if row["seq_length"] == seq_length and row.get("probe") == probe:
             return row
-    raise MegalongError(f"report {report.get('model', {}).get('path')} has no row for "
-                        f"seq-length {seq_length}")
+    return None
 
 
 def load_results(work: str, targets) -> dict:
-    """{(N, arm, eval): row} for every report that exists ("own" only for grouped arms)."""
+    """{(N, arm, eval): row} for every report row that exists; eval is "dense", "own" (grouped
+    arms) or "probe" (the dense report's repeat-probe row)."""
     results = {}
     for seq_length in targets:
-        for arm in (*ARMS, BASELINE):
+        for arm in (*ARMS, BASELINE, "base"):
             for evaluated in ("dense", "own"):
                 path = os.path.join(work, "eval", f"N{seq_length}_{arm}_{evaluated}.json")
-                if os.path.exists(path):
-                    results[(seq_length, arm, evaluated)] = _row(read_json(path), seq_length)
+                if not os.path.exists(path):
+                    continue
+                report = read_json(path)
+                row = _row(report, seq_length)
+                if row is None:
+                    raise MegalongError(f"report {path} has no row for seq-length {seq_length}")
+                results[(seq_length, arm, evaluated)] = row
+                probe = _row(report, seq_length, "repeat")
+                if probe is not None:
+                    results[(seq_length, arm, "probe")] = probe
     return results
 
 
@@ -70,6 +80,7 @@ def _diff(row: dict, reference: dict) -> str:
 
 def summarize(work: str, base_length: int, targets) -> tuple[str, dict]:
     results = load_results(work, targets)
+    own = load_results(work, [base_length])
     heading = " | ".join(f"N={n} ({n // base_length}x), G={n // 4} = {n / 4 / base_length:g}x base"
                          for n in targets)
     lines = ["Perplexity on held-out text at the target length N, 95% bootstrap interval over the "
@@ -104,6 +115,24 @@ def summarize(work: str, base_length: int, targets) -> tuple[str, dict]:
                 cells.append(_diff(row, ref) if row and ref else "-")
             shown = "dense" if evaluated == "dense" else ARMS[arm].split(" (")[0]
             lines.append(f"| {ARMS[arm]} | {shown} | " + " | ".join(cells) + " |")
+    lines += ["", "Repeat probe, dense attention: perplexity of the second copy in windows whose "
+              "second half repeats the first (retrieving it takes attention N/2 = 2G tokens "
+              "back), 95% bootstrap interval:", "",
+              f"| trained with | {heading} |", "|---|" + "---:|" * len(targets)]
+    for arm, label in ((BASELINE, "base + PI (no training)"), *ARMS.items()):
+        cells = []
+        for n in targets:
+            row = results.get((n, arm, "probe"))
+            cells.append(_cell(row) if row else "-")
+            if row:
+                summary["cells"][f"N{n}_{arm}_probe"] = {"ppl": row["ppl"],
+                                                         "interval": list(ppl_interval(
+                                                             row["window_losses"]))}
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    base_rows = [own.get((base_length, "base", kind)) for kind in ("dense", "probe")]
+    if all(base_rows):
+        lines += ["", f"The base model at its own context ({base_length} tokens): ordinary "
+                  f"windows {_cell(base_rows[0])}, repeat probe {_cell(base_rows[1])}."]
     lines += ["", "Training (each arm's own attention; tokens/s is the median of the logged "
               "intervals, on a shared machine):", "",
               "| N | trained with | trainable parameters | tokens/s | final training loss |",
@@ -117,38 +146,43 @@ def summarize(work: str, base_length: int, targets) -> tuple[str, dict]:
             lines.append(f"| {n} | {label} | {stats.get('trainable') or '-'} | "
                          f"{f'{rate:,.0f}' if rate else '-'} | "
                          f"{f'{loss:.3f}' if loss is not None else '-'} |")
+    everything = {**results, **own}
     return "\n".join(lines), {**summary, "results": {f"N{k[0]}_{k[1]}_{k[2]}": v["ppl"]
-                                                    for k, v in results.items()}}
+                                                    for k, v in everything.items()}}
 
 
 def plot(work: str, base_length: int, targets, path: str) -> None:
+    """Two panels against the target length: ordinary windows, and the repeat probe."""
     results = load_results(work, targets)
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    styles = [(BASELINE, "dense", "base + PI, no training", "grey", ":"),
-              ("full", "dense", "full attn, eval dense", "C0", "-"),
-              ("short", "dense", "short, eval dense", "C1", "-"),
-              ("short", "own", "short, eval short", "C1", "--"),
-              ("s2", "dense", "S²-Attn, eval dense", "C2", "-"),
-              ("s2", "own", "S²-Attn, eval S²-Attn", "C2", "--")]
-    for arm, evaluated, label, color, line in styles:
-        points = [(n, results[(n, arm, evaluated)]) for n in targets
-                  if (n, arm, evaluated) in results]
-        if not points:
-            continue
-        xs = [n for n, _ in points]
-        ys = [row["ppl"] for _, row in points]
-        bounds = [ppl_interval(row["window_losses"]) for _, row in points]
-        errors = [[y - lo for y, (lo, _) in zip(ys, bounds)], [hi - y for y, (_, hi) in zip(ys, bounds)]]
-        axes.errorbar(xs, ys, yerr=errors, label=label, color=color, linestyle=line, marker="o",
-                      capsize=3)
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(list(targets), [f"{n}\n({n // base_length}x)" for n in targets])
-    axes.set_yscale("log")
-    axes.set_xlabel("target length N (G = N/4)")
-    axes.set_ylabel("held-out perplexity at N")
-    axes.set_title(f"attention pattern while training, base context {base_length}")
-    axes.legend(fontsize=8)
+    figure, panels = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    styles = [(BASELINE, "base + PI, no training", "grey", ":"),
+              ("full", "full attn", "C0", "-"), ("short", "short", "C1", "-"),
+              ("s2", "S²-Attn", "C2", "-")]
+    for axes, probe in zip(panels, (False, True)):
+        for arm, label, color, line in styles:
+            for evaluated in (("probe",) if probe else ("dense", "own")):
+                points = [(n, results[(n, arm, evaluated)]) for n in targets
+                          if (n, arm, evaluated) in results]
+                if not points:
+                    continue
+                ys = [row["ppl"] for _, row in points]
+                bounds = [ppl_interval(row["window_losses"]) for _, row in points]
+                errors = [[y - lo for y, (lo, _) in zip(ys, bounds)],
+                          [hi - y for y, (_, hi) in zip(ys, bounds)]]
+                own = evaluated == "own"
+                axes.errorbar([n for n, _ in points], ys, yerr=errors, color=color,
+                              linestyle="--" if own else line, marker="o", capsize=3,
+                              label=f"{label}, eval {label if own else 'dense'}")
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(list(targets), [f"{n}\n({n // base_length}x)" for n in targets])
+        axes.set_xlabel("target length N (G = N/4)")
+        axes.set_ylabel("held-out perplexity at N" if not probe
+                        else "perplexity of the repeated half")
+        axes.set_title("ordinary windows" if not probe
+                       else "repeat probe (retrieval from N/2 back, dense)")
+        axes.legend(fontsize=8)
+    figure.suptitle(f"attention pattern while training; base context {base_length}")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

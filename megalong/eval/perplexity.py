@@ -17,12 +17,13 @@ import numpy as np
 
 from megalong import runtime
 from megalong.config.model import EvalAttention
-from megalong.eval.data import perplexity, window_starts
+from megalong.eval.data import perplexity, repeated_windows, window_starts
 from megalong.log import ProgressPrinter
 from megalong.model.forward import run_microbatches
 
 
-def _window_batch(tokens: np.ndarray, starts: list[int], seq_length: int, device):
+def _window_batch(tokens: np.ndarray, starts: list[int], seq_length: int, device,
+                  first_scored: int = 0):
     import torch
 
     windows = torch.from_numpy(np.stack([tokens[s:s + seq_length].astype(np.int64) for s in starts]))
@@ -31,6 +32,7 @@ def _window_batch(tokens: np.ndarray, starts: list[int], seq_length: int, device
     labels[:, :-1] = windows[:, 1:]
     loss_mask = torch.ones(windows.shape, dtype=torch.float32, device=device)
     loss_mask[:, -1] = 0.0  # the window's last token predicts nothing inside it
+    loss_mask[:, :first_scored] = 0.0  # the repeat probe scores the second copy only
     return {"tokens": windows, "labels": labels, "loss_mask": loss_mask}
 
 
@@ -53,10 +55,11 @@ class _Progress:
 
 
 def mean_window_loss(model, tokens: np.ndarray, seq_length: int, starts: list[int], *,
-                     micro_batch_size: int = 1, progress: bool = True):
+                     micro_batch_size: int = 1, progress: bool = True, first_scored: int = 0):
     """(mean over the windows of each window's mean token loss, predictions counted, each
     window's mean loss in `starts` order) on the model's ranks (any TP/PP; data-parallel ranks
-    share the windows). Every rank gets the result."""
+    share the windows). Every rank gets the result. Predictions at positions below
+    `first_scored` are not counted."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -79,8 +82,8 @@ def mean_window_loss(model, tokens: np.ndarray, seq_length: int, starts: list[in
         for first in range(0, len(mine), per_call):
             group = mine[first:first + per_call]
             outputs = run_microbatches(
-                model, [_window_batch(tokens, [starts[i] for i in b], seq_length, device)
-                        for b in group],
+                model, [_window_batch(tokens, [starts[i] for i in b], seq_length, device,
+                                      first_scored) for b in group],
                 forward_only=True)
             for indices, out in zip(group, outputs):
                 loss_sum += float(out["loss_sum"].double())
@@ -96,27 +99,37 @@ def mean_window_loss(model, tokens: np.ndarray, seq_length: int, starts: list[in
     totals = torch.cat([totals, window_sums])
     dist.all_reduce(totals)  # one TP rank of the last stage per data-parallel rank contributes
     loss_sum, num_tokens = totals[:2].tolist()
-    expected = len(starts) * (seq_length - 1)
+    per_window = seq_length - 1 - first_scored
+    expected = len(starts) * per_window
     if int(num_tokens) != expected:
         raise RuntimeError(f"counted {int(num_tokens)} predictions, expected {expected}")
-    return loss_sum / num_tokens, int(num_tokens), (totals[2:] / (seq_length - 1)).tolist()
+    return loss_sum / num_tokens, int(num_tokens), (totals[2:] / per_window).tolist()
 
 
 def evaluate_perplexity(model, tokens: np.ndarray, seq_lengths, *, stride: int = 256,
                         max_windows: Optional[int] = None, micro_batch_size: int = 1,
-                        progress: bool = True, attention: EvalAttention = EvalAttention()) -> list[dict]:
+                        progress: bool = True, attention: EvalAttention = EvalAttention(),
+                        repeat_probe: bool = False) -> list[dict]:
     """One row per seq_length: windows, predictions, mean loss, perplexity, the group size of a
-    grouped eval attention (the model was built with `attention`), each window's loss."""
+    grouped eval attention (the model was built with `attention`), each window's loss. With
+    `repeat_probe` each length gets a second row ("probe": "repeat"): the windows of
+    eval.data.repeated_windows, only the second copy scored."""
     rows = []
     for seq_length in seq_lengths:
-        starts = window_starts(len(tokens), seq_length, stride, max_windows)
-        start_time = time.monotonic()
-        loss, count, window_losses = mean_window_loss(
-            model, tokens, seq_length, starts, micro_batch_size=micro_batch_size,
-            progress=progress)
-        rows.append({"seq_length": seq_length, "windows": len(starts), "predictions": count,
-                     "loss": loss, "ppl": perplexity(loss),
-                     "group_size": attention.group_size_at(seq_length),
-                     "seconds": round(time.monotonic() - start_time, 3),
-                     "window_losses": [round(x, 6) for x in window_losses]})
+        kinds = [None, "repeat"] if repeat_probe else [None]
+        for probe in kinds:
+            stream, first_scored = tokens, 0
+            starts = window_starts(len(tokens), seq_length, stride, max_windows)
+            if probe:
+                stream, starts = repeated_windows(tokens, seq_length, stride, max_windows)
+                first_scored = seq_length // 2 - 1  # position N/2 - 1 predicts the copy's first
+            start_time = time.monotonic()
+            loss, count, window_losses = mean_window_loss(
+                model, stream, seq_length, starts, micro_batch_size=micro_batch_size,
+                progress=progress, first_scored=first_scored)
+            rows.append({"seq_length": seq_length, "probe": probe, "windows": len(starts),
+                         "predictions": count, "loss": loss, "ppl": perplexity(loss),
+                         "group_size": attention.group_size_at(seq_length),
+                         "seconds": round(time.monotonic() - start_time, 3),
+                         "window_losses": [round(x, 6) for x in window_losses]})
     return rows

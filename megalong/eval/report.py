@@ -37,13 +37,21 @@ def _number(value, digits: int = 4) -> str:
 def ppl_markdown(report: dict) -> str:
     rows = ["| seq length | windows | predictions | mean loss | perplexity |", "|---:|---:|---:|---:|---:|"]
     for row in report["results"]:
-        rows.append(f"| {row['seq_length']} | {row['windows']} | {row['predictions']} | "
+        length = f"{row['seq_length']} (repeat probe)" if row.get("probe") else row["seq_length"]
+        rows.append(f"| {length} | {row['windows']} | {row['predictions']} | "
                     f"{row['loss']:.4f} | {_number(row['ppl'], 5)} |")
     return "\n".join(rows)
 
 
+def _ordinary(report: dict) -> dict:
+    """The report without its repeat-probe rows (tables and plots side by side compare the
+    ordinary windows)."""
+    return {**report, "results": [r for r in report["results"] if not r.get("probe")]}
+
+
 def ppl_comparison_markdown(reports: dict) -> str:
     """{label: perplexity report} -> one row per label, one column per seq length."""
+    reports = {label: _ordinary(rep) for label, rep in reports.items()}
     lengths = sorted({r["seq_length"] for rep in reports.values() for r in rep["results"]})
     rows = ["| model | " + " | ".join(f"ppl @ {n}" for n in lengths) + " |",
             "|---|" + "---:|" * len(lengths)]
@@ -71,7 +79,7 @@ def plot_ppl(reports: dict, path: str, *, title: str = "Perplexity vs context le
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     values, lengths = [], set()
     for label, rep in reports.items():
-        rows = sorted(rep["results"], key=lambda r: r["seq_length"])
+        rows = sorted(_ordinary(rep)["results"], key=lambda r: r["seq_length"])
         lengths.update(r["seq_length"] for r in rows)
         values += [r["ppl"] for r in rows if math.isfinite(r["ppl"])]
         axes.plot([r["seq_length"] for r in rows], [r["ppl"] for r in rows], marker="o", label=label)

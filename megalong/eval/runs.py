@@ -51,17 +51,19 @@ def run_on_model_ranks(source: ModelSource, fn, *args, timeout_s: float = 7 * 24
 
 def eval_ppl_on_ranks(source, data_path: str, seq_lengths, stride: int, max_windows,
                       micro_batch_size: int, data_dtype=None, progress: bool = True,
-                      attention: EvalAttention = EvalAttention()) -> dict:
+                      attention: EvalAttention = EvalAttention(),
+                      repeat_probe: bool = False) -> dict:
     """One rank of tools/eval_ppl.py: build the model, read the data, evaluate every length."""
     init_eval_runtime(source)
     data = open_eval_tokens(data_path, vocab_size=source.arch.vocab_size, dtype=data_dtype)
     model = build_eval_model(source, max(seq_lengths), attention)
     rows = evaluate_perplexity(model, data.tokens, seq_lengths, stride=stride,
                                max_windows=max_windows, micro_batch_size=micro_batch_size,
-                               progress=progress, attention=attention)
+                               progress=progress, attention=attention,
+                               repeat_probe=repeat_probe)
     return {"kind": "perplexity", "model": source.describe(), "data": data.describe(),
             "stride": stride, "max_windows": max_windows, "attention": attention.describe(),
-            "eval_attention": attention.pattern, "results": rows}
+            "eval_attention": attention.pattern, "repeat_probe": repeat_probe, "results": rows}
 
 
 def passkey_on_ranks(source, tokenizer_path: str, lengths, depths, trials: int, seed: int,

@@ -19,6 +19,13 @@
 #
 #   bash examples/ablation_patterns.sh          # writes runs/ablation_patterns/{table.md,...}
 #   SMOKE=1 bash examples/ablation_patterns.sh  # every step at toy settings (~5 min)
+#   REPEAT_CHUNK=300 bash examples/ablation_patterns.sh  # copy-rich training text (below)
+#
+# REPEAT_CHUNK: the stdlib text teaches this small model to copy from no further than its group
+# size back (the repeat probe shows it), so nothing in it rewards attending far; with every
+# REPEAT_CHUNK characters written twice in the training text (300 characters: about 128 tokens,
+# half the base context) copying pays, and the probe asks whether each arm's model still copies
+# from N/2 = 2G tokens back under dense attention. Held-out text is never repeated.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -36,6 +43,7 @@ TOKENS_PER_STEP="${TOKENS_PER_STEP:-4096}"
 EXT_LR="${EXT_LR:-2e-3}"
 EVAL_WINDOWS="${EVAL_WINDOWS:-96}"
 SEED="${SEED:-1234}"
+REPEAT_CHUNK="${REPEAT_CHUNK:-0}"  # >0: train on text with every REPEAT_CHUNK characters twice
 targets=("$((2 * BASE))" "$((4 * BASE))" "$((8 * BASE))")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 rm -rf "$work" && mkdir -p "$work/logs" "$work/eval"
@@ -48,6 +56,12 @@ awk 'NR % 10 != 0' "$work/all.jsonl" > "$work/train.jsonl"
 awk 'NR % 10 == 0' "$work/all.jsonl" > "$work/heldout.jsonl"
 "$PY" tools/train_tokenizer.py --input "$work/train.jsonl" --vocab-size 1000 --out "$work/tok"
 tok="$work/tok/tokenizer.model"
+if (( REPEAT_CHUNK > 0 )); then  # copy-rich training text; the held-out text stays as it is
+    log "training text: every $REPEAT_CHUNK characters written twice"
+    "$PY" -m megalong.data.demo_text "$work/all_repeated.jsonl" --source stdlib \
+        --repeat-chunks "$REPEAT_CHUNK"
+    awk 'NR % 10 != 0' "$work/all_repeated.jsonl" > "$work/train.jsonl"
+fi
 for split in train heldout; do
     "$PY" tools/preprocess_data.py --input "$work/$split.jsonl" --output-prefix "$work/data/$split" \
         --tokenizer "$tok"

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from megalong.data.demo_text import demo_documents, write_demo_jsonl
+from megalong.data.demo_text import demo_documents, repeat_chunks, write_demo_jsonl
 from megalong.data.preprocess import (
     load_token_file, preprocess_to_indexed, read_index_summary, write_token_file,
 )
@@ -47,6 +47,10 @@ def test_demo_text_is_deterministic_and_bounded(tmp_path):
     assert count == len(documents_of(tmp_path / "d.jsonl")) > 0
     with pytest.raises(MegalongError, match="unknown demo text source"):
         list(demo_documents("novels"))
+    assert repeat_chunks("abcde", 2) == "ababcdcdee" and repeat_chunks("", 3) == ""
+    write_demo_jsonl(str(tmp_path / "r.jsonl"), "docstrings", max_bytes=50_000, repeat_chars=7)
+    plain, repeated = documents_of(tmp_path / "d.jsonl"), documents_of(tmp_path / "r.jsonl")
+    assert [repeat_chunks(t, 7) for t in plain] == repeated
 
 
 def test_sentencepiece_round_trip(sp_model):

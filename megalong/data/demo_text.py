@@ -84,15 +84,23 @@ def demo_documents(source: str = "topics", max_bytes: int | None = None) -> Iter
         yield text
 
 
+def repeat_chunks(text: str, chars: int) -> str:
+    """Each run of `chars` characters written twice ("ab" -> "aabb" for chars=1): a corpus where
+    copying from about `chars` characters back pays, so a small model learns to retrieve (the
+    attention-pattern ablation's copy-rich variant)."""
+    return "".join(text[i:i + chars] * 2 for i in range(0, len(text), chars))
+
+
 def write_demo_jsonl(path: str, source: str = "topics", max_bytes: int | None = None,
-                     key: str = "text") -> tuple[int, int]:
-    """Write the documents as jsonl ({key: text} per line), atomically.
-    Returns (documents, bytes of text)."""
+                     key: str = "text", repeat_chars: int = 0) -> tuple[int, int]:
+    """Write the documents as jsonl ({key: text} per line), atomically, each through
+    repeat_chunks when `repeat_chars` is given. Returns (documents, bytes of text)."""
     check_writable_dir(os.path.dirname(os.path.abspath(path)))
     make_dirs(os.path.dirname(os.path.abspath(path)))
     count = size = 0
     with atomic_file(path) as staging, open(staging, "w", encoding="utf-8") as handle:
         for text in demo_documents(source, max_bytes):
+            text = repeat_chunks(text, repeat_chars) if repeat_chars else text
             handle.write(json.dumps({key: text}, ensure_ascii=False) + "\n")
             count += 1
             size += len(text.encode("utf-8"))
@@ -105,9 +113,15 @@ def main(argv=None) -> None:
     parser.add_argument("--source", choices=SOURCES, default="topics")
     parser.add_argument("--max-mb", type=float, default=None, help="stop after this many MB of text")
     parser.add_argument("--json-key", default="text")
+    parser.add_argument("--repeat-chunks", type=int, default=0, metavar="CHARS",
+                        help="write every CHARS characters of each document twice (a corpus "
+                             "where copying pays)")
     args = parser.parse_args(argv)
+    if args.repeat_chunks < 0:
+        raise MegalongError(f"--repeat-chunks must be >= 0, got {args.repeat_chunks}")
     max_bytes = None if args.max_mb is None else int(args.max_mb * 1e6)
-    count, size = write_demo_jsonl(args.out, args.source, max_bytes, args.json_key)
+    count, size = write_demo_jsonl(args.out, args.source, max_bytes, args.json_key,
+                                   args.repeat_chunks)
     print(f"wrote {count} documents ({size / 1e6:.2f} MB) to {args.out}", file=sys.stderr)
 
 

@@ -115,6 +115,15 @@ def summarize(work: str, base_length: int, targets) -> tuple[str, dict]:
                 cells.append(_diff(row, ref) if row and ref else "-")
             shown = "dense" if evaluated == "dense" else ARMS[arm].split(" (")[0]
             lines.append(f"| {ARMS[arm]} | {shown} | " + " | ".join(cells) + " |")
+    lines += ["", "The shift's own effect: S²-Attn minus short attention, paired on the same "
+              "windows:", "", f"| evaluated with | {heading} |", "|---|" + "---:|" * len(targets)]
+    for evaluated, label in (("dense", "dense"), ("own", "each its own pattern"),
+                             ("probe", "repeat probe, dense")):
+        cells = []
+        for n in targets:
+            row, ref = results.get((n, "s2", evaluated)), results.get((n, "short", evaluated))
+            cells.append(_diff(row, ref) if row and ref else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Repeat probe, dense attention: perplexity of the second copy in windows whose "
               "second half repeats the first (retrieving it takes attention N/2 = 2G tokens "
               "back), 95% bootstrap interval:", "",
@@ -181,7 +190,8 @@ def plot(work: str, base_length: int, targets, path: str) -> None:
                         else "perplexity of the repeated half")
         axes.set_title("ordinary windows" if not probe
                        else "repeat probe (retrieval from N/2 back, dense)")
-        axes.legend(fontsize=8)
+        if axes.lines:
+            axes.legend(fontsize=8)
     figure.suptitle(f"attention pattern while training; base context {base_length}")
     figure.tight_layout()
     figure.savefig(path)

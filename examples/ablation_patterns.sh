@@ -31,6 +31,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 source "$root/examples/_env.sh"
+source "$root/examples/_ablation.sh"
 megalong_env
 work="${MEGALONG_ABLATION_DIR:-$root/runs/ablation_patterns}"
 if [[ -n "${SMOKE:-}" ]]; then  # the smoke run's defaults: every step, minutes not half an hour
@@ -51,32 +52,8 @@ rm -rf "$work" && mkdir -p "$work/logs" "$work/eval"
 log() { echo "[ablation] $(date +%H:%M:%S) $*" >&2; }
 log "model $MODEL, base context $BASE, targets ${targets[*]}; $BASE_ITERS base steps, $EXT_ITERS per arm"
 
-log "data: stdlib sources, every 10th file held out; tokenizer; IndexedDatasets"
-"$PY" -m megalong.data.demo_text "$work/all.jsonl" --source stdlib
-awk 'NR % 10 != 0' "$work/all.jsonl" > "$work/train.jsonl"
-awk 'NR % 10 == 0' "$work/all.jsonl" > "$work/heldout.jsonl"
-"$PY" tools/train_tokenizer.py --input "$work/train.jsonl" --vocab-size 1000 --out "$work/tok"
-tok="$work/tok/tokenizer.model"
-if (( REPEAT_CHUNK > 0 )); then  # copy-rich training text; the held-out text stays as it is
-    log "training text: every $REPEAT_CHUNK characters written twice"
-    "$PY" -m megalong.data.demo_text "$work/all_repeated.jsonl" --source stdlib \
-        --repeat-chunks "$REPEAT_CHUNK"
-    awk 'NR % 10 != 0' "$work/all_repeated.jsonl" > "$work/train.jsonl"
-fi
-for split in train heldout; do
-    "$PY" tools/preprocess_data.py --input "$work/$split.jsonl" --output-prefix "$work/data/$split" \
-        --tokenizer "$tok"
-done
-
-log "base model: random $MODEL, pre-trained at $BASE tokens (dense attention, all weights)"
-"$PY" tools/make_random_model.py --model "$MODEL" --out "$work/random_hf" --seed "$SEED"
-"$PY" tools/checkpoint_convert.py hf-to-megatron --hf-dir "$work/random_hf" --out "$work/random"
-common=(--data-path "$work/data/train" --tokenizer "$tok" --split 100,0,0 --seed "$SEED"
-        --log-interval 10 --adam-eps 1e-8 --clip-grad 1.0)
-"$PY" examples/pretrain_longlora.py --load "$work/random" --finetune --full-finetune \
-    --attention full --seq-length "$BASE" --micro-batch-size 16 --global-batch-size 16 \
-    --train-iters "$BASE_ITERS" --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 30 \
-    --lr-decay-style cosine --save "$work/base" "${common[@]}" 2> >(tee "$work/logs/base.log" >&2)
+ablation_data
+ablation_base "$MODEL" "$BASE" "$BASE_ITERS" 30 10
 
 evaluate() {  # N name checkpoint kind [eval_ppl flags]; kind: dense (with the probe), own
     local n="$1" name="$2" ckpt="$3" kind="$4"

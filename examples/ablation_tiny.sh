@@ -20,6 +20,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 source "$root/examples/_env.sh"
+source "$root/examples/_ablation.sh"
 megalong_env
 work="${MEGALONG_ABLATION_DIR:-$root/runs/ablation_tiny}"
 BASE_ITERS="${BASE_ITERS:-3000}"   # pre-training steps at SHORT tokens (16 sequences each)
@@ -32,26 +33,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 rm -rf "$work" && mkdir -p "$work/logs" "$work/eval"
 log() { echo "[ablation] $(date +%H:%M:%S) $*" >&2; }
 
-log "data: stdlib sources, every 10th file held out; tokenizer; IndexedDatasets"
-"$PY" -m megalong.data.demo_text "$work/all.jsonl" --source stdlib
-awk 'NR % 10 != 0' "$work/all.jsonl" > "$work/train.jsonl"
-awk 'NR % 10 == 0' "$work/all.jsonl" > "$work/heldout.jsonl"
-"$PY" tools/train_tokenizer.py --input "$work/train.jsonl" --vocab-size 1000 --out "$work/tok"
-tok="$work/tok/tokenizer.model"
-for split in train heldout; do
-    "$PY" tools/preprocess_data.py --input "$work/$split.jsonl" --output-prefix "$work/data/$split" \
-        --tokenizer "$tok"
-done
-
-log "base model: random tiny Llama, pre-trained at $SHORT tokens (dense attention, all weights)"
-"$PY" tools/make_random_model.py --model tiny --out "$work/random_hf" --seed "$SEED"
-"$PY" tools/checkpoint_convert.py hf-to-megatron --hf-dir "$work/random_hf" --out "$work/random"
-common=(--data-path "$work/data/train" --tokenizer "$tok" --split 100,0,0 --seed "$SEED"
-        --log-interval 50 --adam-eps 1e-8 --clip-grad 1.0)
-"$PY" examples/pretrain_longlora.py --load "$work/random" --finetune --full-finetune \
-    --attention full --seq-length "$SHORT" --micro-batch-size 16 --global-batch-size 16 \
-    --train-iters "$BASE_ITERS" --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 50 \
-    --lr-decay-style cosine --save "$work/base" "${common[@]}" 2> >(tee "$work/logs/base.log" >&2)
+ablation_data
+ablation_base tiny "$SHORT" "$BASE_ITERS" 50 50
 
 # name | flags. Everything else is the same for every arm.
 arms=(

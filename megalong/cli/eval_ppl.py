@@ -16,7 +16,7 @@ import os
 import sys
 
 from megalong.cli import model_args
-from megalong.config.model import EvalAttention
+from megalong.config.model import GROUPED_PATTERNS, EvalAttention
 from megalong.errors import MegalongError, run_cli
 from megalong.eval.data import check_windows_fit, open_eval_tokens
 from megalong.eval.report import plot_ppl, ppl_markdown, write_json
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(predicting it well takes attention seq-length/2 tokens back); "
                            "lengths must be even")
     attention = parser.add_argument_group("attention")
-    attention.add_argument("--eval-attention", choices=["full", "s2", "short"], default="full",
+    attention.add_argument("--eval-attention", choices=("full", *GROUPED_PATTERNS), default="full",
                            help="full: dense causal attention, as the model is deployed "
                                 "(default); s2: S²-Attn, as in training, the paper's 'tested with "
                                 "S²-Attn'; short: groups without the shift (ablation only)")

@@ -19,7 +19,7 @@ from typing import Optional
 
 from megalong.errors import MegalongError, run_cli
 from megalong.eval.bootstrap import paired_ppl_difference, ppl_interval
-from megalong.eval.report import _pyplot, read_json, write_json
+from megalong.eval.report import pyplot, read_json, write_json
 
 ARMS = {"full": "full attention", "short": "short attention (groups, no shift)",
         "s2": "S²-Attn"}
@@ -68,9 +68,15 @@ def training_stats(log_path: str) -> dict:
             "trainable": f"{trainable[-1][0]} of {trainable[-1][1]}" if trainable else None}
 
 
-def _cell(row: dict) -> str:
+def _cell(row: dict, cells: dict, key: str) -> str:
+    """The row's perplexity with its interval, recorded under `key` in the summary's cells."""
     low, high = ppl_interval(row["window_losses"])
+    cells[key] = {"ppl": row["ppl"], "interval": [low, high]}
     return f"{row['ppl']:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _evaluated_with(arm: str, evaluated: str) -> str:
+    return "dense" if evaluated == "dense" else ARMS[arm].split(" (")[0]
 
 
 def _diff(row: dict, reference: dict) -> str:
@@ -94,15 +100,12 @@ def summarize(work: str, base_length: int, targets) -> tuple[str, dict]:
     for arm, evaluated, label in rows:
         cells = []
         for n in targets:
-            row = results.get((n, arm, evaluated))
-            cells.append(_cell(row) if row else "-")
+            row, key = results.get((n, arm, evaluated)), f"N{n}_{arm}_{evaluated}"
+            cells.append(_cell(row, summary["cells"], key) if row else "-")
             if row:
-                low, high = ppl_interval(row["window_losses"])
-                summary["cells"][f"N{n}_{arm}_{evaluated}"] = {
-                    "ppl": row["ppl"], "interval": [low, high], "group_size": row.get("group_size"),
-                    "windows": row["windows"]}
-        shown = "dense" if evaluated == "dense" else ARMS[arm].split(" (")[0]
-        lines.append(f"| {label} | {shown} | " + " | ".join(cells) + " |")
+                summary["cells"][key].update(group_size=row.get("group_size"),
+                                             windows=row["windows"])
+        lines.append(f"| {label} | {_evaluated_with(arm, evaluated)} | " + " | ".join(cells) + " |")
     lines += ["", "Paired differences against full-attention training evaluated dense (same "
               "windows; an interval that excludes 0 is a gap the windows cannot explain):", "",
               f"| trained with | evaluated with | {heading} |",
@@ -113,8 +116,8 @@ def summarize(work: str, base_length: int, targets) -> tuple[str, dict]:
             for n in targets:
                 row, ref = results.get((n, arm, evaluated)), results.get((n, "full", "dense"))
                 cells.append(_diff(row, ref) if row and ref else "-")
-            shown = "dense" if evaluated == "dense" else ARMS[arm].split(" (")[0]
-            lines.append(f"| {ARMS[arm]} | {shown} | " + " | ".join(cells) + " |")
+            lines.append(f"| {ARMS[arm]} | {_evaluated_with(arm, evaluated)} | "
+                         + " | ".join(cells) + " |")
     lines += ["", "The shift's own effect: S²-Attn minus short attention, paired on the same "
               "windows:", "", f"| evaluated with | {heading} |", "|---|" + "---:|" * len(targets)]
     for evaluated, label in (("dense", "dense"), ("own", "each its own pattern"),
@@ -132,16 +135,14 @@ def summarize(work: str, base_length: int, targets) -> tuple[str, dict]:
         cells = []
         for n in targets:
             row = results.get((n, arm, "probe"))
-            cells.append(_cell(row) if row else "-")
-            if row:
-                summary["cells"][f"N{n}_{arm}_probe"] = {"ppl": row["ppl"],
-                                                         "interval": list(ppl_interval(
-                                                             row["window_losses"]))}
+            cells.append(_cell(row, summary["cells"], f"N{n}_{arm}_probe") if row else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     base_rows = [own.get((base_length, "base", kind)) for kind in ("dense", "probe")]
     if all(base_rows):
+        ordinary, probe = (_cell(row, summary["cells"], f"N{base_length}_base_{kind}")
+                           for row, kind in zip(base_rows, ("dense", "probe")))
         lines += ["", f"The base model at its own context ({base_length} tokens): ordinary "
-                  f"windows {_cell(base_rows[0])}, repeat probe {_cell(base_rows[1])}."]
+                  f"windows {ordinary}, repeat probe {probe}."]
     lines += ["", "Training (each arm's own attention; tokens/s is the median of the logged "
               "intervals, on a shared machine):", "",
               "| N | trained with | trainable parameters | tokens/s | final training loss |",
@@ -163,7 +164,7 @@ def summarize(work: str, base_length: int, targets) -> tuple[str, dict]:
 def plot(work: str, base_length: int, targets, path: str) -> None:
     """Two panels against the target length: ordinary windows, and the repeat probe."""
     results = load_results(work, targets)
-    plt = _pyplot()
+    plt = pyplot()
     figure, panels = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
     styles = [(BASELINE, "base + PI, no training", "grey", ":"),
               ("full", "full attn", "C0", "-"), ("short", "short", "C1", "-"),

@@ -118,11 +118,12 @@ def evaluate_perplexity(model, tokens: np.ndarray, seq_lengths, *, stride: int =
     for seq_length in seq_lengths:
         kinds = [None, "repeat"] if repeat_probe else [None]
         for probe in kinds:
-            stream, first_scored = tokens, 0
-            starts = window_starts(len(tokens), seq_length, stride, max_windows)
             if probe:
                 stream, starts = repeated_windows(tokens, seq_length, stride, max_windows)
                 first_scored = seq_length // 2 - 1  # position N/2 - 1 predicts the copy's first
+            else:
+                stream, first_scored = tokens, 0
+                starts = window_starts(len(tokens), seq_length, stride, max_windows)
             start_time = time.monotonic()
             loss, count, window_losses = mean_window_loss(
                 model, stream, seq_length, starts, micro_batch_size=micro_batch_size,

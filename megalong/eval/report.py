@@ -61,7 +61,7 @@ def ppl_comparison_markdown(reports: dict) -> str:
     return "\n".join(rows)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,7 +73,7 @@ def _pyplot():
 def plot_ppl(reports: dict, path: str, *, title: str = "Perplexity vs context length",
              marker_length: Optional[int] = None) -> None:
     """{label: perplexity report} -> perplexity (log scale) against seq length (log2 scale)."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=100)
@@ -129,7 +129,7 @@ def plot_passkey(report: dict, path: str, *, title: str = "Passkey retrieval acc
     """Depth x length heat map of accuracy."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     grid = np.array([[np.nan if a is None else a for a in row] for row in report["grid"]], dtype=float)
     lengths, depths = report["lengths"], report["depths"]
     figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)), dpi=100)
